@@ -1,0 +1,15 @@
+"""The CLADA threshold artifact: a safetensors file of per-layer thresholds plus JSON metadata.
+
+See docs/artifact-format.md for the specification.
+"""
+
+from clada.artifacts.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    Artifact,
+    ArtifactError,
+    load_artifact,
+    save_artifact,
+)
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Artifact", "ArtifactError", "load_artifact", "save_artifact"]

@@ -1,0 +1,171 @@
+"""Read, write and validate CLADA artifacts (safetensors; no pickle, no code execution on load).
+
+Tensors (L = decoder layers, D = hidden size, I = intermediate size):
+- ``tau_base_in``  (L,) float32: base threshold on input-channel scores |x_i| * channel_scale_in[l, i].
+- ``tau_base_mid`` (L,) float32: base threshold on intermediate scores |h_j| * channel_scale_mid[l, j].
+- ``channel_scale_in``  (L, D) float32, ``channel_scale_mid`` (L, I) float32: per-channel score weights.
+- ``lam``, ``gam``, ``tau_s``, ``tau_H``: 0-dim float32 adaptation parameters.
+- ``fingerprint`` (L, P) float64: Frobenius norms of each layer's P MLP projection weights.
+Metadata: ``format``, ``format_version`` and JSON strings ``model``, ``recipe``, ``data``, ``figures``, ``signals``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_NAME = "clada"
+FORMAT_VERSION = 1
+SCALAR_KEYS = ("lam", "gam", "tau_s", "tau_H")
+JSON_METADATA_KEYS = ("model", "recipe", "data", "figures", "signals")
+TENSOR_KEYS = ("tau_base_in", "tau_base_mid", "channel_scale_in", "channel_scale_mid", "fingerprint") + SCALAR_KEYS
+
+
+class ArtifactError(ValueError):
+    """An artifact file is missing, corrupt, of an unknown version, or does not fit the model."""
+
+
+@dataclass
+class Artifact:
+    """In-memory artifact. Thresholds are compared against scores in the units described in the module doc."""
+
+    tau_base_in: torch.Tensor
+    tau_base_mid: torch.Tensor
+    channel_scale_in: torch.Tensor
+    channel_scale_mid: torch.Tensor
+    fingerprint: torch.Tensor
+    lam: float = 0.0
+    gam: float = 0.0
+    tau_s: float = 1.0
+    tau_H: float = 1.0
+    model: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+    signals: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.tau_base_in.shape[0])
+
+    def validate(self, source: str = "artifact") -> None:
+        """Raise ArtifactError if shapes, dtypes or values are inconsistent."""
+        L = self.tau_base_in.shape[0] if self.tau_base_in.dim() == 1 else -1
+        expect = {
+            "tau_base_in": (torch.float32, (L,)),
+            "tau_base_mid": (torch.float32, (L,)),
+            "channel_scale_in": (torch.float32, (L, None)),
+            "channel_scale_mid": (torch.float32, (L, None)),
+            "fingerprint": (torch.float64, (L, None)),
+        }
+        for name, (dtype, shape) in expect.items():
+            t = getattr(self, name)
+            if t.dtype != dtype:
+                raise ArtifactError(f"{source}: tensor {name} has dtype {t.dtype}, expected {dtype}")
+            if L < 1 or t.dim() != len(shape) or any(s is not None and t.shape[i] != s for i, s in enumerate(shape)):
+                raise ArtifactError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+            if not torch.isfinite(t).all() or (t < 0).any():
+                raise ArtifactError(f"{source}: tensor {name} holds NaN, inf or negative values")
+        for name in ("lam", "gam"):
+            value = getattr(self, name)
+            if not (-1.0 <= value <= 0.0):
+                raise ArtifactError(f"{source}: {name}={value} is outside [-1, 0]")
+        for name in ("tau_s", "tau_H"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ArtifactError(f"{source}: {name}={value} must be finite and >= 0")
+
+
+def _scalar(value: float) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def save_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
+    """Validate and write ``artifact`` atomically (temp file, fsync, rename); return the path."""
+    artifact.validate()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: getattr(artifact, name).contiguous() for name in TENSOR_KEYS if name not in SCALAR_KEYS}
+    tensors.update({name: _scalar(getattr(artifact, name)) for name in SCALAR_KEYS})
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    metadata.update({key: json.dumps(getattr(artifact, key), sort_keys=True) for key in JSON_METADATA_KEYS})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    """Parse the safetensors header by hand so that corrupt files give an ArtifactError, not a crash."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ArtifactError(f"{path}: not a safetensors file (too short)")
+        size = int.from_bytes(head, "little")
+        if size <= 0 or size > 100_000_000 or size > os.path.getsize(path) - 8:
+            raise ArtifactError(f"{path}: not a safetensors file (bad header length {size})")
+        try:
+            header = json.loads(fh.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{path}: header is not valid JSON ({exc})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: no metadata; not a CLADA artifact")
+    return meta
+
+
+def load_artifact(path: str | os.PathLike) -> Artifact:
+    """Read and validate an artifact. Raises ArtifactError with a one-line message on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: artifact file not found")
+    meta = _read_metadata(path)
+    if meta.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise ArtifactError(f"{path}: metadata 'format_version' is not an integer") from None
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {version} is newer than this reader ({FORMAT_VERSION}); upgrade clada")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: corrupt tensor data ({exc})") from None
+    missing = sorted(set(TENSOR_KEYS) - set(tensors))
+    extra = sorted(set(tensors) - set(TENSOR_KEYS))
+    if missing or extra:
+        raise ArtifactError(f"{path}: tensors missing {missing} / unexpected {extra}")
+    fields: dict[str, Any] = {}
+    for key in JSON_METADATA_KEYS:
+        try:
+            value = json.loads(meta.get(key, "{}"))
+        except json.JSONDecodeError:
+            raise ArtifactError(f"{path}: metadata {key!r} is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise ArtifactError(f"{path}: metadata {key!r} must be a JSON object")
+        fields[key] = value
+    for key in SCALAR_KEYS:
+        t = tensors.pop(key)
+        if t.dim() != 0 or t.dtype != torch.float32:
+            raise ArtifactError(f"{path}: tensor {key} must be a 0-dim float32 scalar")
+        fields[key] = float(t)
+    artifact = Artifact(**tensors, **fields)
+    artifact.validate(str(path))
+    return artifact

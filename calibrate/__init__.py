@@ -1,0 +1,1 @@
+"""Offline calibration toolchain: models, data, activation measurement, search, evaluation, reports."""

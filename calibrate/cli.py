@@ -1,0 +1,158 @@
+"""Command line: ``clada calibrate|eval|inspect`` and ``clada-calibrate RECIPE``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+# Errors that mean "bad input": one line on stderr, exit code 2.
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from clada.artifacts import ArtifactError
+    from clada.calibrate.cache import FetchError
+    from clada.calibrate.data import DataSpecError
+    from clada.calibrate.models import ModelSpecError
+    from clada.calibrate.recipe import RecipeError
+    from clada.runtime.adapters import UnsupportedModelError
+
+    return (ArtifactError, DataSpecError, ModelSpecError, RecipeError, UnsupportedModelError, FetchError)
+
+
+def _fail(exc: BaseException) -> None:
+    click.echo(f"clada: error: {exc}", err=True)
+    sys.exit(2)
+
+
+def _print_figures(title: str, figures: dict) -> None:
+    click.echo(title)
+    for key in ("dense_ppl", "clada_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
+                "mlp_reads_saved", "relaxed_share", "tokens"):
+        if key in figures:
+            value = figures[key]
+            click.echo(f"  {key:16s} {value:.4f}" if isinstance(value, float) else f"  {key:16s} {value}")
+
+
+def _calibrate(recipe_path: str, output: str | None, quiet: bool) -> None:
+    from clada.calibrate.pipeline import run_calibration
+    from clada.calibrate.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(recipe_path, output)
+        report = run_calibration(recipe, progress=not quiet)
+    except _input_errors() as exc:
+        _fail(exc)
+    _print_figures(f"chosen point, held-out {report['data']['spec']} ({report['regime']}):", report)
+    click.echo(f"  wall time        {report['timings_s']['total']:.0f} s")
+    click.echo(f"artifact: {report['artifact']}")
+
+
+RECIPE_ARG = click.argument("recipe", type=click.Path(dir_okay=False))
+OUTPUT_OPT = click.option("--output", "-o", default=None, help="Output folder (overrides the recipe's 'output').")
+QUIET_OPT = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+
+@click.group()
+@click.version_option(package_name="clada")
+def main() -> None:
+    """CLADA: calibrate, evaluate and inspect adaptive activation-sparsity artifacts."""
+
+
+@main.command("calibrate")
+@RECIPE_ARG
+@OUTPUT_OPT
+@QUIET_OPT
+def calibrate_cmd(recipe: str, output: str | None, quiet: bool) -> None:
+    """Calibrate thresholds as described by RECIPE (YAML); writes clada.safetensors and reports."""
+    _calibrate(recipe, output, quiet)
+
+
+@click.command("clada-calibrate")
+@RECIPE_ARG
+@OUTPUT_OPT
+@QUIET_OPT
+def calibrate_main(recipe: str, output: str | None, quiet: bool) -> None:
+    """Calibrate thresholds as described by RECIPE (YAML); writes clada.safetensors and reports."""
+    _calibrate(recipe, output, quiet)
+
+
+@main.command("eval")
+@click.option("--model", "model_spec", required=True, help="Checkpoint folder, .gguf file, hub id or built-in name.")
+@click.option("--artifact", required=True, type=click.Path(dir_okay=False), help="clada.safetensors file.")
+@click.option("--data", default="lee", show_default=True, help="lee, enwiki, a .txt/.jsonl file or hf:NAME[:CONFIG]:SPLIT:FIELD.")
+@click.option("--docs", default=32, show_default=True, help="Documents to score (those long enough).")
+@click.option("--prompt-tokens", default=None, type=int, help="Prompt length (default: the artifact's recipe).")
+@click.option("--scored-tokens", default=None, type=int, help="Scored tokens per document (default: the artifact's recipe).")
+@click.option("--split", type=click.Choice(["heldout", "all"]), default="heldout", show_default=True,
+              help="heldout: only documents the calibration did not see (when DATA is the calibration data).")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Apply even if the weight fingerprint differs.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
+@QUIET_OPT
+def eval_cmd(model_spec, artifact, data, docs, prompt_tokens, scored_tokens, split, dtype, device, force, json_out, quiet):
+    """Dense vs CLADA perplexity and realised sparsity on DATA, in the generation regime."""
+    from clada import runtime
+    from clada.calibrate.data import load_documents, split_documents
+    from clada.calibrate.evaluate import generation_eval, tokenize_documents
+    from clada.calibrate.models import load_model
+    from clada.calibrate.report import write_atomic
+
+    try:
+        art = runtime.load_artifact(artifact)
+        recipe = art.recipe
+        prompt = prompt_tokens or recipe.get("prompt_tokens", 64)
+        scored = scored_tokens or recipe.get("scored_tokens", 128)
+        model, tokenizer, _ = load_model(model_spec, dtype, device)
+        documents = load_documents(data)
+        texts = documents.documents
+        if split == "heldout" and documents.identity.get("sha256") == art.data.get("sha256"):
+            texts = split_documents(texts, art.data.get("heldout_fraction", 0.3), art.data.get("split_seed", 0))[1]
+        tokens = tokenize_documents(tokenizer, texts, prompt + scored + 1, max_docs=docs)
+        runtime.apply(model, art, force=force)
+    except (_input_errors() + (ValueError,)) as exc:
+        _fail(exc)
+    figures = generation_eval(model, tokens, prompt, progress=not quiet)
+    figures.update({"model": model_spec, "artifact": str(artifact), "data": data, "prompt_tokens": prompt,
+                    "documents": int(tokens.shape[0])})
+    _print_figures(f"dense vs CLADA on {data} ({tokens.shape[0]} docs, prompt {prompt}, scored {scored}):", figures)
+    if json_out:
+        write_atomic(Path(json_out), (json.dumps(figures, indent=2) + "\n").encode())
+
+
+@main.command("inspect")
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def inspect_cmd(artifact: str, as_json: bool) -> None:
+    """Print an artifact's thresholds, adaptation parameters and metadata."""
+    from clada.artifacts import load_artifact
+
+    try:
+        art = load_artifact(artifact)
+    except _input_errors() as exc:
+        _fail(exc)
+    info = {
+        "model": art.model, "data": art.data, "figures": art.figures, "signals": art.signals,
+        "lam": art.lam, "gam": art.gam, "tau_s": art.tau_s, "tau_H": art.tau_H,
+        "tau_base_in": [round(v, 6) for v in art.tau_base_in.tolist()],
+        "tau_base_mid": [round(v, 6) for v in art.tau_base_mid.tolist()],
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{artifact}: CLADA artifact, {art.num_layers} layers")
+    m = art.model
+    click.echo(f"  model     {m.get('spec', '?')} ({m.get('architecture', '?')}, hidden {m.get('hidden_size')}, "
+               f"intermediate {m.get('intermediate_size')})")
+    click.echo(f"  data      {art.data.get('spec', '?')} sha256 {str(art.data.get('sha256', '?'))[:12]}")
+    click.echo(f"  adapt     lam={art.lam:.4f} gam={art.gam:.4f} tau_s={art.tau_s:.4f} tau_H={art.tau_H:.4f}")
+    click.echo(f"  tau_in    " + " ".join(f"{v:.3g}" for v in art.tau_base_in.tolist()))
+    click.echo(f"  tau_mid   " + " ".join(f"{v:.3g}" for v in art.tau_base_mid.tolist()))
+    held = art.figures.get("heldout")
+    if held:
+        _print_figures("  held-out figures at calibration:", held)
+
+
+if __name__ == "__main__":
+    main()

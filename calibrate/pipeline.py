@@ -1,0 +1,150 @@
+"""The calibration job: recipe -> measurements -> search -> artifact + held-out evaluation + reports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from clada import __version__, runtime
+from clada.artifacts import Artifact, save_artifact
+from clada.calibrate.data import load_documents, split_documents
+from clada.calibrate.evaluate import ProxyEvaluator, generation_eval, tokenize_documents
+from clada.calibrate.measure import build_tables, channel_scales, collect_mlp_inputs
+from clada.calibrate.models import load_model
+from clada.calibrate.recipe import Recipe
+from clada.calibrate.report import HEADLINE_KEYS, write_reports
+from clada.calibrate.search import (SearchSettings, ThresholdSearch, best_feasible, feasible_trials, pareto_front,
+                                    run_search)
+
+ARTIFACT_NAME = "clada.safetensors"
+REGIME = "dense prefill of {p} prompt tokens, then {s} tokens fed one at a time with KV cache and adaptive sparse MLPs"
+
+
+def study_name(recipe: Recipe) -> str:
+    """Study identity: everything that changes what a trial computes (not output, storage or trial count)."""
+    d = recipe.to_dict()
+    d.pop("output")
+    d["search"] = {k: v for k, v in d["search"].items() if k not in ("storage", "trials")}
+    d.pop("eval")
+    return "clada-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _log(msg: str) -> None:
+    print(f"clada: {msg}", flush=True)
+
+
+def _trial_rows(study) -> list[dict]:
+    rows = []
+    for t in study.trials:
+        if t.state.name == "COMPLETE":
+            rows.append({"trial": t.number, "params": t.params,
+                         **{k: t.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}})
+    return rows
+
+
+def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
+    """Run the whole job described by ``recipe``; write artifact and reports into ``recipe.output``."""
+    torch.manual_seed(recipe.seed)
+    out = Path(recipe.output)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.time()
+
+    _log(f"[1/6] model {recipe.model} and data {recipe.data}")
+    model, tokenizer, checkpoint = load_model(recipe.model, recipe.dtype, recipe.device)
+    adapter = runtime.adapter_for(model)
+    docs = load_documents(recipe.data)
+    calib_docs, held_docs = split_documents(docs.documents, recipe.heldout_fraction, recipe.seed)
+    length = recipe.prompt_tokens + recipe.scored_tokens + 1
+    calib = tokenize_documents(tokenizer, calib_docs, length)
+    held = tokenize_documents(tokenizer, held_docs, length, max_docs=recipe.eval.heldout_docs)
+    n_search = min(recipe.calibration.search_docs, max(1, calib.shape[0] // 2))
+    search_tokens, act_tokens = calib[:n_search], calib[n_search:] if calib.shape[0] > n_search else calib
+    _log(f"      {calib.shape[0]} calibration / {held.shape[0]} held-out documents of >= {length} tokens")
+    timings["load"] = time.time() - t0
+
+    t = time.time()
+    _log(f"[2/6] measuring dense MLP activations ({recipe.calibration.activation_tokens} tokens per layer)")
+    scale_in, scale_mid = channel_scales(model, adapter, recipe.calibration.score)
+    inputs = collect_mlp_inputs(model, adapter, act_tokens, recipe.prompt_tokens, recipe.calibration.activation_tokens)
+    tables = build_tables(model, adapter, inputs, scale_in, scale_mid, torch.tensor(recipe.calibration.q_in),
+                          torch.tensor(recipe.calibration.q_mid), progress=progress)
+    del inputs
+    timings["measure"] = time.time() - t
+
+    identity = runtime.model_identity(model, adapter)
+    L = identity["num_layers"]
+    dense_artifact = Artifact(torch.zeros(L), torch.zeros(L), scale_in, scale_mid, runtime.mlp_fingerprint(model, adapter))
+    runtime.apply(model, dense_artifact)
+
+    t = time.time()
+    _log(f"[3/6] dense reference on {search_tokens.shape[0]} search documents")
+    evaluator = ProxyEvaluator(model, search_tokens, recipe.prompt_tokens, recipe.eval.batch_size)
+    settings = SearchSettings(trials=recipe.search.trials, max_ppl_increase=recipe.search.max_ppl_increase,
+                              adapt=recipe.search.adapt, seed=recipe.seed,
+                              storage=recipe.search.storage or f"sqlite:///{(out / 'study.db').resolve()}",
+                              study_name=study_name(recipe))
+    search = ThresholdSearch(tables, evaluator, settings)
+    _log(f"[4/6] Optuna search: {settings.trials} trials, maximise mlp_reads_saved s.t. "
+         f"ppl_increase <= {settings.max_ppl_increase} (study {settings.study_name})")
+    study = run_search(search, progress=progress)
+    timings["search"] = time.time() - t
+
+    best = best_feasible(study)
+    if best is None:
+        best = min((tr for tr in study.trials if tr.state.name == "COMPLETE"), key=lambda tr: tr.user_attrs["ppl_increase"])
+        _log("      warning: no trial met the quality constraint; using the one with the smallest ppl_increase")
+    point = search.point(best.params)
+    artifact = Artifact(
+        tau_base_in=torch.tensor(point.tau_in, dtype=torch.float32),
+        tau_base_mid=torch.tensor(point.tau_mid, dtype=torch.float32),
+        channel_scale_in=scale_in, channel_scale_mid=scale_mid,
+        fingerprint=dense_artifact.fingerprint,
+        lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H,
+        model={**identity, "spec": recipe.model, "checkpoint": str(checkpoint)},
+        recipe=recipe.to_dict(),
+        data={**docs.identity, "heldout_fraction": recipe.heldout_fraction, "split_seed": recipe.seed},
+        signals={"surprisal": "-ln p(token fed) / ln|V|", "entropy": "-sum p ln p / ln|V|",
+                 "multiplier": "max(0, 1 + lam*[s > tau_s] + gam*[H > tau_H])", "score": recipe.calibration.score},
+    )
+    runtime.remove(model)
+    runtime.apply(model, artifact)
+
+    t = time.time()
+    _log(f"[5/6] held-out evaluation, generation regime ({held.shape[0]} docs x {recipe.scored_tokens} tokens)")
+    heldout = generation_eval(model, held, recipe.prompt_tokens, recipe.eval.batch_size, progress=progress)
+    timings["heldout_eval"] = time.time() - t
+    runtime.remove(model)
+
+    artifact.figures = {"heldout": {k: heldout[k] for k in HEADLINE_KEYS}, "calibration_proxy": dict(best.user_attrs)}
+    _log(f"[6/6] writing {out / ARTIFACT_NAME} and reports")
+    save_artifact(artifact, out / ARTIFACT_NAME)
+    trials = _trial_rows(study)
+    front = [trials[i] for i in pareto_front([(r["mlp_reads_saved"], r["ppl_increase"]) for r in trials])]
+    timings["total"] = time.time() - t0
+    report = {
+        **{k: heldout[k] for k in HEADLINE_KEYS},
+        "heldout": heldout,
+        "regime": REGIME.format(p=recipe.prompt_tokens, s=recipe.scored_tokens),
+        "model": artifact.model,
+        "data": {**artifact.data, "spec": recipe.data, "calibration_docs": int(calib.shape[0]),
+                 "heldout_docs": int(held.shape[0])},
+        "recipe": recipe.to_dict(),
+        "chosen": {"trial": best.number, "params": best.params, "lam": point.lam, "gam": point.gam,
+                   "tau_s": point.tau_s, "tau_H": point.tau_H, "tau_base_in": point.tau_in,
+                   "tau_base_mid": point.tau_mid,
+                   "proxy": {k: best.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}},
+        "search": {"study": settings.study_name, "storage": settings.storage, "trials": len(trials),
+                   "feasible_trials": len(feasible_trials(study)), "max_ppl_increase": settings.max_ppl_increase},
+        "trials": trials,
+        "pareto_front": front,
+        "timings_s": timings,
+        "clada_version": __version__,
+        "artifact": str(out / ARTIFACT_NAME),
+    }
+    write_reports(report, out)
+    return report

@@ -1,0 +1,142 @@
+"""Calibration recipes: YAML files validated against a schema before any model is loaded.
+
+Every key, its type, default and meaning is documented in docs/recipe.md. Errors are one line naming
+the field (with a did-you-mean for unknown keys) and raise RecipeError.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe file or field is invalid."""
+
+
+@dataclass
+class CalibrationSection:
+    activation_tokens: int = 1024
+    search_docs: int = 16
+    score: str = "wina"
+    q_in: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
+    q_mid: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+
+
+@dataclass
+class SearchSection:
+    trials: int = 40
+    max_ppl_increase: float = 0.02
+    adapt: bool = True
+    storage: str | None = None
+
+
+@dataclass
+class EvalSection:
+    heldout_docs: int = 32
+    batch_size: int = 16
+
+
+@dataclass
+class Recipe:
+    model: str = "smollm2-135m"
+    data: str = "lee"
+    output: str = "out/smollm2-135m"
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    prompt_tokens: int = 64
+    scored_tokens: int = 128
+    heldout_fraction: float = 0.3
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    search: SearchSection = field(default_factory=SearchSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SECTIONS = {"calibration": CalibrationSection, "search": SearchSection, "eval": EvalSection}
+
+# (field path, lower bound, upper bound) for numbers; bounds inclusive, None = open.
+RANGES = {
+    "seed": (0, None), "prompt_tokens": (1, None), "scored_tokens": (1, None), "heldout_fraction": (0.01, 0.99),
+    "calibration.activation_tokens": (16, None), "calibration.search_docs": (1, None),
+    "search.trials": (1, None), "search.max_ppl_increase": (0.0, 10.0),
+    "eval.heldout_docs": (1, None), "eval.batch_size": (1, None),
+}
+CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "calibration.score": ("wina", "magnitude")}
+
+
+def _check_type(path: str, value: Any, default: Any, annotation: str) -> Any:
+    if annotation.startswith("list"):
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise RecipeError(f"recipe field '{path}': expected a list of numbers, got {value!r}")
+        if not value or any(not 0.0 <= v < 1.0 for v in value) or sorted(value) != value:
+            raise RecipeError(f"recipe field '{path}': quantiles must be ascending, in [0, 1), non-empty")
+        return [float(v) for v in value]
+    if annotation == "str | None":
+        if value is not None and not isinstance(value, str):
+            raise RecipeError(f"recipe field '{path}': expected a string or null, got {value!r}")
+        return value
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise RecipeError(f"recipe field '{path}': expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = prefix + str(key)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise RecipeError(f"recipe: unknown field '{path}'{hint}")
+        if key in SECTIONS and not prefix:
+            if not isinstance(value, dict):
+                raise RecipeError(f"recipe field '{path}': expected a mapping")
+            kwargs[key] = _build(SECTIONS[key], value, path + ".")
+            continue
+        default = getattr(cls(), key)
+        value = _check_type(path, value, default, str(known[key].type))
+        if path in RANGES and value is not None:
+            low, high = RANGES[path]
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise RecipeError(f"recipe field '{path}': {value} is outside [{low}, {high if high is not None else 'inf'}]")
+        if path in CHOICES and value not in CHOICES[path]:
+            raise RecipeError(f"recipe field '{path}': {value!r} is not one of {', '.join(CHOICES[path])}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping and return a Recipe with defaults filled in."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: top level must be a mapping of fields")
+    return _build(Recipe, data, "")
+
+
+def load_recipe(path: str | os.PathLike, output: str | None = None) -> Recipe:
+    """Read and validate a YAML recipe; ``output`` overrides the recipe's output folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    recipe = parse_recipe(data, str(path))
+    if output is not None:
+        recipe.output = output
+    return recipe

@@ -1,0 +1,112 @@
+"""Write report.json, report.md and the trials plot of a calibration run (each written atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+HEADLINE_KEYS = ("dense_ppl", "clada_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
+                 "mlp_reads_saved", "relaxed_share", "tokens")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file, fsync and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:+.4f}" if abs(value) < 1 and value < 0 else f"{value:.4f}"
+    return str(value)
+
+
+def render_markdown(report: dict) -> str:
+    held = report["heldout"]
+    lines = [
+        f"# CLADA calibration report: {report['model']['spec']}",
+        "",
+        f"Data: `{report['data']['spec']}` ({report['data']['calibration_docs']} calibration / "
+        f"{report['data']['heldout_docs']} held-out documents). Regime: {report['regime']}.",
+        "",
+        "## Held-out figures (generation regime, measured in this run)",
+        "",
+        "| key | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(held[k])} |" for k in HEADLINE_KEYS if k in held]
+    chosen = report["chosen"]
+    lines += [
+        "",
+        "## Chosen point",
+        "",
+        f"Trial {chosen['trial']} (constraint: proxy ppl_increase <= {report['search']['max_ppl_increase']}, "
+        f"feasible trials: {report['search']['feasible_trials']} of {report['search']['trials']}).",
+        "",
+        f"- lam = {chosen['lam']:.4f}, gam = {chosen['gam']:.4f}, tau_s = {chosen['tau_s']:.4f}, "
+        f"tau_H = {chosen['tau_H']:.4f} (normalised nats, see docs/algorithm.md)",
+        f"- proxy figures on calibration docs: " + ", ".join(f"{k}={v:.4f}" for k, v in chosen["proxy"].items()),
+        "",
+        "## Pareto front of the search (proxy, calibration docs)",
+        "",
+        "| trial | mlp_reads_saved | ppl_increase |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {p['trial']} | {p['mlp_reads_saved']:.4f} | {p['ppl_increase']:+.4f} |" for p in report["pareto_front"]]
+    lines += ["", "## Timings (s)", ""]
+    lines += [f"- {k}: {v:.1f}" for k, v in report["timings_s"].items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_trials(report: dict, path: Path) -> None:
+    """Scatter of every trial (reads saved vs ppl increase), Pareto front, constraint, chosen point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = report["trials"]
+    limit = report["search"]["max_ppl_increase"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    ok = [t for t in trials if t["ppl_increase"] <= limit]
+    bad = [t for t in trials if t["ppl_increase"] > limit]
+    ax.scatter([t["mlp_reads_saved"] for t in bad], [t["ppl_increase"] for t in bad], s=14, c="#bbbbbb", label="infeasible trial")
+    ax.scatter([t["mlp_reads_saved"] for t in ok], [t["ppl_increase"] for t in ok], s=14, c="#4477aa", label="feasible trial")
+    front = report["pareto_front"]
+    ax.plot([p["mlp_reads_saved"] for p in front], [p["ppl_increase"] for p in front], c="#4477aa", lw=1, label="Pareto front")
+    ax.axhline(limit, ls="--", c="#cc6677", lw=1, label=f"max ppl_increase {limit}")
+    chosen, held = report["chosen"]["proxy"], report["heldout"]
+    ax.scatter([chosen["mlp_reads_saved"]], [chosen["ppl_increase"]], marker="*", s=160, c="#ee7733", label="chosen (calibration)")
+    ax.scatter([held["mlp_reads_saved"]], [held["ppl_increase"]], marker="D", s=50, c="#228833", label="chosen (held-out)")
+    ax.set_xlabel("mlp_reads_saved (share of MLP weight bytes skipped)")
+    ax.set_ylabel("ppl_increase (relative)")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_title(f"CLADA search: {report['model']['spec']} on {report['data']['spec']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_reports(report: dict, folder: Path) -> list[Path]:
+    """report.json, report.md, trials.png in ``folder``; returns their paths."""
+    json_path, md_path, png_path = folder / "report.json", folder / "report.md", folder / "trials.png"
+    write_atomic(json_path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(md_path, render_markdown(report).encode())
+    plot_trials(report, png_path)
+    return [json_path, md_path, png_path]

@@ -1,0 +1,161 @@
+"""Optuna search over error-budget allocation and cognitive-load adaptation.
+
+Each trial picks a per-layer MLP output error budget ``budget * exp(depth_slope * (l/(L-1) - 1/2))``;
+error-controlled allocation (clada.calibrate.measure.allocate) turns it into per-layer thresholds.
+It also picks ``lam, gam`` in [-1, 0] and the quantiles ``q_s, q_H`` of the calibration surprisal and
+entropy that become ``tau_s, tau_H``. The objective maximises ``mlp_reads_saved`` under the constraint
+``ppl_increase <= max_ppl_increase`` (both from the fast proxy on calibration documents).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+from tqdm.auto import tqdm
+
+from clada.calibrate.evaluate import ProxyEvaluator
+from clada.calibrate.measure import LayerTable, allocate
+
+FIGURE_KEYS = ("mlp_reads_saved", "mlp_sparsity", "input_sparsity", "ppl_increase", "kl", "relaxed_share")
+
+
+@dataclass
+class SearchSettings:
+    trials: int = 40
+    max_ppl_increase: float = 0.02
+    adapt: bool = True
+    budget_range: tuple[float, float] = (1e-3, 0.5)
+    seed: int = 0
+    storage: str | None = None
+    study_name: str = "clada"
+
+
+@dataclass
+class Point:
+    """One evaluated configuration: its parameters, thresholds and proxy figures."""
+
+    params: dict
+    tau_in: list[float]
+    tau_mid: list[float]
+    lam: float
+    gam: float
+    tau_s: float
+    tau_H: float
+    figures: dict = field(default_factory=dict)
+    number: int = -1
+
+
+class ThresholdSearch:
+    """Turns trial parameters into thresholds and scores them with a ProxyEvaluator."""
+
+    def __init__(self, tables: list[LayerTable], evaluator: ProxyEvaluator, settings: SearchSettings):
+        self.tables, self.evaluator, self.settings = tables, evaluator, settings
+        self.surprisal, self.entropy = evaluator.signals()
+
+    def point(self, params: dict) -> Point:
+        """Thresholds and adaptation parameters for ``params`` (no evaluation)."""
+        L = len(self.tables)
+        depth = torch.linspace(-0.5, 0.5, L) if L > 1 else torch.zeros(1)
+        budgets = params["budget"] * torch.exp(params.get("depth_slope", 0.0) * depth)
+        tau_in, tau_mid = allocate(self.tables, budgets)
+        q_s, q_H = params.get("q_s", 1.0), params.get("q_H", 1.0)
+        return Point(
+            params=dict(params), tau_in=tau_in.tolist(), tau_mid=tau_mid.tolist(),
+            lam=params.get("lam", 0.0), gam=params.get("gam", 0.0),
+            tau_s=float(torch.quantile(self.surprisal, q_s)) if q_s < 1 else 1e6,
+            tau_H=float(torch.quantile(self.entropy, q_H)) if q_H < 1 else 1.0,
+        )
+
+    def evaluate(self, point: Point) -> Point:
+        figures = self.evaluator(torch.tensor(point.tau_in), torch.tensor(point.tau_mid),
+                                 point.lam, point.gam, point.tau_s, point.tau_H)
+        point.figures = {k: figures[k] for k in FIGURE_KEYS}
+        return point
+
+    def suggest(self, trial: optuna.Trial) -> dict:
+        low, high = self.settings.budget_range
+        params = {"budget": trial.suggest_float("budget", low, high, log=True),
+                  "depth_slope": trial.suggest_float("depth_slope", -2.0, 2.0)}
+        if self.settings.adapt:
+            params.update(lam=trial.suggest_float("lam", -1.0, 0.0), gam=trial.suggest_float("gam", -1.0, 0.0),
+                          q_s=trial.suggest_float("q_s", 0.5, 0.99), q_H=trial.suggest_float("q_H", 0.5, 0.99))
+        return params
+
+    def objective(self, trial: optuna.Trial) -> float:
+        point = self.evaluate(self.point(self.suggest(trial)))
+        for key, value in point.figures.items():
+            trial.set_user_attr(key, value)
+        violation = point.figures["ppl_increase"] - self.settings.max_ppl_increase
+        trial.set_user_attr("constraint", violation)
+        if _NATIVE_CONSTRAINTS:
+            trial.set_constraint("ppl_increase", violation)
+        return point.figures["mlp_reads_saved"]
+
+
+_NATIVE_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")  # optuna >= 5
+
+
+def _constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
+    return [trial.user_attrs.get("constraint", math.inf)]
+
+
+def _warm_start(study: optuna.Study, settings: SearchSettings) -> None:
+    """Seed the study with no-adaptation points across the budget range (only in a fresh study)."""
+    if study.trials:
+        return
+    low, high = settings.budget_range
+    for k in range(4):
+        budget = low * (high / low) ** ((k + 1) / 5)
+        params = {"budget": budget, "depth_slope": 0.0}
+        if settings.adapt:
+            params.update(lam=0.0, gam=0.0, q_s=0.9, q_H=0.9)
+        study.enqueue_trial(params)
+
+
+def run_search(search: ThresholdSearch, progress: bool = True) -> optuna.Study:
+    """Run (or resume) the study until it holds ``settings.trials`` finished trials."""
+    s = search.settings
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    extra = {} if _NATIVE_CONSTRAINTS else {"constraints_func": _constraint}
+    sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=10, **extra)
+    study = optuna.create_study(study_name=s.study_name, storage=s.storage, sampler=sampler,
+                                direction="maximize", load_if_exists=True)
+    _warm_start(study, s)
+    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    remaining = max(0, s.trials - done)
+    bar = tqdm(total=s.trials, initial=done, desc="optuna search", unit="trial", disable=not progress)
+
+    def update(study_, trial_):
+        bar.update(1)
+        best = best_feasible(study_)
+        if best is not None:
+            bar.set_postfix(best_reads=f"{best.user_attrs['mlp_reads_saved']:.3f}",
+                            ppl=f"{best.user_attrs['ppl_increase']:+.3f}")
+
+    study.optimize(search.objective, n_trials=remaining, callbacks=[update])
+    bar.close()
+    return study
+
+
+def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+            and t.user_attrs.get("constraint", math.inf) <= 0]
+
+
+def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    trials = feasible_trials(study)
+    return max(trials, key=lambda t: (t.value, -t.user_attrs["ppl_increase"])) if trials else None
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of (reads_saved, ppl_increase) points not dominated (more saved and less increase)."""
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1]))
+    front, best_ppl = [], math.inf
+    for i in order:
+        if points[i][1] < best_ppl:
+            front.append(i)
+            best_ppl = points[i][1]
+    return sorted(front, key=lambda i: points[i][0])

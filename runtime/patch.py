@@ -1,0 +1,174 @@
+"""Apply a CLADA artifact to a transformers model, report its realised sparsity, and remove it again."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clada.artifacts import Artifact, ArtifactError, load_artifact
+from clada.runtime.adapters import MLPAdapter, MLPParts, adapter_for
+from clada.runtime.signals import SignalTracker
+from clada.runtime.sparse import ChannelGate, GatedProjection, SparsityState
+
+ARTIFACT_FILENAME = "clada.safetensors"
+FINGERPRINT_RTOL = 1e-3
+
+
+@dataclass
+class Patch:
+    """Everything ``apply`` changed on a model, so that ``remove`` can undo it exactly."""
+
+    state: SparsityState
+    tracker: SignalTracker
+    parts: list[MLPParts]
+    hooks: list
+    artifact: Artifact
+
+
+def model_identity(model: nn.Module, adapter: MLPAdapter | None = None) -> dict:
+    """Architecture facts an artifact is checked against."""
+    adapter = adapter or adapter_for(model)
+    parts = adapter.mlp_parts(model)
+    out_weight = adapter.weight(getattr(parts[0].owner, parts[0].out_name))
+    return {
+        "model_type": model.config.model_type,
+        "architecture": type(model).__name__,
+        "num_layers": len(parts),
+        "hidden_size": int(out_weight.shape[0]),
+        "intermediate_size": int(out_weight.shape[1]),
+        "vocab_size": int(model.config.vocab_size),
+        "gated": adapter.gated,
+    }
+
+
+@torch.no_grad()
+def mlp_fingerprint(model: nn.Module, adapter: MLPAdapter | None = None) -> torch.Tensor:
+    """(L, P) float64 Frobenius norms of each layer's MLP projection weights (dtype-robust identity)."""
+    adapter = adapter or adapter_for(model)
+    rows = []
+    for part in adapter.mlp_parts(model):
+        names = part.in_names + (part.out_name,)
+        rows.append([float(adapter.weight(getattr(part.owner, n)).double().norm()) for n in names])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _layer_bytes(adapter: MLPAdapter, part: MLPParts) -> tuple[float, float]:
+    """Weight bytes read per token by the input projections and by the output projection."""
+    def size(name: str) -> float:
+        w = adapter.weight(getattr(part.owner, name))
+        return float(w.numel() * w.element_size())
+    return sum(size(n) for n in part.in_names), size(part.out_name)
+
+
+def check_compatible(artifact: Artifact, model: nn.Module, adapter: MLPAdapter, force: bool = False,
+                     source: str = "artifact") -> None:
+    """Raise ArtifactError if the artifact was not calibrated for this model (fingerprint unless ``force``)."""
+    ident = model_identity(model, adapter)
+    for key in ("num_layers", "hidden_size", "intermediate_size"):
+        want = artifact.model.get(key)
+        if want is not None and want != ident[key]:
+            raise ArtifactError(f"{source}: calibrated for {key}={want}, model has {ident[key]}")
+    shapes = {"channel_scale_in": ident["hidden_size"], "channel_scale_mid": ident["intermediate_size"]}
+    for name, width in shapes.items():
+        t = getattr(artifact, name)
+        if t.shape != (ident["num_layers"], width):
+            raise ArtifactError(f"{source}: {name} has shape {tuple(t.shape)}, model needs {(ident['num_layers'], width)}")
+    if not force:
+        mine = mlp_fingerprint(model, adapter)
+        theirs = artifact.fingerprint
+        if mine.shape != theirs.shape or not torch.allclose(mine, theirs, rtol=FINGERPRINT_RTOL, atol=0):
+            raise ArtifactError(f"{source}: weight fingerprint does not match this model (calibrated on other "
+                                "weights); recalibrate, or pass force=True to override")
+
+
+def find_declared_artifact(model: nn.Module) -> Path:
+    """The artifact stored beside the model's checkpoint (config ``clada.file`` or clada.safetensors)."""
+    folder = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+    declared = getattr(model.config, "clada", None)
+    name = declared.get("file", ARTIFACT_FILENAME) if isinstance(declared, dict) else ARTIFACT_FILENAME
+    path = Path(folder) / name
+    if not folder or not path.is_file():
+        raise ArtifactError(f"no artifact path given and none found beside the checkpoint ({path})")
+    return path
+
+
+def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None, *, force: bool = False) -> SparsityState:
+    """Validate ``artifact`` against ``model`` and patch its MLPs for adaptive sparse decoding.
+
+    Nothing is changed if validation fails. Returns the shared SparsityState.
+    """
+    if getattr(model, "_clada_patch", None) is not None:
+        raise RuntimeError("model already has a CLADA artifact applied; call runtime.remove(model) first")
+    adapter = adapter_for(model)
+    if artifact is None:
+        artifact = find_declared_artifact(model)
+    source = str(artifact) if not isinstance(artifact, Artifact) else "artifact"
+    if not isinstance(artifact, Artifact):
+        artifact = load_artifact(artifact)
+    check_compatible(artifact, model, adapter, force=force, source=source)
+
+    parts = adapter.mlp_parts(model)
+    sizes = [_layer_bytes(adapter, part) for part in parts]
+    state = SparsityState(artifact.tau_base_in, artifact.tau_base_mid, [s[0] for s in sizes], [s[1] for s in sizes])
+    device = next(model.parameters()).device
+    state.to(device)
+    for layer, part in enumerate(parts):
+        gate_in = ChannelGate(state, layer, "in", artifact.channel_scale_in[layer]).to(device)
+        gate_mid = ChannelGate(state, layer, "mid", artifact.channel_scale_mid[layer]).to(device)
+        for name in part.in_names:
+            setattr(part.owner, name, GatedProjection(getattr(part.owner, name), gate_in))
+        setattr(part.owner, part.out_name, GatedProjection(getattr(part.owner, part.out_name), gate_mid))
+    tracker = SignalTracker(state, artifact.lam, artifact.gam, artifact.tau_s, artifact.tau_H)
+    hooks = [
+        model.register_forward_pre_hook(tracker.pre_forward, with_kwargs=True),
+        model.register_forward_hook(tracker.post_forward, with_kwargs=True),
+    ]
+    model._clada_patch = Patch(state, tracker, parts, hooks, artifact)
+    return state
+
+
+def _patch_of(model: nn.Module) -> Patch:
+    patch = getattr(model, "_clada_patch", None)
+    if patch is None:
+        raise RuntimeError("model has no CLADA artifact applied (call runtime.apply first)")
+    return patch
+
+
+def remove(model: nn.Module) -> None:
+    """Undo ``apply``: the original projection modules are put back, hooks removed; outputs are dense again."""
+    patch = _patch_of(model)
+    for hook in patch.hooks:
+        hook.remove()
+    for part in patch.parts:
+        for name in part.in_names + (part.out_name,):
+            wrapped = getattr(part.owner, name)
+            if isinstance(wrapped, GatedProjection):
+                setattr(part.owner, name, wrapped.inner)
+    del model._clada_patch
+
+
+def state(model: nn.Module) -> SparsityState:
+    """The SparsityState of a patched model (thresholds, current multiplier, accumulators)."""
+    return _patch_of(model).state
+
+
+def tracker(model: nn.Module) -> SignalTracker:
+    """The SignalTracker of a patched model; ``tracker(model).enabled = False`` hands ``scale`` to the caller."""
+    return _patch_of(model).tracker
+
+
+def stats(model: nn.Module, reset: bool = False) -> dict:
+    """Realised sparsity since the last reset: mlp_sparsity, input_sparsity, mlp_reads_saved, relaxed_share, per layer."""
+    st = _patch_of(model).state
+    out = st.summary()
+    if reset:
+        st.reset_stats()
+    return out
+
+
+def reset_stats(model: nn.Module) -> None:
+    _patch_of(model).state.reset_stats()

@@ -1,0 +1,195 @@
+"""Runtime semantics on tiny random models of every family: exactness, masks, relaxation, batching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clada import runtime
+from clada.runtime.compat import cache_kwargs, output_cache
+from clada.runtime.signals import load_signals, relax_multiplier
+from tests.conftest import make_artifact, tiny_model
+
+PROMPT = torch.tensor([[5, 9, 17, 33, 8, 21, 40, 11], [7, 7, 19, 50, 61, 3, 12, 90]])
+
+
+def greedy(model, ids, n=12, **kw):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+
+def decode_logits(model, ids, steps=6):
+    """Logits of a manual KV-cached decode: prefill ids, then feed argmax tokens one at a time."""
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for _ in range(steps):
+            nxt = logits[-1].argmax(-1, keepdim=True)
+            out = model(input_ids=nxt, **cache_kwargs(model, output_cache(out)))
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+def test_zero_thresholds_equal_dense_exactly(family_model):
+    dense = decode_logits(family_model, PROMPT)
+    runtime.apply(family_model, make_artifact(family_model))
+    sparse = decode_logits(family_model, PROMPT)
+    assert torch.equal(dense, sparse)
+
+
+def test_remove_restores_bit_exact_dense(family_model):
+    dense = decode_logits(family_model, PROMPT)
+    dense_gen = greedy(family_model, PROMPT)
+    runtime.apply(family_model, make_artifact(family_model, tau_in=0.05, tau_mid=0.05))
+    assert not torch.equal(decode_logits(family_model, PROMPT), dense)
+    runtime.remove(family_model)
+    assert torch.equal(decode_logits(family_model, PROMPT), dense)
+    assert torch.equal(greedy(family_model, PROMPT), dense_gen)
+    assert not any("Gated" in type(m).__name__ for m in family_model.modules())
+
+
+def test_prefill_stays_dense(family_model):
+    with torch.no_grad():
+        dense = family_model(input_ids=PROMPT).logits
+        runtime.apply(family_model, make_artifact(family_model, tau_in=0.1, tau_mid=0.1))
+        sparse = family_model(input_ids=PROMPT).logits
+    assert torch.equal(dense, sparse)
+    assert runtime.stats(family_model)["tokens"] == 0
+
+
+def test_realised_sparsity_matches_masks(family_model):
+    """Stats equal the masks recomputed by hand from the activations the patched model saw."""
+    tau_in, tau_mid = 0.05, 0.02
+    art = make_artifact(family_model, tau_in, tau_mid)
+    adapter = runtime.adapter_for(family_model)
+    dense_parts = adapter.mlp_parts(family_model)
+    runtime.apply(family_model, art)
+    captured = []
+    hooks = [getattr(p.owner, p.in_names[0]).register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
+             for p in dense_parts]
+    with torch.no_grad():
+        out = family_model(input_ids=PROMPT[:, :-1], use_cache=True)
+        captured.clear()
+        family_model(input_ids=PROMPT[:, -1:], **cache_kwargs(family_model, output_cache(out)))
+    for h in hooks:
+        h.remove()
+    st = runtime.stats(family_model)
+    runtime.remove(family_model)
+    skipped_in, skipped_mid = [], []
+    for l, (part, x) in enumerate(zip(adapter.mlp_parts(family_model), captured)):
+        x = x.reshape(-1, x.shape[-1])
+        keep_in = x.abs() * art.channel_scale_in[l] > tau_in
+        with torch.no_grad():
+            h = adapter.intermediate(part, x * keep_in)
+        keep_mid = h.abs() * art.channel_scale_mid[l] > tau_mid
+        skipped_in.append(1 - keep_in.float().mean().item())
+        skipped_mid.append(1 - keep_mid.float().mean().item())
+    assert st["tokens"] == PROMPT.shape[0]
+    assert st["per_layer"]["input_sparsity"] == pytest.approx(skipped_in, abs=1e-4)
+    assert st["per_layer"]["mlp_sparsity"] == pytest.approx(skipped_mid, abs=1e-4)
+    assert 0 < st["mlp_reads_saved"] < 1
+
+
+def test_full_relaxation_gives_dense_and_counts_relaxed_tokens(family_model):
+    dense = decode_logits(family_model, PROMPT)
+    runtime.apply(family_model, make_artifact(family_model, tau_in=0.2, tau_mid=0.2, lam=-1.0, tau_s=0.0))
+    assert torch.equal(decode_logits(family_model, PROMPT), dense)
+    st = runtime.stats(family_model)
+    assert st["relaxed_share"] == 1.0 and st["input_sparsity"] == 0.0  # (ReLU zeros still count as skipped)
+
+
+def test_no_relaxation_when_thresholds_unreachable(family_model):
+    runtime.apply(family_model, make_artifact(family_model, tau_in=0.05, tau_mid=0.05, lam=-1.0, gam=-1.0,
+                                              tau_s=50.0, tau_H=2.0))
+    decode_logits(family_model, PROMPT)
+    st = runtime.stats(family_model)
+    assert st["relaxed_share"] == 0.0 and st["mlp_sparsity"] > 0
+
+
+def test_signals_units():
+    V = 64
+    uniform = torch.zeros(2, V)
+    s, H = load_signals(uniform, torch.tensor([3, 5]))
+    assert torch.allclose(s, torch.ones(2)) and torch.allclose(H, torch.ones(2))
+    peaked = torch.full((1, V), -1e4)
+    peaked[0, 7] = 0.0
+    s, H = load_signals(peaked, torch.tensor([7]))
+    assert s.item() == pytest.approx(0.0, abs=1e-6) and H.item() == pytest.approx(0.0, abs=1e-6)
+    s, _ = load_signals(torch.log(torch.tensor([[0.5, 0.5] + [1e-30] * 2])), torch.tensor([0]))
+    assert s.item() == pytest.approx(math.log(2) / math.log(4), rel=1e-5)
+
+
+def test_relax_multiplier_formula():
+    s = torch.tensor([0.1, 0.9, 0.9, 0.1])
+    H = torch.tensor([0.1, 0.1, 0.9, 0.9])
+    m = relax_multiplier(s, H, lam=-0.5, gam=-0.25, tau_s=0.5, tau_H=0.5)
+    assert m.tolist() == [1.0, 0.5, 0.25, 0.75]
+    assert relax_multiplier(s, H, -1.0, -1.0, 0.5, 0.5).min().item() == 0.0
+
+
+def test_rows_have_independent_multipliers():
+    model = tiny_model("llama")
+    runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05, lam=-1.0, tau_s=0.0))
+    trk = runtime.tracker(model)
+    with torch.no_grad():
+        out = model(input_ids=PROMPT, use_cache=True)
+        # make row 0's fed token certain (surprisal 0, not relaxed) and row 1's surprising (relaxed)
+        trk.prev_logits = torch.full_like(trk.prev_logits, -1e4)
+        trk.prev_logits[0, 4] = 0.0
+        trk.prev_logits[1, 4] = 0.0
+        model(input_ids=torch.tensor([[4], [9]]), **cache_kwargs(model, output_cache(out)))
+    scale = runtime.state(model).scale
+    assert scale.shape == (2, 1) and scale[0, 0] == 1.0 and scale[1, 0] == 0.0
+
+
+def test_batched_decode_matches_single_rows():
+    model = tiny_model("llama")
+    runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05, lam=-0.5, gam=-0.5, tau_s=0.5, tau_H=0.9))
+    both = decode_logits(model, PROMPT)
+    for row in range(PROMPT.shape[0]):
+        single = decode_logits(model, PROMPT[row : row + 1])
+        assert torch.allclose(both[row], single[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_generate_with_padding_and_sampling(family):
+    model = tiny_model(family)
+    ids = PROMPT.clone()
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding on row 1
+    runtime.apply(model, make_artifact(model, tau_in=0.03, tau_mid=0.03, lam=-0.5, tau_s=0.3))
+    out = greedy(model, ids, attention_mask=mask)
+    assert out.shape == (2, ids.shape[1] + 12)
+    st = runtime.stats(model)
+    assert st["tokens"] == 2 * 11 and st["mlp_sparsity"] > 0
+    torch.manual_seed(0)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+    assert sampled.shape == (2, ids.shape[1] + 8)
+
+
+def test_apply_twice_refused_and_remove_without_apply_refused():
+    model = tiny_model("llama")
+    runtime.apply(model, make_artifact(model))
+    with pytest.raises(RuntimeError, match="already"):
+        runtime.apply(model, make_artifact(model))
+    runtime.remove(model)
+    with pytest.raises(RuntimeError, match="no CLADA artifact"):
+        runtime.remove(model)
+
+
+def test_unsupported_model_lists_supported():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(runtime.UnsupportedModelError, match="supported: .*llama"):
+        runtime.adapter_for(model)
+
+
+def test_runtime_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, clada.runtime; print(sorted(m for m in ('optuna','datasets','click','yaml') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
