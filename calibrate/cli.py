@@ -34,20 +34,6 @@ def _print_figures(title: str, figures: dict) -> None:
             click.echo(f"  {key:16s} {value:.4f}" if isinstance(value, float) else f"  {key:16s} {value}")
 
 
-def _calibrate(recipe_path: str, output: str | None, quiet: bool) -> None:
-    from clada.calibrate.pipeline import run_calibration
-    from clada.calibrate.recipe import load_recipe
-
-    try:
-        recipe = load_recipe(recipe_path, output)
-        report = run_calibration(recipe, progress=not quiet)
-    except _input_errors() as exc:
-        _fail(exc)
-    _print_figures(f"chosen point, held-out {report['data']['spec']} ({report['regime']}):", report)
-    click.echo(f"  wall time        {report['timings_s']['total']:.0f} s")
-    click.echo(f"artifact: {report['artifact']}")
-
-
 RECIPE_ARG = click.argument("recipe", type=click.Path(dir_okay=False))
 OUTPUT_OPT = click.option("--output", "-o", default=None, help="Output folder (overrides the recipe's 'output').")
 QUIET_OPT = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -65,16 +51,20 @@ def main() -> None:
 @QUIET_OPT
 def calibrate_cmd(recipe: str, output: str | None, quiet: bool) -> None:
     """Calibrate thresholds as described by RECIPE (YAML); writes clada.safetensors and reports."""
-    _calibrate(recipe, output, quiet)
+    from clada.calibrate.pipeline import run_calibration
+    from clada.calibrate.recipe import load_recipe
+
+    try:
+        recipe_obj = load_recipe(recipe, output)
+        report = run_calibration(recipe_obj, progress=not quiet)
+    except _input_errors() as exc:
+        _fail(exc)
+    _print_figures(f"chosen point, held-out {report['data']['spec']} ({report['regime']}):", report)
+    click.echo(f"  wall time        {report['timings_s']['total']:.0f} s")
+    click.echo(f"artifact: {report['artifact']}")
 
 
-@click.command("clada-calibrate")
-@RECIPE_ARG
-@OUTPUT_OPT
-@QUIET_OPT
-def calibrate_main(recipe: str, output: str | None, quiet: bool) -> None:
-    """Calibrate thresholds as described by RECIPE (YAML); writes clada.safetensors and reports."""
-    _calibrate(recipe, output, quiet)
+calibrate_main = calibrate_cmd  # the ``clada-calibrate`` console script: same command as ``clada calibrate``
 
 
 @main.command("eval")

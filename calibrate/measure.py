@@ -70,6 +70,35 @@ def collect_mlp_inputs(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tens
     return [torch.cat(rows)[:max_tokens] for rows in store]
 
 
+@torch.no_grad()
+def residual_ratios(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
+    """(L,) ||MLP output||^2 / ||decoder-layer output (residual stream)||^2 at scored positions.
+
+    Multiplying a layer's relative MLP error by this ratio gives the error relative to the residual
+    stream it is added to: layers whose MLP writes little into the residual tolerate more.
+    """
+    parts, layers = adapter.mlp_parts(model), adapter.layers(model)
+    mlp_sq = torch.zeros(len(parts), dtype=torch.float64)
+    res_sq = torch.zeros(len(parts), dtype=torch.float64)
+
+    def sq(t: torch.Tensor) -> float:
+        t = t[0] if isinstance(t, tuple) else t
+        t = t.view(tokens.shape[0], -1, t.shape[-1]) if t.dim() == 2 else t
+        return float(t[:, prompt:].double().pow(2).sum())
+
+    hooks = []
+    for l, (part, layer) in enumerate(zip(parts, layers)):
+        hooks.append(getattr(part.owner, part.out_name).register_forward_hook(
+            lambda m, a, o, l=l: mlp_sq.__setitem__(l, mlp_sq[l] + sq(o))))
+        hooks.append(layer.register_forward_hook(lambda m, a, o, l=l: res_sq.__setitem__(l, res_sq[l] + sq(o))))
+    try:
+        model(input_ids=tokens.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return (mlp_sq / res_sq.clamp_min(1e-30)).float()
+
+
 def _quantiles(scores: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     """Quantiles of a large score tensor (subsampled to stay within torch.quantile's limits)."""
     flat = scores.flatten().float()
@@ -130,11 +159,16 @@ def build_tables(model: nn.Module, adapter: MLPAdapter, inputs: list[torch.Tenso
             for l, part in enumerate(tqdm(parts, desc="per-layer error tables", unit="layer", disable=not progress))]
 
 
-def allocate(tables: list[LayerTable], budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per layer, the thresholds of the cell that skips most bytes with error <= budget[l]: (L,), (L,)."""
+def allocate(tables: list[LayerTable], budgets: torch.Tensor,
+             error_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, the thresholds of the cell that skips most bytes with error * weight[l] <= budget[l].
+
+    Returns (tau_in, tau_mid), each (L,) float32.
+    """
     tau_in, tau_mid = [], []
-    for table, budget in zip(tables, budgets):
-        ok = table.error <= budget
+    weights = error_weights if error_weights is not None else torch.ones(len(tables))
+    for table, budget, weight in zip(tables, budgets, weights):
+        ok = table.error * weight <= budget
         ok[0, 0] = True
         flat = torch.where(ok, table.saved, torch.full_like(table.saved, -1.0)).flatten()
         i, j = divmod(int(flat.argmax()), table.saved.shape[1])

@@ -13,7 +13,7 @@ from clada import __version__, runtime
 from clada.artifacts import Artifact, save_artifact
 from clada.calibrate.data import load_documents, split_documents
 from clada.calibrate.evaluate import ProxyEvaluator, generation_eval, tokenize_documents
-from clada.calibrate.measure import build_tables, channel_scales, collect_mlp_inputs
+from clada.calibrate.measure import build_tables, channel_scales, collect_mlp_inputs, residual_ratios
 from clada.calibrate.models import load_model
 from clada.calibrate.recipe import Recipe
 from clada.calibrate.report import HEADLINE_KEYS, write_reports
@@ -50,7 +50,6 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     """Run the whole job described by ``recipe``; write artifact and reports into ``recipe.output``."""
     torch.manual_seed(recipe.seed)
     out = Path(recipe.output)
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.time()
 
@@ -66,6 +65,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     search_tokens, act_tokens = calib[:n_search], calib[n_search:] if calib.shape[0] > n_search else calib
     _log(f"      {calib.shape[0]} calibration / {held.shape[0]} held-out documents of >= {length} tokens")
     timings["load"] = time.time() - t0
+    out.mkdir(parents=True, exist_ok=True)  # only once model and data are known to load
 
     t = time.time()
     _log(f"[2/6] measuring dense MLP activations ({recipe.calibration.activation_tokens} tokens per layer)")
@@ -74,6 +74,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     tables = build_tables(model, adapter, inputs, scale_in, scale_mid, torch.tensor(recipe.calibration.q_in),
                           torch.tensor(recipe.calibration.q_mid), progress=progress)
     del inputs
+    ratios = residual_ratios(model, adapter, act_tokens[:8], recipe.prompt_tokens)
     timings["measure"] = time.time() - t
 
     identity = runtime.model_identity(model, adapter)
@@ -88,7 +89,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
                               adapt=recipe.search.adapt, seed=recipe.seed,
                               storage=recipe.search.storage or f"sqlite:///{(out / 'study.db').resolve()}",
                               study_name=study_name(recipe))
-    search = ThresholdSearch(tables, evaluator, settings)
+    search = ThresholdSearch(tables, ratios, evaluator, settings)
     _log(f"[4/6] Optuna search: {settings.trials} trials, maximise mlp_reads_saved s.t. "
          f"ppl_increase <= {settings.max_ppl_increase} (study {settings.study_name})")
     study = run_search(search, progress=progress)
@@ -134,6 +135,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
         "data": {**artifact.data, "spec": recipe.data, "calibration_docs": int(calib.shape[0]),
                  "heldout_docs": int(held.shape[0])},
         "recipe": recipe.to_dict(),
+        "residual_ratio": [round(v, 5) for v in ratios.tolist()],
         "chosen": {"trial": best.number, "params": best.params, "lam": point.lam, "gam": point.gam,
                    "tau_s": point.tau_s, "tau_H": point.tau_H, "tau_base_in": point.tau_in,
                    "tau_base_mid": point.tau_mid,

@@ -1,7 +1,9 @@
 """Optuna search over error-budget allocation and cognitive-load adaptation.
 
-Each trial picks a per-layer MLP output error budget ``budget * exp(depth_slope * (l/(L-1) - 1/2))``;
-error-controlled allocation (clada.calibrate.measure.allocate) turns it into per-layer thresholds.
+Each trial picks a per-layer error budget ``budget * exp(depth_slope * (l/(L-1) - 1/2))`` on the layer's
+relative MLP output error weighted by ``residual_ratio[l] ** mix`` (mix = 1: error relative to the residual
+stream; mix = 0: relative to the MLP output); error-controlled allocation (clada.calibrate.measure.allocate)
+turns it into per-layer thresholds.
 It also picks ``lam, gam`` in [-1, 0] and the quantiles ``q_s, q_H`` of the calibration surprisal and
 entropy that become ``tau_s, tau_H``. The objective maximises ``mlp_reads_saved`` under the constraint
 ``ppl_increase <= max_ppl_increase`` (both from the fast proxy on calibration documents).
@@ -27,7 +29,7 @@ class SearchSettings:
     trials: int = 40
     max_ppl_increase: float = 0.02
     adapt: bool = True
-    budget_range: tuple[float, float] = (1e-3, 0.5)
+    budget_range: tuple[float, float] = (1e-5, 0.3)
     seed: int = 0
     storage: str | None = None
     study_name: str = "clada"
@@ -51,8 +53,9 @@ class Point:
 class ThresholdSearch:
     """Turns trial parameters into thresholds and scores them with a ProxyEvaluator."""
 
-    def __init__(self, tables: list[LayerTable], evaluator: ProxyEvaluator, settings: SearchSettings):
-        self.tables, self.evaluator, self.settings = tables, evaluator, settings
+    def __init__(self, tables: list[LayerTable], residual_ratio: torch.Tensor, evaluator: ProxyEvaluator,
+                 settings: SearchSettings):
+        self.tables, self.residual_ratio, self.evaluator, self.settings = tables, residual_ratio, evaluator, settings
         self.surprisal, self.entropy = evaluator.signals()
 
     def point(self, params: dict) -> Point:
@@ -60,7 +63,8 @@ class ThresholdSearch:
         L = len(self.tables)
         depth = torch.linspace(-0.5, 0.5, L) if L > 1 else torch.zeros(1)
         budgets = params["budget"] * torch.exp(params.get("depth_slope", 0.0) * depth)
-        tau_in, tau_mid = allocate(self.tables, budgets)
+        weights = self.residual_ratio ** params.get("mix", 1.0)
+        tau_in, tau_mid = allocate(self.tables, budgets, weights)
         q_s, q_H = params.get("q_s", 1.0), params.get("q_H", 1.0)
         return Point(
             params=dict(params), tau_in=tau_in.tolist(), tau_mid=tau_mid.tolist(),
@@ -78,7 +82,8 @@ class ThresholdSearch:
     def suggest(self, trial: optuna.Trial) -> dict:
         low, high = self.settings.budget_range
         params = {"budget": trial.suggest_float("budget", low, high, log=True),
-                  "depth_slope": trial.suggest_float("depth_slope", -2.0, 2.0)}
+                  "depth_slope": trial.suggest_float("depth_slope", -2.0, 2.0),
+                  "mix": trial.suggest_float("mix", 0.0, 1.0)}
         if self.settings.adapt:
             params.update(lam=trial.suggest_float("lam", -1.0, 0.0), gam=trial.suggest_float("gam", -1.0, 0.0),
                           q_s=trial.suggest_float("q_s", 0.5, 0.99), q_H=trial.suggest_float("q_H", 0.5, 0.99))
@@ -106,13 +111,15 @@ def _warm_start(study: optuna.Study, settings: SearchSettings) -> None:
     """Seed the study with no-adaptation points across the budget range (only in a fresh study)."""
     if study.trials:
         return
-    low, high = settings.budget_range
-    for k in range(4):
-        budget = low * (high / low) ** ((k + 1) / 5)
-        params = {"budget": budget, "depth_slope": 0.0}
+    for budget in (1e-4, 3e-4, 1e-3, 3e-3):
+        params = {"budget": budget, "depth_slope": 0.0, "mix": 1.0}
         if settings.adapt:
             params.update(lam=0.0, gam=0.0, q_s=0.9, q_H=0.9)
         study.enqueue_trial(params)
+    if settings.adapt:  # thresholds halved on the 30% most surprising tokens, at higher base budgets
+        for budget in (6e-4, 1e-3):
+            study.enqueue_trial({"budget": budget, "depth_slope": 0.0, "mix": 1.0, "lam": -0.5, "gam": 0.0,
+                                 "q_s": 0.7, "q_H": 0.9})
 
 
 def run_search(search: ThresholdSearch, progress: bool = True) -> optuna.Study:

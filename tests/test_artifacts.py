@@ -1,0 +1,116 @@
+"""Artifact format: round trip, validation against the model, corrupt files, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from clada import runtime
+from clada.artifacts import ArtifactError, load_artifact, save_artifact
+from tests.conftest import make_artifact, tiny_model
+
+
+@pytest.fixture
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def saved(model, tmp_path):
+    art = make_artifact(model, tau_in=0.05, tau_mid=0.02, lam=-0.3, gam=-0.1, tau_s=0.4, tau_H=0.6)
+    art.figures = {"heldout": {"ppl_increase": 0.01}}
+    return art, save_artifact(art, tmp_path / "clada.safetensors")
+
+
+def test_round_trip(saved):
+    art, path = saved
+    back = load_artifact(path)
+    for name in ("tau_base_in", "tau_base_mid", "channel_scale_in", "channel_scale_mid", "fingerprint"):
+        assert torch.equal(getattr(back, name), getattr(art, name))
+    assert (back.lam, back.gam) == pytest.approx((-0.3, -0.1))
+    assert (back.tau_s, back.tau_H) == pytest.approx((0.4, 0.6))
+    assert back.figures == art.figures and back.model == art.model
+
+
+def test_atomic_write_leaves_no_temp_files(saved):
+    _, path = saved
+    assert sorted(os.listdir(path.parent)) == ["clada.safetensors"]
+
+
+def test_failed_write_keeps_old_artifact(saved):
+    art, path = saved
+    before = path.read_bytes()
+    art.lam = 0.5  # invalid: validation fails before anything is written
+    with pytest.raises(ArtifactError, match="lam"):
+        save_artifact(art, path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(path.parent)) == ["clada.safetensors"]
+
+
+def _rewrite(path, mutate_tensors=None, mutate_meta=None):
+    tensors = load_file(str(path))
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        meta = json.loads(fh.read(n))["__metadata__"]
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    if mutate_meta:
+        mutate_meta(meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("mutate_tensors,mutate_meta,match", [
+    (lambda t: t.__setitem__("tau_base_in", torch.full_like(t["tau_base_in"], float("nan"))), None, "NaN"),
+    (lambda t: t.__setitem__("tau_base_mid", -t["tau_base_mid"] - 1), None, "negative"),
+    (lambda t: t.pop("lam"), None, "missing"),
+    (lambda t: t.__setitem__("extra", torch.zeros(1)), None, "unexpected"),
+    (lambda t: t.__setitem__("tau_base_in", t["tau_base_in"].double()), None, "dtype"),
+    (lambda t: t.__setitem__("tau_base_mid", torch.zeros(5)), None, "shape"),
+    (None, lambda m: m.__setitem__("model", "{not json"), "not valid JSON"),
+    (None, lambda m: m.__setitem__("format_version", "99"), "newer"),
+    (None, lambda m: m.__setitem__("format", "other"), "format"),
+])
+def test_corrupt_artifacts_raise_artifact_error(saved, mutate_tensors, mutate_meta, match):
+    _, path = saved
+    _rewrite(path, mutate_tensors, mutate_meta)
+    with pytest.raises(ArtifactError, match=match):
+        load_artifact(path)
+
+
+def test_truncated_and_garbage_files(saved, tmp_path):
+    _, path = saved
+    data = path.read_bytes()
+    for i, blob in enumerate([data[: len(data) // 2], data[:5], b"\xff" * 64, b""]):
+        bad = tmp_path / f"bad{i}.safetensors"
+        bad.write_bytes(blob)
+        with pytest.raises(ArtifactError):
+            load_artifact(bad)
+    with pytest.raises(ArtifactError, match="not found"):
+        load_artifact(tmp_path / "missing.safetensors")
+
+
+def test_apply_refuses_other_weights_unless_forced(saved):
+    _, path = saved
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        runtime.apply(other, path)
+    assert not hasattr(other, "_clada_patch")
+    runtime.apply(other, path, force=True)
+    runtime.remove(other)
+
+
+def test_apply_refuses_other_shapes(saved):
+    _, path = saved
+    with pytest.raises(ArtifactError, match="calibrated for|shape"):
+        runtime.apply(tiny_model("gpt2"), path)
+
+
+def test_fingerprint_survives_bf16(model, saved):
+    _, path = saved
+    runtime.apply(model.to(torch.bfloat16), path)
+    out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 8)

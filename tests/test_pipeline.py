@@ -1,0 +1,116 @@
+"""The calibration job end to end on a tiny local model and text file, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from clada import runtime
+from clada.artifacts import load_artifact
+from clada.calibrate.cli import calibrate_main, main
+from tests.conftest import synthetic_documents, tiny_model, word_tokenizer
+
+REPORT_KEYS = {"dense_ppl", "clada_ppl", "ppl_increase", "mlp_sparsity", "mlp_reads_saved", "relaxed_share", "tokens"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    model = tiny_model("llama")
+    model.save_pretrained(root / "ckpt")
+    word_tokenizer().save_pretrained(root / "ckpt")
+    (root / "docs.txt").write_text("\n\n".join(synthetic_documents(40, 60)))
+    recipe = {
+        "model": str(root / "ckpt"), "data": str(root / "docs.txt"), "output": str(root / "out"),
+        "prompt_tokens": 16, "scored_tokens": 24,
+        "calibration": {"activation_tokens": 128, "search_docs": 4, "q_in": [0.0, 0.2], "q_mid": [0.0, 0.3]},
+        "search": {"trials": 6, "max_ppl_increase": 0.05},
+        "eval": {"heldout_docs": 4, "batch_size": 4},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(calibrate_main, [str(root / "recipe.yaml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return root, result.output
+
+
+def test_outputs_written(workspace):
+    root, output = workspace
+    out = root / "out"
+    assert {"clada.safetensors", "report.json", "report.md", "trials.png", "study.db"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["tokens"] == 4 * 24
+    assert report["search"]["trials"] == 6
+    assert (out / "trials.png").read_bytes()[:4] == b"\x89PNG"
+    assert "mlp_reads_saved" in output and "artifact:" in output
+
+
+def test_artifact_applies_and_generates(workspace):
+    root, _ = workspace
+    art = load_artifact(root / "out" / "clada.safetensors")
+    assert art.model["num_layers"] == 2 and art.recipe["scored_tokens"] == 24
+    assert -1 <= art.lam <= 0 and -1 <= art.gam <= 0
+    model = tiny_model("llama")
+    runtime.apply(model, art)
+    out = model.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 11)
+
+
+def test_resume_keeps_trials(workspace):
+    root, _ = workspace
+    recipe = yaml.safe_load((root / "recipe.yaml").read_text())
+    recipe["search"]["trials"] = 8
+    (root / "recipe2.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["calibrate", str(root / "recipe2.yaml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((root / "out" / "report.json").read_text())
+    assert report["search"]["trials"] == 8  # 6 kept from the first run + 2 new
+
+
+def test_inspect_and_eval(workspace):
+    root, _ = workspace
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", str(root / "out" / "clada.safetensors")])
+    assert result.exit_code == 0 and "tau_in" in result.output and "lam=" in result.output
+    json_out = root / "eval.json"
+    result = runner.invoke(main, ["eval", "--model", str(root / "ckpt"), "--artifact", str(root / "out" / "clada.safetensors"),
+                                  "--data", str(root / "docs.txt"), "--docs", "3", "--json", str(json_out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(json_out.read_text())
+    assert REPORT_KEYS <= set(figures) and figures["tokens"] == 3 * 24
+
+
+@pytest.mark.parametrize("content,match", [
+    ("modle: x\n", "did you mean 'model'"),
+    ("search: {trials: -1}\n", "search.trials"),
+    ("search: {max_ppl_increase: fast}\n", "search.max_ppl_increase"),
+    ("model: [1\n", "not valid YAML"),
+])
+def test_bad_recipe_exits_2_and_writes_nothing(tmp_path, content, match):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(content + f"output: {tmp_path / 'never'}\n")
+    result = CliRunner().invoke(calibrate_main, [str(recipe)])
+    assert result.exit_code == 2
+    assert match in result.output and result.output.count("\n") == 1
+    assert not (tmp_path / "never").exists()
+
+
+def test_missing_recipe_and_bad_model(tmp_path):
+    result = CliRunner().invoke(calibrate_main, [str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "recipe file not found" in result.output
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: no-such-model\noutput: {tmp_path / 'o'}\n")
+    result = CliRunner().invoke(calibrate_main, [str(recipe)])
+    assert result.exit_code == 2 and "unknown name 'no-such-model'" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_corrupt_artifact(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage!" * 4)
+    result = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert result.exit_code == 2 and "error" in result.output
