@@ -3,6 +3,7 @@
 See docs/artifact-format.md for the specification.
 """
 
+from clada.artifacts.atomic import atomic_path, write_atomic
 from clada.artifacts.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -12,4 +13,4 @@ from clada.artifacts.format import (
     save_artifact,
 )
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Artifact", "ArtifactError", "load_artifact", "save_artifact"]
+__all__ = ["atomic_path", "write_atomic", "FORMAT_NAME", "FORMAT_VERSION", "Artifact", "ArtifactError", "load_artifact", "save_artifact"]

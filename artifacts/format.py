@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from clada.artifacts.atomic import atomic_path
 
 FORMAT_NAME = "clada"
 FORMAT_VERSION = 1
@@ -93,21 +94,12 @@ def save_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
     """Validate and write ``artifact`` atomically (temp file, fsync, rename); return the path."""
     artifact.validate()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: getattr(artifact, name).contiguous() for name in TENSOR_KEYS if name not in SCALAR_KEYS}
     tensors.update({name: _scalar(getattr(artifact, name)) for name in SCALAR_KEYS})
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
     metadata.update({key: json.dumps(getattr(artifact, key), sort_keys=True) for key in JSON_METADATA_KEYS})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

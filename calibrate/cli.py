@@ -59,6 +59,10 @@ def calibrate_cmd(recipe: str, output: str | None, quiet: bool) -> None:
         report = run_calibration(recipe_obj, progress=not quiet)
     except _input_errors() as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("clada: interrupted; completed trials are kept in the study, run the same command to resume",
+                   err=True)
+        sys.exit(130)
     _print_figures(f"chosen point, held-out {report['data']['spec']} ({report['regime']}):", report)
     click.echo(f"  wall time        {report['timings_s']['total']:.0f} s")
     click.echo(f"artifact: {report['artifact']}")
@@ -87,7 +91,7 @@ def eval_cmd(model_spec, artifact, data, docs, prompt_tokens, scored_tokens, spl
     from clada.calibrate.data import load_documents, split_documents
     from clada.calibrate.evaluate import generation_eval, tokenize_documents
     from clada.calibrate.models import load_model
-    from clada.calibrate.report import write_atomic
+    from clada.artifacts import write_atomic
 
     try:
         art = runtime.load_artifact(artifact)
@@ -109,6 +113,23 @@ def eval_cmd(model_spec, artifact, data, docs, prompt_tokens, scored_tokens, spl
     _print_figures(f"dense vs CLADA on {data} ({tokens.shape[0]} docs, prompt {prompt}, scored {scored}):", figures)
     if json_out:
         write_atomic(Path(json_out), (json.dumps(figures, indent=2) + "\n").encode())
+
+
+@main.command("export")
+@click.option("--artifact", required=True, type=click.Path(dir_okay=False), help="clada.safetensors file.")
+@click.option("--checkpoint", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (with config.json).")
+def export_cmd(artifact: str, checkpoint: str) -> None:
+    """Place ARTIFACT in a checkpoint folder and declare it in its config.json.
+
+    Afterwards ``runtime.from_pretrained(CHECKPOINT)`` or ``runtime.apply(model)`` finds it.
+    """
+    from clada import runtime
+
+    try:
+        target = runtime.declare_in_checkpoint(artifact, checkpoint)
+    except _input_errors() as exc:
+        _fail(exc)
+    click.echo(f"exported {target} and declared it in {Path(checkpoint) / 'config.json'}")
 
 
 @main.command("inspect")

@@ -107,42 +107,70 @@ def _constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
     return [trial.user_attrs.get("constraint", math.inf)]
 
 
-def _warm_start(study: optuna.Study, settings: SearchSettings) -> None:
-    """Seed the study with no-adaptation points across the budget range (only in a fresh study)."""
-    if study.trials:
-        return
+def warm_start_points(settings: SearchSettings) -> list[dict]:
+    """The first trials of every study: no-adaptation points across budgets, then two with the
+    'thresholds halved on the 30% most surprising tokens' adaptation at higher base budgets."""
+    points = []
     for budget in (1e-4, 3e-4, 1e-3, 3e-3):
         params = {"budget": budget, "depth_slope": 0.0, "mix": 1.0}
         if settings.adapt:
             params.update(lam=0.0, gam=0.0, q_s=0.9, q_H=0.9)
-        study.enqueue_trial(params)
-    if settings.adapt:  # thresholds halved on the 30% most surprising tokens, at higher base budgets
+        points.append(params)
+    if settings.adapt:
         for budget in (6e-4, 1e-3):
-            study.enqueue_trial({"budget": budget, "depth_slope": 0.0, "mix": 1.0, "lam": -0.5, "gam": 0.0,
-                                 "q_s": 0.7, "q_H": 0.9})
+            points.append({"budget": budget, "depth_slope": 0.0, "mix": 1.0, "lam": -0.5, "gam": 0.0,
+                           "q_s": 0.7, "q_H": 0.9})
+    return points
+
+
+def _sampler(settings: SearchSettings, completed: int) -> optuna.samplers.BaseSampler:
+    """A TPE sampler seeded by (seed, completed trials): each suggestion is a function of the study's history,
+    so a run resumed after an interruption proposes exactly what an uninterrupted run would have."""
+    extra = {} if _NATIVE_CONSTRAINTS else {"constraints_func": _constraint}
+    return optuna.samplers.TPESampler(seed=settings.seed * 1_000_003 + completed, n_startup_trials=10, **extra)
+
+
+def _completed(study: optuna.Study) -> int:
+    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def fail_stale_trials(study: optuna.Study) -> int:
+    """Mark trials left RUNNING by a killed process as FAIL (single-process storages only); return how many."""
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for t in stale:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    return len(stale)
 
 
 def run_search(search: ThresholdSearch, progress: bool = True) -> optuna.Study:
-    """Run (or resume) the study until it holds ``settings.trials`` finished trials."""
+    """Run (or resume) the study until it holds ``settings.trials`` completed trials.
+
+    Workers sharing one storage each stop once the study holds that many; with the default SQLite file
+    (one process) trials left running by a killed run are marked failed and redone.
+    """
     s = search.settings
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    extra = {} if _NATIVE_CONSTRAINTS else {"constraints_func": _constraint}
-    sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=10, **extra)
-    study = optuna.create_study(study_name=s.study_name, storage=s.storage, sampler=sampler,
+    study = optuna.create_study(study_name=s.study_name, storage=s.storage, sampler=_sampler(s, 0),
                                 direction="maximize", load_if_exists=True)
-    _warm_start(study, s)
-    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    remaining = max(0, s.trials - done)
-    bar = tqdm(total=s.trials, initial=done, desc="optuna search", unit="trial", disable=not progress)
-
-    def update(study_, trial_):
-        bar.update(1)
-        best = best_feasible(study_)
+    if s.storage is None or s.storage.startswith("sqlite"):
+        fail_stale_trials(study)
+    warm = warm_start_points(s)
+    done = _completed(study)
+    bar = tqdm(total=s.trials, initial=min(done, s.trials), desc="optuna search", unit="trial", disable=not progress)
+    while done < s.trials:
+        study.sampler = _sampler(s, done)
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        if done < len(warm) and not waiting:  # a waiting trial is one enqueued just before an interruption
+            study.enqueue_trial(warm[done])
+        trial = study.ask()
+        study.tell(trial, search.objective(trial))
+        done = _completed(study)
+        bar.n = min(done, s.trials)
+        best = best_feasible(study)
         if best is not None:
             bar.set_postfix(best_reads=f"{best.user_attrs['mlp_reads_saved']:.3f}",
                             ppl=f"{best.user_attrs['ppl_increase']:+.3f}")
-
-    study.optimize(search.objective, n_trials=remaining, callbacks=[update])
+        bar.refresh()
     bar.close()
     return study
 

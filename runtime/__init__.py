@@ -13,6 +13,8 @@ from clada.artifacts import Artifact, ArtifactError, load_artifact
 from clada.runtime.adapters import UnsupportedModelError, adapter_for, supported_model_types
 from clada.runtime.patch import (
     apply,
+    declare_in_checkpoint,
+    from_pretrained,
     mlp_fingerprint,
     model_identity,
     remove,
@@ -23,6 +25,6 @@ from clada.runtime.patch import (
 )
 
 __all__ = [
-    "Artifact", "ArtifactError", "UnsupportedModelError", "adapter_for", "apply", "load_artifact",
+    "Artifact", "ArtifactError", "UnsupportedModelError", "adapter_for", "apply", "declare_in_checkpoint", "from_pretrained", "load_artifact",
     "mlp_fingerprint", "model_identity", "remove", "reset_stats", "state", "stats", "supported_model_types", "tracker",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clada.artifacts import Artifact, ArtifactError, load_artifact
+from clada.artifacts import FORMAT_VERSION, Artifact, ArtifactError, load_artifact, write_atomic
 from clada.runtime.adapters import MLPAdapter, MLPParts, adapter_for
 from clada.runtime.signals import SignalTracker
 from clada.runtime.sparse import ChannelGate, GatedProjection, SparsityState
@@ -172,3 +173,39 @@ def stats(model: nn.Module, reset: bool = False) -> dict:
 
 def reset_stats(model: nn.Module) -> None:
     _patch_of(model).state.reset_stats()
+
+
+def declare_in_checkpoint(artifact_path: str | os.PathLike, checkpoint: str | os.PathLike) -> Path:
+    """Copy an artifact into a checkpoint folder and declare it in that folder's config.json.
+
+    The declaration is a small ``"clada": {"file": ..., "format_version": ...}`` entry, the way quantisation
+    configs travel; both files are written atomically. Returns the artifact's new path.
+    """
+    artifact = load_artifact(artifact_path)  # refuse to ship a corrupt file
+    folder = Path(checkpoint)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ArtifactError(f"{folder}: not a checkpoint folder (no config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{config_path}: not valid JSON") from None
+    model_type = config.get("model_type")
+    if artifact.model.get("model_type") not in (None, model_type):
+        raise ArtifactError(f"{artifact_path}: calibrated for model_type {artifact.model.get('model_type')!r}, "
+                            f"checkpoint is {model_type!r}")
+    target = folder / ARTIFACT_FILENAME
+    if Path(artifact_path).resolve() != target.resolve():
+        write_atomic(target, Path(artifact_path).read_bytes())
+    config["clada"] = {"file": ARTIFACT_FILENAME, "format_version": FORMAT_VERSION}
+    write_atomic(config_path, (json.dumps(config, indent=2) + "\n").encode())
+    return target
+
+
+def from_pretrained(checkpoint: str | os.PathLike, *, force: bool = False, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)`` with the declared artifact applied."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+    apply(model, find_declared_artifact(model), force=force)
+    return model

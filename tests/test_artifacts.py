@@ -114,3 +114,28 @@ def test_fingerprint_survives_bf16(model, saved):
     runtime.apply(model.to(torch.bfloat16), path)
     out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 8)
+
+
+def test_export_declares_artifact_beside_checkpoint(model, saved, tmp_path):
+    from click.testing import CliRunner
+
+    from clada.calibrate.cli import main
+
+    _, path = saved
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    result = CliRunner().invoke(main, ["export", "--artifact", str(path), "--checkpoint", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((ckpt / "config.json").read_text())["clada"]["file"] == "clada.safetensors"
+    loaded = runtime.from_pretrained(ckpt)
+    assert runtime.state(loaded).tau["in"].tolist() == pytest.approx([0.05, 0.05])
+    runtime.remove(loaded)
+    runtime.apply(loaded)  # no path: finds the declared artifact next to the checkpoint
+    runtime.remove(loaded)
+    result = CliRunner().invoke(main, ["export", "--artifact", str(path), "--checkpoint", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "no config.json" in result.output
+
+
+def test_apply_without_declared_artifact_is_clear(model):
+    with pytest.raises(ArtifactError, match="none found beside the checkpoint"):
+        runtime.apply(model)
