@@ -158,8 +158,8 @@ def inspect_cmd(artifact: str, as_json: bool) -> None:
                f"intermediate {m.get('intermediate_size')})")
     click.echo(f"  data      {art.data.get('spec', '?')} sha256 {str(art.data.get('sha256', '?'))[:12]}")
     click.echo(f"  adapt     lam={art.lam:.4f} gam={art.gam:.4f} tau_s={art.tau_s:.4f} tau_H={art.tau_H:.4f}")
-    click.echo(f"  tau_in    " + " ".join(f"{v:.3g}" for v in art.tau_base_in.tolist()))
-    click.echo(f"  tau_mid   " + " ".join(f"{v:.3g}" for v in art.tau_base_mid.tolist()))
+    click.echo("  tau_in    " + " ".join(f"{v:.3g}" for v in art.tau_base_in.tolist()))
+    click.echo("  tau_mid   " + " ".join(f"{v:.3g}" for v in art.tau_base_mid.tolist()))
     held = art.figures.get("heldout")
     if held:
         _print_figures("  held-out figures at calibration:", held)

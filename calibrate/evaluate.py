@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,14 +54,21 @@ class _Dense:
     logits: torch.Tensor  # (b, S, V) predictions of tokens P+1 .. P+S
 
 
-def _dense_logits(model: nn.Module, tokens: torch.Tensor, prompt: int, scored: int) -> torch.Tensor:
-    st = runtime.state(model)
-    trk = runtime.tracker(model)
+@contextmanager
+def _dense_mode(model: nn.Module) -> Iterator[None]:
+    """Run a patched model exactly dense: load signals off, no thresholds."""
+    st, trk = runtime.state(model), runtime.tracker(model)
     trk.enabled, st.scale = False, None
     try:
-        return model(input_ids=tokens[:, : prompt + scored]).logits[:, prompt:]
+        yield
     finally:
         trk.enabled = True
+
+
+def _dense_logits(model: nn.Module, tokens: torch.Tensor, prompt: int, scored: int) -> torch.Tensor:
+    """Dense logits at positions prompt .. prompt+scored-1: (B, scored, V)."""
+    with _dense_mode(model):
+        return model(input_ids=tokens[:, : prompt + scored]).logits[:, prompt:]
 
 
 def _summarise(nll_sparse: list, nll_dense: list, kl: list, stats: dict) -> dict:
@@ -122,19 +131,15 @@ class ProxyEvaluator:
             for start in range(0, tokens.shape[0], batch_size):
                 batch = tokens[start : start + batch_size].to(device)
                 dense = _dense_logits(model, batch, prompt, self.scored)
-                trk = runtime.tracker(model)
-                trk.enabled = False
-                runtime.state(model).scale = None
-                cache = output_cache(model(input_ids=batch[:, :prompt], use_cache=True))
-                trk.enabled = True
-                prev = torch.cat([self._last_prompt_logits(batch), dense[:, :-1]], 1)
+                with _dense_mode(model):
+                    prefill = model(input_ids=batch[:, :prompt], use_cache=True)
+                cache = output_cache(prefill)
+                # the distribution each scored step's fed token is drawn from: prompt's last position, then dense
+                prev = torch.cat([prefill.logits[:, -1:], dense[:, :-1]], 1)
                 surprisal, entropy = load_signals(prev, batch[:, prompt : prompt + self.scored])
                 self.batches.append({"tokens": batch, "dense": dense, "cache": cache,
                                      "surprisal": surprisal, "entropy": entropy,
                                      "nll_dense": _nll(dense, batch[:, prompt + 1 :])})
-
-    def _last_prompt_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return _dense_logits(self.model, batch, self.prompt - 1, 1)
 
     def signals(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense-model surprisal and entropy of every scored step, flattened."""

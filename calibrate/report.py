@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from clada.artifacts import atomic_path, write_atomic
@@ -42,7 +41,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"- lam = {chosen['lam']:.4f}, gam = {chosen['gam']:.4f}, tau_s = {chosen['tau_s']:.4f}, "
         f"tau_H = {chosen['tau_H']:.4f} (normalised nats, see docs/algorithm.md)",
-        f"- proxy figures on calibration docs: " + ", ".join(f"{k}={v:.4f}" for k, v in chosen["proxy"].items()),
+        "- proxy figures on calibration docs: " + ", ".join(f"{k}={v:.4f}" for k, v in chosen["proxy"].items()),
         "",
         "## Pareto front of the search (proxy, calibration docs)",
         "",

@@ -207,5 +207,5 @@ def from_pretrained(checkpoint: str | os.PathLike, *, force: bool = False, **kwa
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
-    apply(model, find_declared_artifact(model), force=force)
+    apply(model, force=force)  # no path: apply finds the declared artifact
     return model
