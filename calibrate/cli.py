@@ -115,6 +115,91 @@ def eval_cmd(model_spec, artifact, data, docs, prompt_tokens, scored_tokens, spl
         write_atomic(Path(json_out), (json.dumps(figures, indent=2) + "\n").encode())
 
 
+def _bench_texts(data: str, art) -> list[str]:
+    """Benchmark prompt text: the documents the calibration did not see first, then the others."""
+    from clada.calibrate.data import load_documents, split_documents
+
+    documents = load_documents(data)
+    if documents.identity.get("sha256") != art.data.get("sha256"):
+        return documents.documents
+    calib, held = split_documents(documents.documents, art.data.get("heldout_fraction", 0.3), art.data.get("split_seed", 0))
+    return held + calib
+
+
+def _prompt_lengths(sweep: str | None) -> list[int]:
+    """``--sweep`` "512,2048" -> [512, 2048]; ValueError naming the option otherwise."""
+    parts = sweep.split(",") if sweep else []
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--sweep: expected comma-separated positive prompt lengths, got {sweep!r}")
+    return [int(p) for p in parts]
+
+
+def _print_bench(r: dict) -> None:
+    click.echo(f"decode, batch {r['batch']}, prompt {r['prompt_tokens']}, {r['new_tokens']} new tokens, "
+               f"{r['dtype']} on {r['device']} ({r['threads']} threads), median of {r['reps']}:")
+    click.echo(f"  dense_tok_s      {r['dense_tok_s']:.2f}")
+    click.echo(f"  clada_tok_s      {r['clada_tok_s']:.2f}")
+    click.echo(f"  ratio            {r['ratio']:.3f}")
+    for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "mlp_share", "bound", "gain_of_bound",
+                "signal_overhead", "layout_ratio", "sparsity_ratio", "prefill_overhead"):
+        click.echo(f"  {key:16s} {r[key]:.3f}")
+
+
+@main.command("bench")
+@click.option("--model", "model_spec", required=True, help="Checkpoint folder, .gguf file, hub id or built-in name.")
+@click.option("--artifact", required=True, type=click.Path(dir_okay=False), help="clada.safetensors file.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 256))
+@click.option("--prompt-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(2))
+@click.option("--reps", default=5, show_default=True, type=click.IntRange(1), help="Timed repetitions per mode.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed repetitions first.")
+@click.option("--data", default="lee", show_default=True, help="Text the prompts are cut from.")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Apply even if the weight fingerprint differs.")
+@click.option("--sweep", default=None, help="Also a long-context sweep over these prompt lengths, e.g. 512,2048,8192.")
+@click.option("--sweep-new-tokens", default=16, show_default=True, type=click.IntRange(2))
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
+def bench_cmd(model_spec, artifact, batch, prompt_tokens, new_tokens, reps, warmup, data, dtype, device, force,
+              sweep, sweep_new_tokens, json_out):
+    """Decode tokens/s of dense vs CLADA, alternating in one process, with the bound the savings allow."""
+    from clada import runtime
+    from clada.artifacts import write_atomic
+    from clada.calibrate.bench import BenchConfig, run_bench, text_prompts
+    from clada.calibrate.models import load_model
+
+    try:
+        lengths = _prompt_lengths(sweep)
+        art = runtime.load_artifact(artifact)
+        texts = _bench_texts(data, art)
+        model, tokenizer, _ = load_model(model_spec, dtype, device)
+        runtime.apply(model, art, force=force)  # validate once before any timing; run_bench applies it per repetition
+        runtime.remove(model)
+        prompts = {p: text_prompts(tokenizer, texts, batch, p).to(device) for p in [prompt_tokens] + lengths}
+    except (_input_errors() + (ValueError,)) as exc:
+        _fail(exc)
+    model.eval()
+    result = run_bench(model, art, prompts[prompt_tokens], BenchConfig(batch, prompt_tokens, new_tokens, reps, warmup, force),
+                       progress=lambda msg: click.echo(msg, err=True))
+    result.update({"model": model_spec, "artifact": str(artifact)})
+    _print_bench(result)
+    if lengths:
+        click.echo(f"long-context sweep ({sweep_new_tokens} new tokens, median of {min(reps, 2)}):")
+        click.echo(f"  {'prompt':>7s} {'dense prefill s':>16s} {'clada prefill s':>16s} {'prefill overhead':>17s} "
+                   f"{'decode ratio':>13s}")
+        result["sweep"] = []
+        for p in lengths:
+            r = run_bench(model, art, prompts[p], BenchConfig(batch, p, sweep_new_tokens, min(reps, 2), 1, force),
+                          progress=lambda msg: click.echo(f"[prompt {p}] {msg}", err=True))
+            row = {k: r[k] for k in ("prompt_tokens", "dense_prefill_s", "clada_prefill_s", "prefill_overhead",
+                                     "dense_tok_s", "clada_tok_s", "ratio", "mlp_reads_saved")}
+            result["sweep"].append(row)
+            click.echo(f"  {p:7d} {row['dense_prefill_s']:16.3f} {row['clada_prefill_s']:16.3f} "
+                       f"{row['prefill_overhead']:17.3f} {row['ratio']:13.3f}")
+    if json_out:
+        write_atomic(Path(json_out), (json.dumps(result, indent=2) + "\n").encode())
+
+
 @main.command("export")
 @click.option("--artifact", required=True, type=click.Path(dir_okay=False), help="clada.safetensors file.")
 @click.option("--checkpoint", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (with config.json).")

@@ -97,9 +97,37 @@ def find_declared_artifact(model: nn.Module) -> Path:
     return path
 
 
-def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None, *, force: bool = False) -> SparsityState:
+def _store_rows_contiguous(adapter: MLPAdapter, proj: nn.Module) -> bool:
+    """Re-lay the projection's weight in place so its (in_features, out_features) rows are contiguous.
+
+    The parameter keeps its shape and values (it becomes a transposed view of new storage; no copy is kept).
+    Returns whether the rows are now contiguous (False for layouts this cannot change).
+    """
+    if adapter.weight_of(proj).t().is_contiguous():
+        return True  # e.g. GPT-2's Conv1D already stores (in, out)
+    param = getattr(proj, "weight", None)
+    if isinstance(param, nn.Parameter) and param.data.is_contiguous():
+        param.data = param.data.t().contiguous().t()
+    return adapter.weight_of(proj).t().is_contiguous()
+
+
+def _rows_of(adapter: MLPAdapter):
+    """proj -> its weight as (in_features, out_features), a view of the storage it computes with."""
+    return lambda proj: adapter.weight_of(proj).t()
+
+
+def _restore_layout(proj: nn.Module) -> None:
+    param = getattr(proj, "weight", None)
+    if isinstance(param, nn.Parameter) and not param.data.is_contiguous():
+        param.data = param.data.contiguous()
+
+
+def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None, *, force: bool = False,
+          fast: bool = True) -> SparsityState:
     """Validate ``artifact`` against ``model`` and patch its MLPs for adaptive sparse decoding.
 
+    ``fast``: store MLP weights transposed (same memory) so decode steps read only the weights of active
+    channels; False keeps the original layout and runs the masked reference (reads every weight).
     Nothing is changed if validation fails. Returns the shared SparsityState.
     """
     if getattr(model, "_clada_patch", None) is not None:
@@ -117,12 +145,16 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     state = SparsityState(artifact.tau_base_in, artifact.tau_base_mid, [s[0] for s in sizes], [s[1] for s in sizes])
     device = next(model.parameters()).device
     state.to(device)
+    state.fast = fast
+    rows_of = _rows_of(adapter) if fast else None
     for layer, part in enumerate(parts):
         gate_in = ChannelGate(state, layer, "in", artifact.channel_scale_in[layer]).to(device)
         gate_mid = ChannelGate(state, layer, "mid", artifact.channel_scale_mid[layer]).to(device)
-        for name in part.in_names:
-            setattr(part.owner, name, GatedProjection(getattr(part.owner, name), gate_in))
-        setattr(part.owner, part.out_name, GatedProjection(getattr(part.owner, part.out_name), gate_mid))
+        for name, gate in [(n, gate_in) for n in part.in_names] + [(part.out_name, gate_mid)]:
+            proj = getattr(part.owner, name)
+            if fast:
+                _store_rows_contiguous(adapter, proj)
+            setattr(part.owner, name, GatedProjection(proj, gate, rows_of))
     tracker = SignalTracker(state, artifact.lam, artifact.gam, artifact.tau_s, artifact.tau_H)
     hooks = [
         model.register_forward_pre_hook(tracker.pre_forward, with_kwargs=True),
@@ -148,6 +180,7 @@ def remove(model: nn.Module) -> None:
         for name in part.in_names + (part.out_name,):
             wrapped = getattr(part.owner, name)
             if isinstance(wrapped, GatedProjection):
+                _restore_layout(wrapped.inner)
                 setattr(part.owner, name, wrapped.inner)
     del model._clada_patch
 

@@ -4,16 +4,42 @@ Per decoder layer l and token t, with threshold multiplier ``scale[t]`` (1 = bas
 - the MLP input x (shape (..., D)) keeps channel i iff |x_i| * channel_scale_in[l, i] > tau_in[l] * scale[t];
 - the intermediate h (shape (..., I)) keeps neuron j iff |h_j| * channel_scale_mid[l, j] > tau_mid[l] * scale[t].
 A skipped input channel means column i of every input projection (gate/up, fc1) is never needed; a skipped
-neuron means column j of the output projection (down, fc2). This module is the masked reference: it zeroes
-the skipped entries and calls the original projection, so results equal what a gathering kernel computes.
+neuron means column j of the output projection (down, fc2).
+
+Two execution paths compute the same function:
+- the masked reference (``ChannelGate.forward``) zeroes the skipped entries and calls the original projection;
+  it reads every weight and serves prefill-shaped inputs (several tokens per row) and ``fast=False``;
+- the gathering fast path (``GatedProjection`` with ``rows_of``), used for calls of few token rows (decode): each
+  projection's weight is stored transposed, (in_features, out_features) contiguous, so the weights of one input
+  channel are one contiguous row; ``embedding_bag`` then sums only the active rows, scaled by the active
+  activations, one bag per batch row. Skipped rows are never read. The Linear modules keep working on a
+  transposed view of the same storage (no copy is kept), and ``runtime.remove`` restores the original layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 SIDES = ("in", "mid")
+
+
+class Selection(NamedTuple):
+    """Active channels of a decode step in ``embedding_bag`` form (one bag per token row).
+
+    indices: (K,) int64 channel ids of all rows, concatenated; offsets: (N * split,) start of each bag in
+    ``indices``; weights: (K,) the activations at those channels (the per-sample weights of the bag sum).
+    A single row is cut into ``split`` bags (summed afterwards) so that every CPU thread streams weights.
+    """
+
+    indices: torch.Tensor
+    offsets: torch.Tensor
+    weights: torch.Tensor
+    split: int
 
 
 class SparsityState:
@@ -27,6 +53,10 @@ class SparsityState:
         self.tau = {"in": tau_in.float(), "mid": tau_mid.float()}
         self.bytes = {"in": torch.tensor(in_bytes, dtype=torch.float64), "mid": torch.tensor(mid_bytes, dtype=torch.float64)}
         self.scale: torch.Tensor | None = None
+        self.fast = True  # gather active weight rows on decode steps (False: masked reference everywhere)
+        self.fast_max_rows = 8  # token rows per call (batch x new tokens) up to which the fast path is used
+        self.row_split = max(1, torch.get_num_threads())  # bags a single row is cut into (parallel streams)
+        self._row_thresholds: dict = {}
         self.reset_stats()
 
     @property
@@ -41,6 +71,7 @@ class SparsityState:
         """Zero the accumulators: per layer and side, [tokens seen, sum of skipped-channel fractions]."""
         device = device or self.tau["in"].device
         self.skipped = {side: torch.zeros(self.num_layers, 2, dtype=torch.float64, device=device) for side in SIDES}
+        self.skipped_host = {side: [[0, 0.0] for _ in range(self.num_layers)] for side in SIDES}  # fast path
         self.relaxed = torch.zeros(2, dtype=torch.float64, device=device)  # [decode tokens, relaxed tokens]
 
     def record(self, side: str, layer: int, keep: torch.Tensor) -> None:
@@ -50,16 +81,30 @@ class SparsityState:
         acc[0] += frac.numel()
         acc[1] += frac.sum()
 
+    def row_thresholds(self, side: str) -> torch.Tensor:
+        """(rows, L) thresholds of the current step, tau[side][l] * scale[row], computed once per step."""
+        key = (self.scale, self.tau[side]._version)
+        cached = self._row_thresholds.get(side)
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] != key[1]:
+            cached = (key, self.scale.reshape(-1, 1).float() * self.tau[side])
+            self._row_thresholds[side] = cached
+        return cached[1]
+
+    def record_counts(self, side: str, layer: int, rows: int, kept: int, channels: int) -> None:
+        """Accumulate a fast-path call: ``kept`` active channels in total over ``rows`` rows of ``channels``."""
+        self.skipped_host[side][layer][0] += rows
+        self.skipped_host[side][layer][1] += rows - kept / channels
+
     def summary(self) -> dict:
         """Realised figures since the last reset (floats; synchronises once)."""
         out: dict = {}
-        share = {}
+        share, tokens = {}, 0.0
         for side in SIDES:
-            acc = self.skipped[side].cpu()
+            acc = self.skipped[side].cpu() + torch.tensor(self.skipped_host[side], dtype=torch.float64).view(-1, 2)
             share[side] = torch.where(acc[:, 0] > 0, acc[:, 1] / acc[:, 0].clamp_min(1), torch.zeros(()))
+            tokens = max(tokens, float(acc[:, 0].max())) if self.num_layers else 0.0
         total = self.bytes["in"] + self.bytes["mid"]
         reads = (share["in"] * self.bytes["in"] + share["mid"] * self.bytes["mid"]) / total
-        tokens = float(self.skipped["mid"][:, 0].max().cpu()) if self.num_layers else 0.0
         relaxed = self.relaxed.cpu()
         out["tokens"] = int(tokens)
         out["mlp_sparsity"] = float(share["mid"].mean())
@@ -82,7 +127,7 @@ class ChannelGate(nn.Module):
         self.state, self.layer, self.side = state, layer, side
         self.register_buffer("channel_scale", channel_scale.float(), persistent=False)
         self._last_input: torch.Tensor | None = None
-        self._last_output: torch.Tensor | None = None
+        self._last_output: torch.Tensor | Selection | None = None
 
     def keep_mask(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Boolean mask (..., C): True where the channel is computed."""
@@ -101,14 +146,56 @@ class ChannelGate(nn.Module):
         self._last_input, self._last_output = x, out
         return out
 
+    def select(self, x: torch.Tensor) -> Selection:
+        """The active channels of ``x`` (N rows of C, any leading shape) for the gathering fast path."""
+        if x is self._last_input:  # gate_proj and up_proj read the same tensor: select once
+            return self._last_output
+        flat = x.reshape(-1, x.shape[-1])
+        rows, channels = flat.shape
+        threshold = self.state.row_thresholds(self.side)[:, self.layer : self.layer + 1]  # (rows, 1)
+        keep = flat.abs() * self.channel_scale > threshold
+        where = keep.view(-1).nonzero().squeeze(1)  # flat positions row * C + channel
+        split = 1
+        if rows == 1:
+            indices, split = where, self.state.row_split
+            offsets = torch.arange(split, dtype=torch.long, device=x.device) * -(-where.numel() // split)
+        else:
+            indices = where % channels
+            counts = keep.sum(1)
+            offsets = counts.cumsum(0) - counts
+        selection = Selection(indices, offsets, flat.view(-1).index_select(0, where), split)
+        self.state.record_counts(self.side, self.layer, rows, where.numel(), channels)
+        self._last_input, self._last_output = x, selection
+        return selection
+
 
 class GatedProjection(nn.Module):
-    """Wraps an MLP projection; its input passes through a ChannelGate first. ``inner`` is the original."""
+    """Wraps an MLP projection; its input passes through a ChannelGate first. ``inner`` is the original.
 
-    def __init__(self, inner: nn.Module, gate: ChannelGate):
+    ``rows_of(inner)`` returns the projection's weight as (in_features, out_features) -- a view of the storage
+    the inner module computes with, read at each call so that ``model.to(...)`` stays coherent -- or None where
+    only the masked reference is available. The fast path needs those rows contiguous (see ``apply``).
+    """
+
+    def __init__(self, inner: nn.Module, gate: ChannelGate,
+                 rows_of: Callable[[nn.Module], torch.Tensor] | None = None):
         super().__init__()
         self.inner = inner
         self.gate = gate
+        self.rows_of = rows_of
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(self.gate(x))
+        state = self.gate.state
+        if state.scale is None:
+            return self.inner(x)
+        rows = self.rows_of(self.inner) if self.rows_of is not None and state.fast else None
+        if rows is None or not rows.is_contiguous() or x.numel() > state.fast_max_rows * x.shape[-1]:
+            return self.inner(self.gate(x))
+        sel = self.gate.select(x)
+        out = F.embedding_bag(sel.indices, rows, sel.offsets, mode="sum", per_sample_weights=sel.weights)
+        if sel.split > 1:
+            out = out.sum(0, keepdim=True)
+        bias = getattr(self.inner, "bias", None)
+        if bias is not None:
+            out = out + bias
+        return out.view(*x.shape[:-1], out.shape[-1])

@@ -32,10 +32,48 @@ def decode_logits(model, ids, steps=6):
 
 
 def test_zero_thresholds_equal_dense_exactly(family_model):
+    """The masked reference with nothing skipped is the dense model, bit for bit."""
     dense = decode_logits(family_model, PROMPT)
-    runtime.apply(family_model, make_artifact(family_model))
+    runtime.apply(family_model, make_artifact(family_model), fast=False)
     sparse = decode_logits(family_model, PROMPT)
     assert torch.equal(dense, sparse)
+
+
+def test_fast_path_with_zero_thresholds_equals_dense(family_model):
+    """The gathering path sums the same products in another order: equal to float32 rounding."""
+    dense = decode_logits(family_model, PROMPT)
+    runtime.apply(family_model, make_artifact(family_model))
+    torch.testing.assert_close(decode_logits(family_model, PROMPT), dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_fast_path_matches_masked_reference(family_model, dtype, tol):
+    """Gathered rows (fast) and zeroed channels (reference) give the same logits and the same realised sparsity."""
+    model = family_model.to(dtype)
+    art = make_artifact(model, tau_in=0.05, tau_mid=0.02, lam=-0.5, tau_s=0.5)
+    figures = {}
+    for fast in (False, True):
+        runtime.apply(model, art, fast=fast)
+        figures[fast] = (decode_logits(model, PROMPT).float(), runtime.stats(model))
+        runtime.remove(model)
+    (ref, ref_stats), (got, got_stats) = figures[False], figures[True]
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    assert got_stats["tokens"] == ref_stats["tokens"] > 0
+    for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "relaxed_share"):
+        assert got_stats[key] == pytest.approx(ref_stats[key], abs=0.02 if dtype != torch.float32 else 1e-9)
+
+
+def test_fast_path_reads_transposed_storage_without_copies(family_model):
+    """apply re-lays weights in place (rows contiguous, no second copy); remove restores the layout."""
+    adapter = runtime.adapter_for(family_model)
+    params_before = sum(p.numel() for p in family_model.parameters())
+    runtime.apply(family_model, make_artifact(family_model, tau_in=0.05, tau_mid=0.05))
+    for part in adapter.mlp_parts(family_model):
+        for name in part.in_names + (part.out_name,):
+            assert adapter.weight(getattr(part.owner, name)).t().is_contiguous()
+    assert sum(p.numel() for p in family_model.parameters()) == params_before
+    runtime.remove(family_model)
+    assert all(p.is_contiguous() for p in family_model.parameters())
 
 
 def test_remove_restores_bit_exact_dense(family_model):
@@ -93,7 +131,7 @@ def test_realised_sparsity_matches_masks(family_model):
 
 def test_full_relaxation_gives_dense_and_counts_relaxed_tokens(family_model):
     dense = decode_logits(family_model, PROMPT)
-    runtime.apply(family_model, make_artifact(family_model, tau_in=0.2, tau_mid=0.2, lam=-1.0, tau_s=0.0))
+    runtime.apply(family_model, make_artifact(family_model, tau_in=0.2, tau_mid=0.2, lam=-1.0, tau_s=0.0), fast=False)
     assert torch.equal(decode_logits(family_model, PROMPT), dense)
     st = runtime.stats(family_model)
     assert st["relaxed_share"] == 1.0 and st["input_sparsity"] == 0.0  # (ReLU zeros still count as skipped)

@@ -1,0 +1,222 @@
+"""Decode speed of dense vs CLADA in one process: ``clada bench``.
+
+Method (all figures come from one run):
+- Prompts: ``batch`` windows of ``prompt_tokens`` consecutive tokens of real text (held-out documents by
+  default), so activations, hence realised sparsity, are those of natural language.
+- Modes, timed alternately within each repetition after ``warmup`` untimed repetitions:
+  ``dense`` (the unpatched model, original weight layout), ``clada`` (the artifact applied, fast path),
+  ``layout`` (the fast path with every threshold at zero: nothing skipped). ``layout`` separates what the
+  transposed weight layout and gathering kernel gain by themselves from what skipping gains.
+- A step is timed with ``model.generate`` (greedy, exactly ``new_tokens`` tokens). Prefill is the first
+  forward call; decode time is the rest of the generate wall time, so it includes generate's own overhead.
+  tok/s = batch * (new_tokens - 1) / decode seconds. Medians over repetitions.
+- ``mlp_share`` f: share of dense decode time spent inside the MLPs (first input projection called to
+  output projection returned, every layer), from an extra profiled dense run in the same process.
+- ``bound`` = 1 / (1 - r * f) with r = ``mlp_reads_saved``: the best ratio if time were proportional to
+  bytes read; ``gain_of_bound`` = (ratio - 1) / (bound - 1). It can exceed 1 when the layout alone is faster.
+- ``signal_overhead``: share of CLADA decode time spent computing surprisal, entropy and the threshold
+  multiplier (the runtime's model-level hooks), from an extra profiled CLADA run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from clada import runtime
+from clada.artifacts import Artifact
+
+MODES = ("dense", "clada", "layout")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batch: int = 1
+    prompt_tokens: int = 128
+    new_tokens: int = 64
+    reps: int = 5
+    warmup: int = 1
+    force: bool = False  # apply despite a fingerprint mismatch
+
+
+def text_prompts(tokenizer, documents: list[str], batch: int, prompt_tokens: int) -> torch.Tensor:
+    """(batch, prompt_tokens) int64: consecutive windows of the documents' concatenated token stream."""
+    need = batch * prompt_tokens
+    stream: list[int] = []
+    for doc in documents:
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise ValueError(f"the benchmark text has {len(stream)} tokens; batch {batch} x prompt {prompt_tokens} "
+                         f"needs {need}")
+    return torch.tensor(stream[:need], dtype=torch.long).view(batch, prompt_tokens)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Stopwatch:
+    """Accumulates wall seconds between paired start/stop hook calls (synchronising on CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.total, self._t0 = device, 0.0, None
+        self.active = True
+
+    def start(self, *_args, **_kwargs) -> None:
+        if self.active:
+            _sync(self.device)
+            self._t0 = time.perf_counter()
+
+    def stop(self, *_args, **_kwargs) -> None:
+        if self.active and self._t0 is not None:
+            _sync(self.device)
+            self.total += time.perf_counter() - self._t0
+            self._t0 = None
+
+
+def _timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int,
+                    watch: _Stopwatch | None = None) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one greedy generate of exactly ``new_tokens`` tokens.
+
+    ``watch`` (optional) is paused during prefill so that it accumulates decode time only.
+    """
+    device = ids.device
+    calls: list[float] = []
+
+    def pre(*_a, **_k):
+        if not calls and watch is not None:
+            watch.active = False
+        _sync(device)
+        calls.append(time.perf_counter())
+
+    def post(*_a, **_k):
+        _sync(device)
+        if len(calls) == 1:
+            calls.append(time.perf_counter())
+            if watch is not None:
+                watch.active = True
+
+    hooks = [model.register_forward_pre_hook(pre, prepend=True),
+             model.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            _sync(device)
+            t0 = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            _sync(device)
+            total = time.perf_counter() - t0
+    finally:
+        for h in hooks:
+            h.remove()
+    prefill = calls[1] - calls[0]
+    return prefill, total - (calls[1] - t0)
+
+
+def _mlp_watch(model: nn.Module, watch: _Stopwatch) -> list:
+    """Hooks timing every layer's MLP: from its first input projection's call to its output projection's return."""
+    adapter = runtime.adapter_for(model)
+    hooks = []
+    for part in adapter.mlp_parts(model):
+        hooks.append(getattr(part.owner, part.in_names[0]).register_forward_pre_hook(watch.start))
+        hooks.append(getattr(part.owner, part.out_name).register_forward_hook(watch.stop))
+    return hooks
+
+
+def _signal_watch(model: nn.Module, watch: _Stopwatch) -> list:
+    """Hooks bracketing the runtime's own model-level hooks (load signals and threshold multiplier)."""
+    return [model.register_forward_pre_hook(watch.start, prepend=True),
+            model.register_forward_pre_hook(watch.stop),
+            model.register_forward_hook(watch.start, prepend=True),
+            model.register_forward_hook(watch.stop)]
+
+
+def zero_artifact(artifact: Artifact) -> Artifact:
+    """The same artifact with every threshold at zero and no adaptation: the fast path skipping nothing."""
+    return Artifact(torch.zeros_like(artifact.tau_base_in), torch.zeros_like(artifact.tau_base_mid),
+                    artifact.channel_scale_in, artifact.channel_scale_mid, artifact.fingerprint,
+                    model=artifact.model)
+
+
+def _set_mode(model: nn.Module, mode: str, artifacts: dict[str, Artifact], force: bool = False) -> None:
+    if getattr(model, "_clada_patch", None) is not None:
+        runtime.remove(model)
+    if mode != "dense":
+        runtime.apply(model, artifacts[mode], force=force)
+
+
+def _profiled(model: nn.Module, ids: torch.Tensor, new_tokens: int,
+              install: Callable[[nn.Module, _Stopwatch], list]) -> float:
+    """Share of decode time inside what ``install``'s hooks bracket, in one extra generate."""
+    watch = _Stopwatch(ids.device)
+    hooks = install(model, watch)
+    try:
+        _, decode = _timed_generate(model, ids, new_tokens, watch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return watch.total / decode
+
+
+def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: BenchConfig,
+              progress: Callable[[str], None] | None = None) -> dict:
+    """Dense vs CLADA decode throughput on prompts ``ids`` (B, P) of an unpatched ``model``."""
+    if getattr(model, "_clada_patch", None) is not None:
+        raise ValueError("run_bench needs the unpatched model (it applies and removes the artifact itself)")
+    say = progress or (lambda _msg: None)
+    artifacts = {"clada": artifact, "layout": zero_artifact(artifact)}
+    decode_tokens = ids.shape[0] * (config.new_tokens - 1)
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    prefill: dict[str, list[float]] = {m: [] for m in MODES}
+    stats: list[dict] = []
+    for rep in range(config.warmup + config.reps):
+        for mode in MODES:
+            _set_mode(model, mode, artifacts, config.force)
+            p, d = _timed_generate(model, ids, config.new_tokens)
+            if rep >= config.warmup:
+                times[mode].append(d)
+                prefill[mode].append(p)
+                if mode == "clada":
+                    stats.append(runtime.stats(model))
+        timed = rep - config.warmup + 1
+        say(f"rep {rep + 1}/{config.warmup + config.reps}" + (" (warm-up)" if timed <= 0 else
+            f": dense {decode_tokens / times['dense'][-1]:.1f} tok/s, clada {decode_tokens / times['clada'][-1]:.1f} tok/s"))
+    _set_mode(model, "dense", artifacts)
+    mlp_share = _profiled(model, ids, config.new_tokens, _mlp_watch)
+    _set_mode(model, "clada", artifacts, config.force)
+    signal_overhead = _profiled(model, ids, config.new_tokens, _signal_watch)
+    runtime.remove(model)
+
+    tok_s = {m: decode_tokens / statistics.median(times[m]) for m in MODES}
+    weight = [s["tokens"] for s in stats]
+    def mean_stat(key: str) -> float:
+        return sum(s[key] * w for s, w in zip(stats, weight)) / max(sum(weight), 1)
+    reads = mean_stat("mlp_reads_saved")
+    ratio = tok_s["clada"] / tok_s["dense"]
+    bound = 1.0 / (1.0 - reads * mlp_share)
+    return {
+        "dense_tok_s": tok_s["dense"], "clada_tok_s": tok_s["clada"], "ratio": ratio,
+        "mlp_sparsity": mean_stat("mlp_sparsity"), "input_sparsity": mean_stat("input_sparsity"),
+        "mlp_reads_saved": reads, "relaxed_share": mean_stat("relaxed_share"),
+        "mlp_share": mlp_share, "bound": bound,
+        "gain_of_bound": (ratio - 1.0) / (bound - 1.0) if bound > 1.0 else float("nan"),
+        "signal_overhead": signal_overhead,
+        "layout_tok_s": tok_s["layout"], "layout_ratio": tok_s["layout"] / tok_s["dense"],
+        "sparsity_ratio": tok_s["clada"] / tok_s["layout"],
+        "dense_prefill_s": statistics.median(prefill["dense"]),
+        "clada_prefill_s": statistics.median(prefill["clada"]),
+        "prefill_overhead": statistics.median(prefill["clada"]) / statistics.median(prefill["dense"]) - 1.0,
+        "batch": int(ids.shape[0]), "prompt_tokens": int(ids.shape[1]), "new_tokens": config.new_tokens,
+        "reps": config.reps, "warmup": config.warmup,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(ids.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "decode_s": {m: times[m] for m in MODES},
+    }
