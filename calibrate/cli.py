@@ -184,12 +184,12 @@ def bench_cmd(model_spec, artifact, batch, prompt_tokens, new_tokens, reps, warm
     result.update({"model": model_spec, "artifact": str(artifact)})
     _print_bench(result)
     if lengths:
-        click.echo(f"long-context sweep ({sweep_new_tokens} new tokens, median of {min(reps, 2)}):")
+        click.echo(f"long-context sweep ({sweep_new_tokens} new tokens, 1 warm-up and 1 timed repetition each):")
         click.echo(f"  {'prompt':>7s} {'dense prefill s':>16s} {'clada prefill s':>16s} {'prefill overhead':>17s} "
                    f"{'decode ratio':>13s}")
         result["sweep"] = []
         for p in lengths:
-            r = run_bench(model, art, prompts[p], BenchConfig(batch, p, sweep_new_tokens, min(reps, 2), 1, force),
+            r = run_bench(model, art, prompts[p], BenchConfig(batch, p, sweep_new_tokens, 1, 1, force, profile=False),
                           progress=lambda msg: click.echo(f"[prompt {p}] {msg}", err=True))
             row = {k: r[k] for k in ("prompt_tokens", "dense_prefill_s", "clada_prefill_s", "prefill_overhead",
                                      "dense_tok_s", "clada_tok_s", "ratio", "mlp_reads_saved")}
