@@ -53,6 +53,7 @@ class Artifact:
     data: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     signals: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="artifact", compare=False)  # where it was loaded from, for error messages
 
     @property
     def num_layers(self) -> int:
@@ -158,6 +159,6 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
         if t.dim() != 0 or t.dtype != torch.float32:
             raise ArtifactError(f"{path}: tensor {key} must be a 0-dim float32 scalar")
         fields[key] = float(t)
-    artifact = Artifact(**tensors, **fields)
+    artifact = Artifact(**tensors, **fields, source=str(path))
     artifact.validate(str(path))
     return artifact

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,8 +18,9 @@ from clada.calibrate.measure import build_tables, channel_scales, collect_mlp_in
 from clada.calibrate.models import load_model
 from clada.calibrate.recipe import Recipe
 from clada.calibrate.report import HEADLINE_KEYS, write_reports
-from clada.calibrate.search import (SearchSettings, ThresholdSearch, best_feasible, feasible_trials, pareto_front,
-                                    run_search)
+from clada.calibrate.search import (SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch, best_feasible,
+                                    feasible_trials, pareto_front, run_search)
+from clada.calibrate.storage import is_shared, open_storage, redact
 
 ARTIFACT_NAME = "clada.safetensors"
 REGIME = "dense prefill of {p} prompt tokens, then {s} tokens fed one at a time with KV cache and adaptive sparse MLPs"
@@ -37,6 +39,57 @@ def _log(msg: str) -> None:
     print(f"clada: {msg}", flush=True)
 
 
+@dataclass
+class TokenSplits:
+    """Token ids (N, P+S+1) of a recipe's documents: calibration (= search + activation documents) and held-out."""
+
+    calib: torch.Tensor
+    held: torch.Tensor
+    search: torch.Tensor
+    act: torch.Tensor
+
+
+def token_splits(recipe: Recipe, tokenizer, documents: list[str]) -> TokenSplits:
+    """Split ``documents`` as the calibration job does (same seed, fraction and document counts)."""
+    calib_docs, held_docs = split_documents(documents, recipe.heldout_fraction, recipe.seed)
+    length = recipe.prompt_tokens + recipe.scored_tokens + 1
+    calib = tokenize_documents(tokenizer, calib_docs, length)
+    held = tokenize_documents(tokenizer, held_docs, length, max_docs=recipe.eval.heldout_docs)
+    n_search = min(recipe.calibration.search_docs, max(1, calib.shape[0] // 2))
+    return TokenSplits(calib, held, calib[:n_search], calib[n_search:] if calib.shape[0] > n_search else calib)
+
+
+@dataclass
+class Measurements:
+    """Channel score weights (L, D) and (L, I), per-layer error tables and residual ratios (L,)."""
+
+    scale_in: torch.Tensor
+    scale_mid: torch.Tensor
+    tables: list
+    ratios: torch.Tensor
+
+
+def measure(recipe: Recipe, model, adapter, act_tokens: torch.Tensor, progress: bool = True) -> Measurements:
+    """The offline measurements on the dense model that the search allocates thresholds from."""
+    scale_in, scale_mid = channel_scales(model, adapter, recipe.calibration.score)
+    inputs = collect_mlp_inputs(model, adapter, act_tokens, recipe.prompt_tokens, recipe.calibration.activation_tokens)
+    tables = build_tables(model, adapter, inputs, scale_in, scale_mid, torch.tensor(recipe.calibration.q_in),
+                          torch.tensor(recipe.calibration.q_mid), progress=progress)
+    del inputs
+    ratios = residual_ratios(model, adapter, act_tokens[:8], recipe.prompt_tokens)
+    return Measurements(scale_in, scale_mid, tables, ratios)
+
+
+def point_artifact(point: Point, scale_in: torch.Tensor, scale_mid: torch.Tensor, fingerprint: torch.Tensor,
+                   **metadata) -> Artifact:
+    """The artifact of a search point (``metadata``: Artifact's model, recipe, data, signals dicts)."""
+    return Artifact(
+        tau_base_in=torch.tensor(point.tau_in, dtype=torch.float32),
+        tau_base_mid=torch.tensor(point.tau_mid, dtype=torch.float32),
+        channel_scale_in=scale_in, channel_scale_mid=scale_mid, fingerprint=fingerprint,
+        lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H, **metadata)
+
+
 def _trial_rows(study) -> list[dict]:
     rows = []
     for t in study.trials:
@@ -52,29 +105,24 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     out = Path(recipe.output)
     timings: dict[str, float] = {}
     t0 = time.time()
+    if is_shared(recipe.search.storage):
+        open_storage(recipe.search.storage)  # unreachable server or bad credentials: fail before the model loads
 
     _log(f"[1/6] model {recipe.model} and data {recipe.data}")
     model, tokenizer, checkpoint = load_model(recipe.model, recipe.dtype, recipe.device)
     adapter = runtime.adapter_for(model)
     docs = load_documents(recipe.data)
-    calib_docs, held_docs = split_documents(docs.documents, recipe.heldout_fraction, recipe.seed)
+    splits = token_splits(recipe, tokenizer, docs.documents)
+    calib, held, search_tokens = splits.calib, splits.held, splits.search
     length = recipe.prompt_tokens + recipe.scored_tokens + 1
-    calib = tokenize_documents(tokenizer, calib_docs, length)
-    held = tokenize_documents(tokenizer, held_docs, length, max_docs=recipe.eval.heldout_docs)
-    n_search = min(recipe.calibration.search_docs, max(1, calib.shape[0] // 2))
-    search_tokens, act_tokens = calib[:n_search], calib[n_search:] if calib.shape[0] > n_search else calib
     _log(f"      {calib.shape[0]} calibration / {held.shape[0]} held-out documents of >= {length} tokens")
     timings["load"] = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)  # only once model and data are known to load
 
     t = time.time()
     _log(f"[2/6] measuring dense MLP activations ({recipe.calibration.activation_tokens} tokens per layer)")
-    scale_in, scale_mid = channel_scales(model, adapter, recipe.calibration.score)
-    inputs = collect_mlp_inputs(model, adapter, act_tokens, recipe.prompt_tokens, recipe.calibration.activation_tokens)
-    tables = build_tables(model, adapter, inputs, scale_in, scale_mid, torch.tensor(recipe.calibration.q_in),
-                          torch.tensor(recipe.calibration.q_mid), progress=progress)
-    del inputs
-    ratios = residual_ratios(model, adapter, act_tokens[:8], recipe.prompt_tokens)
+    measured = measure(recipe, model, adapter, splits.act, progress)
+    scale_in, scale_mid, tables, ratios = measured.scale_in, measured.scale_mid, measured.tables, measured.ratios
     timings["measure"] = time.time() - t
 
     identity = runtime.model_identity(model, adapter)
@@ -91,7 +139,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
                               study_name=study_name(recipe))
     search = ThresholdSearch(tables, ratios, evaluator, settings)
     _log(f"[4/6] Optuna search: {settings.trials} trials, maximise mlp_reads_saved s.t. "
-         f"ppl_increase <= {settings.max_ppl_increase} (study {settings.study_name})")
+         f"ppl_increase <= {settings.max_ppl_increase} (study {settings.study_name} in {redact(settings.storage)})")
     study = run_search(search, progress=progress)
     timings["search"] = time.time() - t
 
@@ -100,12 +148,8 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
         best = min((tr for tr in study.trials if tr.state.name == "COMPLETE"), key=lambda tr: tr.user_attrs["ppl_increase"])
         _log("      warning: no trial met the quality constraint; using the one with the smallest ppl_increase")
     point = search.point(best.params)
-    artifact = Artifact(
-        tau_base_in=torch.tensor(point.tau_in, dtype=torch.float32),
-        tau_base_mid=torch.tensor(point.tau_mid, dtype=torch.float32),
-        channel_scale_in=scale_in, channel_scale_mid=scale_mid,
-        fingerprint=dense_artifact.fingerprint,
-        lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H,
+    artifact = point_artifact(
+        point, scale_in, scale_mid, dense_artifact.fingerprint,
         model={**identity, "spec": recipe.model, "checkpoint": str(checkpoint)},
         recipe=recipe.to_dict(),
         data={**docs.identity, "heldout_fraction": recipe.heldout_fraction, "split_seed": recipe.seed},
@@ -121,7 +165,8 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     timings["heldout_eval"] = time.time() - t
     runtime.remove(model)
 
-    artifact.figures = {"heldout": {k: heldout[k] for k in HEADLINE_KEYS}, "calibration_proxy": dict(best.user_attrs)}
+    proxy = {k: v for k, v in best.user_attrs.items() if k not in (SLOT_ATTR, WORKER_ATTR)}  # figures only
+    artifact.figures = {"heldout": {k: heldout[k] for k in HEADLINE_KEYS}, "calibration_proxy": proxy}
     _log(f"[6/6] writing {out / ARTIFACT_NAME} and reports")
     save_artifact(artifact, out / ARTIFACT_NAME)
     trials = _trial_rows(study)
@@ -140,7 +185,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
                    "tau_s": point.tau_s, "tau_H": point.tau_H, "tau_base_in": point.tau_in,
                    "tau_base_mid": point.tau_mid,
                    "proxy": {k: best.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}},
-        "search": {"study": settings.study_name, "storage": settings.storage, "trials": len(trials),
+        "search": {"study": settings.study_name, "storage": redact(settings.storage), "trials": len(trials),
                    "feasible_trials": len(feasible_trials(study)), "max_ppl_increase": settings.max_ppl_increase},
         "trials": trials,
         "pareto_front": front,

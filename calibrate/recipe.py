@@ -114,8 +114,16 @@ def _build(cls, data: dict, prefix: str):
                 raise RecipeError(f"recipe field '{path}': {value} is outside [{low}, {high if high is not None else 'inf'}]")
         if path in CHOICES and value not in CHOICES[path]:
             raise RecipeError(f"recipe field '{path}': {value!r} is not one of {', '.join(CHOICES[path])}")
+        if path == "search.storage" and value is not None:
+            value = _check_storage(value, f"recipe field '{path}'")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _check_storage(url: str, field: str) -> str:
+    from clada.calibrate.storage import check_url  # imports SQLAlchemy; only when a storage is given
+
+    return check_url(url, field)
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -127,8 +135,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return _build(Recipe, data, "")
 
 
-def load_recipe(path: str | os.PathLike, output: str | None = None) -> Recipe:
-    """Read and validate a YAML recipe; ``output`` overrides the recipe's output folder."""
+def load_recipe(path: str | os.PathLike, output: str | None = None, storage: str | None = None) -> Recipe:
+    """Read and validate a YAML recipe; ``output`` and ``storage`` override ``output`` and ``search.storage``."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
@@ -139,4 +147,6 @@ def load_recipe(path: str | os.PathLike, output: str | None = None) -> Recipe:
     recipe = parse_recipe(data, str(path))
     if output is not None:
         recipe.output = output
+    if storage is not None:
+        recipe.search.storage = _check_storage(storage, "--storage")
     return recipe

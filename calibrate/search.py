@@ -11,15 +11,22 @@ entropy that become ``tau_s, tau_H``. The objective maximises ``mlp_reads_saved`
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import socket
+import time
+import warnings
 from dataclasses import dataclass, field
 
 import optuna
 import torch
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # as study.optimize; ask/tell has none
 from tqdm.auto import tqdm
 
 from clada.calibrate.evaluate import ProxyEvaluator
 from clada.calibrate.measure import LayerTable, allocate
+from clada.calibrate.storage import is_shared, open_storage, study_lock
 
 FIGURE_KEYS = ("mlp_reads_saved", "mlp_sparsity", "input_sparsity", "ppl_increase", "kl", "relaxed_share")
 
@@ -123,11 +130,18 @@ def warm_start_points(settings: SearchSettings) -> list[dict]:
     return points
 
 
-def _sampler(settings: SearchSettings, completed: int) -> optuna.samplers.BaseSampler:
-    """A TPE sampler seeded by (seed, completed trials): each suggestion is a function of the study's history,
-    so a run resumed after an interruption proposes exactly what an uninterrupted run would have."""
+SLOT_ATTR = "slot"  # user attribute: the trial's slot, 0 .. trials-1
+WORKER_ATTR = "worker"  # user attribute: host:pid of the process that ran the trial
+POLL_S = 0.5        # how often a worker with nothing to claim checks whether other workers' trials finished
+_LIVE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+
+
+def _sampler(settings: SearchSettings, slot: int) -> optuna.samplers.BaseSampler:
+    """A TPE sampler seeded by (seed, slot). A slot is the smallest index not held by a completed or running
+    trial, so one worker's n-th completed trial is slot n and a run resumed after an interruption proposes
+    exactly what an uninterrupted run would have; concurrent workers never share a slot, hence never a seed."""
     extra = {} if _NATIVE_CONSTRAINTS else {"constraints_func": _constraint}
-    return optuna.samplers.TPESampler(seed=settings.seed * 1_000_003 + completed, n_startup_trials=10, **extra)
+    return optuna.samplers.TPESampler(seed=settings.seed * 1_000_003 + slot, n_startup_trials=10, **extra)
 
 
 def _completed(study: optuna.Study) -> int:
@@ -142,28 +156,79 @@ def fail_stale_trials(study: optuna.Study) -> int:
     return len(stale)
 
 
-def run_search(search: ThresholdSearch, progress: bool = True) -> optuna.Study:
-    """Run (or resume) the study until it holds ``settings.trials`` completed trials.
+def fail_expired_trials(study: optuna.Study) -> None:
+    """Shared storages: mark FAIL the running trials whose heartbeat is older than the grace period (dead workers)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
-    Workers sharing one storage each stop once the study holds that many; with the default SQLite file
-    (one process) trials left running by a killed run are marked failed and redone.
+
+def claim_trial(study: optuna.Study, settings: SearchSettings) -> optuna.Trial | None:
+    """Start the next trial, or return None when completed + running trials already reach ``settings.trials``.
+
+    Call under ``study_lock``: the count, the slot choice and the ask are then atomic across workers, so
+    several workers never overshoot the trial count nor share a slot. Warm-start slots get fixed parameters.
+    """
+    trials = study.get_trials(deepcopy=False)
+    for _ in (t for t in trials if t.state == optuna.trial.TrialState.WAITING):
+        study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # enqueued by a worker killed before its ask
+    live = [t for t in trials if t.state in _LIVE]
+    if len(live) >= settings.trials:
+        return None
+    used = {t.user_attrs.get(SLOT_ATTR, t.number) for t in live}  # studies from before slots: number = slot
+    slot = next(i for i in range(len(live) + 1) if i not in used)
+    warm = warm_start_points(settings)
+    study.sampler = _sampler(settings, slot)
+    study.enqueue_trial(warm[slot] if slot < len(warm) else {},
+                        user_attrs={SLOT_ATTR: slot, WORKER_ATTR: f"{socket.gethostname()}:{os.getpid()}"})
+    with warnings.catch_warnings():  # optuna warns that heartbeats are meant for study.optimize; we send them
+        warnings.filterwarnings("ignore", message="Heartbeat")
+        trial = study.ask()
+    if is_heartbeat_enabled(study._storage):  # from its claim on, a dead worker's trial expires
+        study._storage.record_heartbeat(trial._trial_id)
+    return trial
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, search: ThresholdSearch) -> None:
+    """Evaluate a claimed trial (sending heartbeats on shared storages) and tell the study; on any error or
+    interruption the trial is told FAIL, so that its slot is redone."""
+    try:
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            value = search.objective(trial)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    study.tell(trial, value)
+
+
+def run_search(search: ThresholdSearch, progress: bool = True) -> optuna.Study:
+    """Run (or resume, or join) the study until it holds ``settings.trials`` completed trials.
+
+    With the default SQLite file (one process) trials left running by a killed run are marked failed and
+    redone. Workers sharing a PostgreSQL study claim trials under a lock and run exactly ``settings.trials``
+    between them; a worker with nothing left to claim waits for the others' trials, so every worker returns
+    the same complete study. A dead worker's trial is failed once its heartbeat is stale, and redone.
     """
     s = search.settings
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=s.study_name, storage=s.storage, sampler=_sampler(s, 0),
+    storage = open_storage(s.storage)
+    study = optuna.create_study(study_name=s.study_name, storage=storage, sampler=_sampler(s, 0),
                                 direction="maximize", load_if_exists=True)
-    if s.storage is None or s.storage.startswith("sqlite"):
+    shared = is_shared(s.storage)
+    if not shared:
         fail_stale_trials(study)
-    warm = warm_start_points(s)
     done = _completed(study)
     bar = tqdm(total=s.trials, initial=min(done, s.trials), desc="optuna search", unit="trial", disable=not progress)
     while done < s.trials:
-        study.sampler = _sampler(s, done)
-        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-        if done < len(warm) and not waiting:  # a waiting trial is one enqueued just before an interruption
-            study.enqueue_trial(warm[done])
-        trial = study.ask()
-        study.tell(trial, search.objective(trial))
+        if shared:
+            fail_expired_trials(study)
+        with study_lock(storage, s.study_name):
+            trial = claim_trial(study, s)
+        if trial is None:
+            time.sleep(POLL_S)
+        else:
+            run_trial(study, trial, search)
         done = _completed(study)
         bar.n = min(done, s.trials)
         best = best_feasible(study)

@@ -83,7 +83,7 @@ def check_compatible(artifact: Artifact, model: nn.Module, adapter: MLPAdapter, 
         theirs = artifact.fingerprint
         if mine.shape != theirs.shape or not torch.allclose(mine, theirs, rtol=FINGERPRINT_RTOL, atol=0):
             raise ArtifactError(f"{source}: weight fingerprint does not match this model (calibrated on other "
-                                "weights); recalibrate, or pass force=True to override")
+                                "weights); recalibrate, or pass force=True (--force on the command line) to override")
 
 
 def find_declared_artifact(model: nn.Module) -> Path:
@@ -135,10 +135,9 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     adapter = adapter_for(model)
     if artifact is None:
         artifact = find_declared_artifact(model)
-    source = str(artifact) if not isinstance(artifact, Artifact) else "artifact"
     if not isinstance(artifact, Artifact):
         artifact = load_artifact(artifact)
-    check_compatible(artifact, model, adapter, force=force, source=source)
+    check_compatible(artifact, model, adapter, force=force, source=artifact.source)
 
     parts = adapter.mlp_parts(model)
     sizes = [_layer_bytes(adapter, part) for part in parts]

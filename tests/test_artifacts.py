@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from clada import runtime
 from clada.artifacts import ArtifactError, load_artifact, save_artifact
-from tests.conftest import make_artifact, tiny_model
+from tests.conftest import make_artifact, synthetic_documents, tiny_model, word_tokenizer
 
 
 @pytest.fixture
@@ -70,7 +70,16 @@ def _rewrite(path, mutate_tensors=None, mutate_meta=None):
     (lambda t: t.__setitem__("extra", torch.zeros(1)), None, "unexpected"),
     (lambda t: t.__setitem__("tau_base_in", t["tau_base_in"].double()), None, "dtype"),
     (lambda t: t.__setitem__("tau_base_mid", torch.zeros(5)), None, "shape"),
+    (lambda t: t.__setitem__("tau_base_mid", torch.full_like(t["tau_base_mid"], float("inf"))), None, "inf"),
+    (lambda t: t.__setitem__("fingerprint", t["fingerprint"].float()), None, "fingerprint has dtype"),
+    (lambda t: t.__setitem__("channel_scale_in", t["channel_scale_in"][0]), None, "channel_scale_in has shape"),
+    (lambda t: t.__setitem__("lam", torch.zeros(1)), None, "0-dim"),
+    (lambda t: t.__setitem__("gam", torch.tensor(0.5)), None, "gam=0.5 is outside"),
+    (lambda t: t.__setitem__("tau_H", torch.tensor(float("nan"))), None, "tau_H=nan"),
     (None, lambda m: m.__setitem__("model", "{not json"), "not valid JSON"),
+    (None, lambda m: m.__setitem__("figures", "[1, 2]"), "must be a JSON object"),
+    (None, lambda m: m.__setitem__("format_version", "one"), "not an integer"),
+    (None, lambda m: m.pop("format"), "'format' is None"),
     (None, lambda m: m.__setitem__("format_version", "99"), "newer"),
     (None, lambda m: m.__setitem__("format", "other"), "format"),
 ])
@@ -93,6 +102,23 @@ def test_truncated_and_garbage_files(saved, tmp_path):
         load_artifact(tmp_path / "missing.safetensors")
 
 
+def test_bit_flips_in_header_and_threshold(saved, tmp_path):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    start = 8 + n + header["tau_base_in"]["data_offsets"][0]
+    signed = bytearray(data)
+    signed[start + 3] ^= 0x80  # sign bit of the first float32 threshold (little endian): now negative
+    brace = bytearray(data)
+    brace[8] ^= 0x01  # the header's opening '{' becomes 'z'
+    for blob, match in ((signed, "negative"), (brace, "header is not valid JSON")):
+        bad = tmp_path / "flipped.safetensors"
+        bad.write_bytes(bytes(blob))
+        with pytest.raises(ArtifactError, match=match):
+            load_artifact(bad)
+
+
 def test_apply_refuses_other_weights_unless_forced(saved):
     _, path = saved
     other = tiny_model("llama", seed=1)
@@ -101,6 +127,27 @@ def test_apply_refuses_other_weights_unless_forced(saved):
     assert not hasattr(other, "_clada_patch")
     runtime.apply(other, path, force=True)
     runtime.remove(other)
+
+
+def test_eval_cli_refuses_other_weights_unless_forced(saved, tmp_path):
+    from click.testing import CliRunner
+
+    from clada.calibrate.cli import main
+
+    _, path = saved
+    ckpt = tmp_path / "other"
+    tiny_model("llama", seed=1).save_pretrained(ckpt)
+    word_tokenizer().save_pretrained(ckpt)
+    (tmp_path / "docs.txt").write_text("\n\n".join(synthetic_documents(4, 40)))
+    args = ["eval", "--model", str(ckpt), "--artifact", str(path), "--data", str(tmp_path / "docs.txt"),
+            "--docs", "2", "--prompt-tokens", "8", "--scored-tokens", "8", "--quiet"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+    assert "fingerprint" in refused.output and "--force" in refused.output
+    assert str(path) in refused.output  # names the file, though eval hands the runtime a loaded artifact
+    forced = CliRunner().invoke(main, args + ["--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "mlp_reads_saved" in forced.output
 
 
 def test_apply_refuses_other_shapes(saved):
