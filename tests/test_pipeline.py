@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from clada import runtime
 from clada.artifacts import load_artifact
 from clada.calibrate.cli import calibrate_main, main
-from tests.conftest import synthetic_documents, tiny_model, word_tokenizer
+from tests.conftest import calibrate_tiny, tiny_model
 
 REPORT_KEYS = {"dense_ppl", "clada_ppl", "ppl_increase", "mlp_sparsity", "mlp_reads_saved", "relaxed_share", "tokens"}
 
@@ -20,21 +20,7 @@ REPORT_KEYS = {"dense_ppl", "clada_ppl", "ppl_increase", "mlp_sparsity", "mlp_re
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    model = tiny_model("llama")
-    model.save_pretrained(root / "ckpt")
-    word_tokenizer().save_pretrained(root / "ckpt")
-    (root / "docs.txt").write_text("\n\n".join(synthetic_documents(40, 60)))
-    recipe = {
-        "model": str(root / "ckpt"), "data": str(root / "docs.txt"), "output": str(root / "out"),
-        "prompt_tokens": 16, "scored_tokens": 24,
-        "calibration": {"activation_tokens": 128, "search_docs": 4, "q_in": [0.0, 0.2], "q_mid": [0.0, 0.3]},
-        "search": {"trials": 6, "max_ppl_increase": 0.05},
-        "eval": {"heldout_docs": 4, "batch_size": 4},
-    }
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = CliRunner().invoke(calibrate_main, [str(root / "recipe.yaml"), "--quiet"])
-    assert result.exit_code == 0, result.output
-    return root, result.output
+    return root, calibrate_tiny(root, "llama")
 
 
 def test_outputs_written(workspace):
