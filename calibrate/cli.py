@@ -28,7 +28,7 @@ def _fail(exc: BaseException) -> None:
 def _print_figures(title: str, figures: dict) -> None:
     click.echo(title)
     for key in ("dense_ppl", "clada_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
-                "mlp_reads_saved", "relaxed_share", "tokens"):
+                "mlp_reads_saved", "relaxed_share", "greedy_agreement", "tokens"):
         if key in figures:
             value = figures[key]
             click.echo(f"  {key:16s} {value:.4f}" if isinstance(value, float) else f"  {key:16s} {value}")
@@ -36,7 +36,18 @@ def _print_figures(title: str, figures: dict) -> None:
 
 RECIPE_ARG = click.argument("recipe", type=click.Path(dir_okay=False))
 OUTPUT_OPT = click.option("--output", "-o", default=None, help="Output folder (overrides the recipe's 'output').")
-QUIET_OPT = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def _no_progress_bars(ctx: click.Context, param: click.Parameter, quiet: bool) -> bool:
+    if quiet:  # transformers' own bars too (e.g. "Loading weights")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return quiet
+
+
+QUIET_OPT = click.option("--quiet", "-q", is_flag=True, callback=_no_progress_bars, help="No progress bars.")
+STORAGE_OPT = click.option("--storage", default=None, metavar="URL",
+                           help="Optuna storage (overrides the recipe's 'search.storage'): workers given the same "
+                                "recipe and postgresql://USER@HOST/DB share one study.")
 
 
 @click.group()
@@ -48,14 +59,15 @@ def main() -> None:
 @main.command("calibrate")
 @RECIPE_ARG
 @OUTPUT_OPT
+@STORAGE_OPT
 @QUIET_OPT
-def calibrate_cmd(recipe: str, output: str | None, quiet: bool) -> None:
+def calibrate_cmd(recipe: str, output: str | None, storage: str | None, quiet: bool) -> None:
     """Calibrate thresholds as described by RECIPE (YAML); writes clada.safetensors and reports."""
     from clada.calibrate.pipeline import run_calibration
     from clada.calibrate.recipe import load_recipe
 
     try:
-        recipe_obj = load_recipe(recipe, output)
+        recipe_obj = load_recipe(recipe, output, storage)
         report = run_calibration(recipe_obj, progress=not quiet)
     except _input_errors() as exc:
         _fail(exc)
@@ -73,7 +85,18 @@ calibrate_main = calibrate_cmd  # the ``clada-calibrate`` console script: same c
 
 @main.command("eval")
 @click.option("--model", "model_spec", required=True, help="Checkpoint folder, .gguf file, hub id or built-in name.")
-@click.option("--artifact", required=True, type=click.Path(dir_okay=False), help="clada.safetensors file.")
+@click.option("--artifact", default=None, type=click.Path(dir_okay=False),
+              help="clada.safetensors file (needed by the default method and the clada* methods).")
+@click.option("--method", default=None,
+              help="dense, uniform, teal, teal-greedy, cats, griffin, clada-noadapt, clada-surprisal, clada-entropy "
+                   "or clada (docs/baselines.md); also reports greedy_agreement. Default: the artifact as calibrated.")
+@click.option("--sparsity", default=None, type=float,
+              help="Quantile (target) of uniform, teal, teal-greedy, cats and griffin, e.g. 0.5.")
+@click.option("--mc", "mc_specs", multiple=True,
+              help="Score multiple choice instead of perplexity: FILE.jsonl ({context, choices, label} per line) "
+                   "or bigbench:TASK[/SUBTASK]; repeatable.")
+@click.option("--greedy-prompts", default=8, show_default=True, type=click.IntRange(1),
+              help="Held-out prompts whose 64 greedy tokens give greedy_agreement (with --method).")
 @click.option("--data", default="lee", show_default=True, help="lee, enwiki, a .txt/.jsonl file or hf:NAME[:CONFIG]:SPLIT:FIELD.")
 @click.option("--docs", default=32, show_default=True, help="Documents to score (those long enough).")
 @click.option("--prompt-tokens", default=None, type=int, help="Prompt length (default: the artifact's recipe).")
@@ -85,32 +108,59 @@ calibrate_main = calibrate_cmd  # the ``clada-calibrate`` console script: same c
 @click.option("--force", is_flag=True, help="Apply even if the weight fingerprint differs.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 @QUIET_OPT
-def eval_cmd(model_spec, artifact, data, docs, prompt_tokens, scored_tokens, split, dtype, device, force, json_out, quiet):
-    """Dense vs CLADA perplexity and realised sparsity on DATA, in the generation regime."""
+def eval_cmd(model_spec, artifact, method, sparsity, mc_specs, greedy_prompts, data, docs, prompt_tokens, scored_tokens,
+             split, dtype, device, force, json_out, quiet):
+    """Dense vs a sparse method on DATA in the generation regime (perplexity, KL, realised sparsity), or
+    multiple-choice accuracy with --mc."""
     from clada import runtime
-    from clada.calibrate.data import load_documents, split_documents
-    from clada.calibrate.evaluate import generation_eval, tokenize_documents
-    from clada.calibrate.models import load_model
     from clada.artifacts import write_atomic
+    from clada.calibrate.baselines import check_method
+    from clada.calibrate.compare import attach_method, recipe_of
+    from clada.calibrate.data import load_documents, split_documents
+    from clada.calibrate.evaluate import generation_eval, greedy_agreement, tokenize_documents
+    from clada.calibrate.models import load_model
+    from clada.calibrate.multiple_choice import load_questions, multiple_choice_eval
 
+    name = method or "clada"
     try:
-        art = runtime.load_artifact(artifact)
-        recipe = art.recipe
-        prompt = prompt_tokens or recipe.get("prompt_tokens", 64)
-        scored = scored_tokens or recipe.get("scored_tokens", 128)
+        check_method(name, sparsity, artifact is not None)
+        art = runtime.load_artifact(artifact) if artifact else None
+        calibrated = recipe_of(art)
+        prompt = prompt_tokens or calibrated.prompt_tokens
+        scored = scored_tokens or calibrated.scored_tokens
         model, tokenizer, _ = load_model(model_spec, dtype, device)
-        documents = load_documents(data)
-        texts = documents.documents
-        if split == "heldout" and documents.identity.get("sha256") == art.data.get("sha256"):
-            texts = split_documents(texts, art.data.get("heldout_fraction", 0.3), art.data.get("split_seed", 0))[1]
-        tokens = tokenize_documents(tokenizer, texts, prompt + scored + 1, max_docs=docs)
-        runtime.apply(model, art, force=force)
+        if mc_specs:
+            questions = {spec: load_questions(spec) for spec in mc_specs}
+        else:
+            documents = load_documents(data)
+            texts = documents.documents
+            split_of = art.data if art is not None else {"spec": calibrated.data}
+            if split == "heldout" and (documents.identity.get("sha256") == split_of.get("sha256")
+                                       or (art is None and data == calibrated.data)):
+                texts = split_documents(texts, split_of.get("heldout_fraction", calibrated.heldout_fraction),
+                                        split_of.get("split_seed", calibrated.seed))[1]
+            tokens = tokenize_documents(tokenizer, texts, prompt + scored + 1, max_docs=docs)
+        sparse = attach_method(name, model, tokenizer, art, sparsity, force)
     except (_input_errors() + (ValueError,)) as exc:
         _fail(exc)
-    figures = generation_eval(model, tokens, prompt, progress=not quiet)
-    figures.update({"model": model_spec, "artifact": str(artifact), "data": data, "prompt_tokens": prompt,
-                    "documents": int(tokens.shape[0])})
-    _print_figures(f"dense vs CLADA on {data} ({tokens.shape[0]} docs, prompt {prompt}, scored {scored}):", figures)
+    label = "CLADA" if method is None else method + (f" {sparsity:g}" if sparsity is not None else "")
+    if mc_specs:
+        figures = {"method": name, "sparsity": sparsity, "model": model_spec, "artifact": artifact, "mc": {}}
+        for spec, qs in questions.items():
+            result = multiple_choice_eval(model, tokenizer, qs, sparse, progress=not quiet)
+            figures["mc"][spec] = result
+            click.echo(f"multiple choice {spec} ({result['questions']} questions), dense vs {label}:")
+            for key in ("accuracy_dense", "accuracy_sparse", "chance", "same_choice"):
+                click.echo(f"  {key:16s} {result[key]:.4f}")
+    else:
+        # the calibration's batch size: it bounds the (batch, scored, vocab) logits held at once (Gemma: 262k vocab)
+        figures = generation_eval(model, tokens, prompt, calibrated.eval.batch_size, progress=not quiet, method=sparse)
+        if method is not None:
+            figures["greedy_agreement"] = greedy_agreement(model, tokens[:greedy_prompts, :prompt], sparse)
+            figures.update({"method": method, "sparsity": sparsity})
+        figures.update({"model": model_spec, "artifact": str(artifact), "data": data, "prompt_tokens": prompt,
+                        "documents": int(tokens.shape[0])})
+        _print_figures(f"dense vs {label} on {data} ({tokens.shape[0]} docs, prompt {prompt}, scored {scored}):", figures)
     if json_out:
         write_atomic(Path(json_out), (json.dumps(figures, indent=2) + "\n").encode())
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +65,59 @@ def _dense_mode(model: nn.Module) -> Iterator[None]:
         trk.enabled = True
 
 
-def _dense_logits(model: nn.Module, tokens: torch.Tensor, prompt: int, scored: int) -> torch.Tensor:
-    """Dense logits at positions prompt .. prompt+scored-1: (B, scored, V)."""
-    with _dense_mode(model):
+class Sparsifier:
+    """How the evaluations drive a sparse model; this base drives a model patched by ``clada.runtime.apply``.
+
+    Outside the two contexts below a sparsifier behaves as in generation: a call with several new tokens per
+    row (prefill) runs dense, a call with one new token per row is a sparse decode step. The baselines
+    (clada.calibrate.baselines) implement the same members with their own masks.
+    """
+
+    adaptive: bool = True  # a token's thresholds depend on the sparse model's own previous output
+    needs_prompt: bool = False  # the sparse steps depend on what the dense prefill of the prompt saw
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def dense(self) -> AbstractContextManager:
+        """Calls made inside run exactly dense and record nothing."""
+        return _dense_mode(self.model)
+
+    @contextmanager
+    def teacher_forced(self) -> Iterator[None]:
+        """Every token of a call made inside is a sparse decode step at the base thresholds (multiplier 1)."""
+        st, trk = runtime.state(self.model), runtime.tracker(self.model)
+
+        def unit_scale(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            st.scale = torch.ones(ids.shape, device=ids.device)
+
+        trk.enabled = False
+        hook = self.model.register_forward_pre_hook(unit_scale, with_kwargs=True)
+        try:
+            yield
+        finally:
+            hook.remove()
+            st.scale = None
+            trk.enabled = True
+
+    def reset_stats(self) -> None:
+        runtime.reset_stats(self.model)
+
+    def stats(self) -> dict:
+        """Realised figures since the last reset (keys of ``clada.runtime.stats``)."""
+        return runtime.stats(self.model)
+
+    def remove(self) -> None:
+        """Return the model to exactly dense."""
+        runtime.remove(self.model)
+
+
+def _dense_logits(model: nn.Module, tokens: torch.Tensor, prompt: int, scored: int,
+                  dense: Callable[[], AbstractContextManager] | None = None) -> torch.Tensor:
+    """Dense logits at positions prompt .. prompt+scored-1: (B, scored, V). ``dense``: the dense-mode context
+    (default: that of a runtime-patched model)."""
+    with dense() if dense is not None else _dense_mode(model):
         return model(input_ids=tokens[:, : prompt + scored]).logits[:, prompt:]
 
 
@@ -88,17 +138,28 @@ def _summarise(nll_sparse: list, nll_dense: list, kl: list, stats: dict) -> dict
 
 @torch.no_grad()
 def generation_eval(model: nn.Module, tokens: torch.Tensor, prompt: int, batch_size: int = 16,
-                    progress: bool = True) -> dict:
-    """Dense vs CLADA in the exact generation regime on ``tokens`` (N, P+S+1) of a patched model."""
+                    progress: bool = True, method: Sparsifier | None = None,
+                    reference: _DenseReference | None = None) -> dict:
+    """Dense vs sparse in the exact generation regime on ``tokens`` (N, P+S+1).
+
+    ``method``: the sparse method (default: the CLADA artifact the model is patched with). ``reference``: a
+    TeacherForcedEvaluator of the same tokens, prompt and batch size whose dense logits are reused.
+    """
+    method = method or Sparsifier(model)
     scored = tokens.shape[1] - prompt - 1
     device = next(model.parameters()).device
-    runtime.reset_stats(model)
+    method.reset_stats()
     nll_s, nll_d, kls = [], [], []
     bar = tqdm(total=tokens.shape[0] * scored, desc="eval (token by token)", unit="tok", disable=not progress)
-    for start in range(0, tokens.shape[0], batch_size):
+    for index, start in enumerate(range(0, tokens.shape[0], batch_size)):
         batch = tokens[start : start + batch_size].to(device)
         targets = batch[:, prompt + 1 :]
-        dense = _dense_logits(model, batch, prompt, scored)
+        if reference is not None:
+            if index >= len(reference.batches) or not torch.equal(reference.batches[index]["tokens"], batch):
+                raise ValueError("generation_eval: the dense reference was built on other tokens or batch size")
+            dense = reference.batches[index]["dense"]
+        else:
+            dense = _dense_logits(model, batch, prompt, scored, method.dense)
         nll_d.append(_nll(dense, targets).cpu())
         cache = output_cache(model(input_ids=batch[:, :prompt], use_cache=True))
         step_logits = []
@@ -111,10 +172,63 @@ def generation_eval(model: nn.Module, tokens: torch.Tensor, prompt: int, batch_s
         nll_s.append(_nll(sparse, targets).cpu())
         kls.append(_kl(dense, sparse).flatten().cpu())
     bar.close()
-    return _summarise(nll_s, nll_d, kls, runtime.stats(model))
+    return _summarise(nll_s, nll_d, kls, method.stats())
 
 
-class ProxyEvaluator:
+class _DenseReference:
+    """Dense teacher-forced reference of ``tokens`` (N, P+S+1) in batches: the scored positions' logits
+    (b, S, V), the prompt's KV cache and the prompt's last-position logits. ``dense``: the context that
+    makes the model dense while they are computed (default: none; the model is unpatched)."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, prompt: int, batch_size: int = 16,
+                 dense: Callable[[], AbstractContextManager] | None = None):
+        self.model, self.prompt = model, prompt
+        self.scored = tokens.shape[1] - prompt - 1
+        device = next(model.parameters()).device
+        dense = dense or nullcontext
+        self.batches = []
+        with torch.no_grad():
+            for start in range(0, tokens.shape[0], batch_size):
+                batch = tokens[start : start + batch_size].to(device)
+                logits = _dense_logits(model, batch, prompt, self.scored, dense)
+                with dense():
+                    prefill = model(input_ids=batch[:, :prompt], use_cache=True)
+                self.batches.append({"tokens": batch, "dense": logits, "cache": output_cache(prefill),
+                                     "last": prefill.logits[:, -1:], "nll_dense": _nll(logits, batch[:, prompt + 1 :])})
+
+
+class TeacherForcedEvaluator(_DenseReference):
+    """``generation_eval``'s figures in one forward per batch, exact for methods without adaptation.
+
+    Without adaptation a token's MLP masks depend only on its own activations (and, for prompt-based
+    methods, on the dense prefill), so applying the masks of every scored position in one forward over the
+    scored tokens on top of the dense prefill computes the same function as feeding them one at a time
+    (equal up to float summation order). Build it on the unpatched model; the dense reference is reused
+    by every method evaluated.
+    """
+
+    @torch.no_grad()
+    def __call__(self, method: Sparsifier) -> dict:
+        """Dense vs ``method`` on the reference tokens: the keys of ``generation_eval``."""
+        if method.adaptive:
+            raise ValueError("teacher-forced evaluation is exact only without adaptation; use generation_eval")
+        method.reset_stats()
+        nll_s, nll_d, kls = [], [], []
+        for b in self.batches:
+            prompt_ids, scored_ids = b["tokens"][:, : self.prompt], b["tokens"][:, self.prompt : self.prompt + self.scored]
+            if method.needs_prompt:  # the method watches its own (dense) prefill
+                cache = output_cache(self.model(input_ids=prompt_ids, use_cache=True))
+            else:
+                cache = copy.deepcopy(b["cache"])
+            with method.teacher_forced():
+                out = self.model(input_ids=scored_ids, **cache_kwargs(self.model, cache))
+            nll_s.append(_nll(out.logits, b["tokens"][:, self.prompt + 1 :]).cpu())
+            nll_d.append(b["nll_dense"].cpu())
+            kls.append(_kl(b["dense"], out.logits).flatten().cpu())
+        return _summarise(nll_s, nll_d, kls, method.stats())
+
+
+class ProxyEvaluator(_DenseReference):
     """Fast teacher-forced stand-in for ``generation_eval`` used inside the search.
 
     The MLP masks of every scored position are applied in one forward over the scored tokens (on top
@@ -123,23 +237,11 @@ class ProxyEvaluator:
     """
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, prompt: int, batch_size: int = 16):
-        self.model, self.prompt = model, prompt
-        self.scored = tokens.shape[1] - prompt - 1
-        device = next(model.parameters()).device
-        self.batches = []
-        with torch.no_grad():
-            for start in range(0, tokens.shape[0], batch_size):
-                batch = tokens[start : start + batch_size].to(device)
-                dense = _dense_logits(model, batch, prompt, self.scored)
-                with _dense_mode(model):
-                    prefill = model(input_ids=batch[:, :prompt], use_cache=True)
-                cache = output_cache(prefill)
-                # the distribution each scored step's fed token is drawn from: prompt's last position, then dense
-                prev = torch.cat([prefill.logits[:, -1:], dense[:, :-1]], 1)
-                surprisal, entropy = load_signals(prev, batch[:, prompt : prompt + self.scored])
-                self.batches.append({"tokens": batch, "dense": dense, "cache": cache,
-                                     "surprisal": surprisal, "entropy": entropy,
-                                     "nll_dense": _nll(dense, batch[:, prompt + 1 :])})
+        super().__init__(model, tokens, prompt, batch_size, dense=lambda: _dense_mode(model))
+        for b in self.batches:
+            # the distribution each scored step's fed token is drawn from: prompt's last position, then dense
+            prev = torch.cat([b.pop("last"), b["dense"][:, :-1]], 1)
+            b["surprisal"], b["entropy"] = load_signals(prev, b["tokens"][:, prompt : prompt + self.scored])
 
     def signals(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense-model surprisal and entropy of every scored step, flattened."""
@@ -170,3 +272,42 @@ class ProxyEvaluator:
             st.scale = None
             trk.enabled = True
         return _summarise(nll_s, nll_d, kls, st.summary())
+
+
+def _pad_id(model: nn.Module) -> int:
+    config = getattr(model, "generation_config", None)
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int = 64, batch_size: int = 8) -> torch.Tensor:
+    """(N, new_tokens) greedy continuations of ``prompts`` (N, P), exactly ``new_tokens`` each (EOS suppressed)."""
+    device = next(model.parameters()).device
+    rows = []
+    for start in range(0, prompts.shape[0], batch_size):
+        ids = prompts[start : start + batch_size].to(device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=_pad_id(model))
+        rows.append(out[:, ids.shape[1] :].cpu())
+    return torch.cat(rows)
+
+
+def greedy_agreement(model: nn.Module, prompts: torch.Tensor, method: Sparsifier | None = None,
+                     new_tokens: int = 64, batch_size: int = 8, reference: torch.Tensor | None = None) -> float:
+    """Share of positions where the sparse greedy continuation of each prompt equals the dense one.
+
+    Both continuations are ``new_tokens`` long (generation regime: dense prefill, sparse decode steps);
+    ``reference``: the dense continuations if already computed (``greedy_tokens`` in dense mode).
+    """
+    method = method or Sparsifier(model)
+    if reference is None:
+        with method.dense():
+            reference = greedy_tokens(model, prompts, new_tokens, batch_size)
+    sparse = greedy_tokens(model, prompts, new_tokens, batch_size)
+    return float((sparse == reference).float().mean())

@@ -1,0 +1,73 @@
+"""Named methods on a loaded model for ``clada eval`` and the benchmarks, and the threshold sensitivity study."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from clada.artifacts import Artifact
+from clada.calibrate.baselines import (CALIBRATED_METHODS, ArtifactMethod, CalibrationActivations, build_method,
+                                       check_method)
+from clada.calibrate.data import load_documents
+from clada.calibrate.evaluate import Sparsifier, TeacherForcedEvaluator, generation_eval
+from clada.calibrate.pipeline import token_splits
+from clada.calibrate.recipe import Recipe, parse_recipe
+
+SENSITIVITY_KEYS = ("ppl_increase", "kl", "mlp_reads_saved", "mlp_sparsity", "input_sparsity", "relaxed_share")
+
+
+def recipe_of(artifact: Artifact | None) -> Recipe:
+    """The recipe an artifact was calibrated with (the default recipe without one); output and search
+    settings are dropped, they do not affect which documents are calibration documents."""
+    data = dict(artifact.recipe) if artifact is not None else {}
+    data.pop("output", None)
+    data.pop("search", None)
+    return parse_recipe(data, "artifact recipe")
+
+
+def calibration_activations(model: nn.Module, tokenizer, recipe: Recipe) -> CalibrationActivations:
+    """Dense MLP inputs on the recipe's activation documents, as the calibration job collects them."""
+    splits = token_splits(recipe, tokenizer, load_documents(recipe.data).documents)
+    return CalibrationActivations.collect(model, splits.act, recipe.prompt_tokens, recipe.calibration.activation_tokens)
+
+
+def attach_method(name: str, model: nn.Module, tokenizer, artifact: Artifact | None = None,
+                  sparsity: float | None = None, force: bool = False) -> Sparsifier:
+    """Attach method ``name`` (clada.calibrate.baselines.METHODS) to ``model``; calibrates the baselines that
+    need it on the artifact's (or the default recipe's) calibration documents."""
+    check_method(name, sparsity, artifact is not None)
+    calibration = calibration_activations(model, tokenizer, recipe_of(artifact)) if name in CALIBRATED_METHODS else None
+    return build_method(name, model, sparsity, artifact, calibration, force)
+
+
+def threshold_sensitivity(model: nn.Module, artifact: Artifact, tokens: torch.Tensor, prompt: int,
+                          delta: float = 0.2, batch_size: int = 16, base: dict | None = None,
+                          reference: TeacherForcedEvaluator | None = None, progress: bool = False) -> list[dict]:
+    """Generation-regime figures of ``artifact`` with ``tau_s`` and ``tau_H`` moved by -delta and +delta,
+    one at a time (normalised nats, clamped at 0), and the change of each figure from the artifact as is.
+
+    ``base``: the artifact's own figures on ``tokens`` if already measured; ``reference``: their dense
+    reference (see ``generation_eval``). Rows: variant, tau_s, tau_H,
+    SENSITIVITY_KEYS and ``d_<key>`` (variant minus base).
+    """
+    variants = [("base", 0.0, 0.0), (f"tau_s-{delta:g}", -delta, 0.0), (f"tau_s+{delta:g}", delta, 0.0),
+                (f"tau_H-{delta:g}", 0.0, -delta), (f"tau_H+{delta:g}", 0.0, delta)]
+    rows = []
+    for name, d_s, d_h in variants:
+        variant = dataclasses.replace(artifact, tau_s=max(0.0, artifact.tau_s + d_s), tau_H=max(0.0, artifact.tau_H + d_h))
+        if name == "base" and base is not None:
+            figures = base
+        else:
+            method = ArtifactMethod(model, variant)
+            try:
+                figures = generation_eval(model, tokens, prompt, batch_size, progress=progress, method=method,
+                                          reference=reference)
+            finally:
+                method.remove()
+        rows.append({"variant": name, "tau_s": variant.tau_s, "tau_H": variant.tau_H,
+                     **{k: figures[k] for k in SENSITIVITY_KEYS}})
+    for row in rows:
+        row.update({f"d_{k}": row[k] - rows[0][k] for k in SENSITIVITY_KEYS})
+    return rows
