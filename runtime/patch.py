@@ -13,7 +13,7 @@ from torch import nn
 from clada.artifacts import FORMAT_VERSION, Artifact, ArtifactError, load_artifact, write_atomic
 from clada.runtime.adapters import MLPAdapter, MLPParts, adapter_for
 from clada.runtime.signals import SignalTracker
-from clada.runtime.sparse import ChannelGate, GatedProjection, SparsityState
+from clada.runtime.sparse import ChannelGate, GatedProjection, RowGroup, SparsityState
 
 ARTIFACT_FILENAME = "clada.safetensors"
 FINGERPRINT_RTOL = 1e-3
@@ -111,6 +111,27 @@ def _store_rows_contiguous(adapter: MLPAdapter, proj: nn.Module) -> bool:
     return adapter.weight_of(proj).t().is_contiguous()
 
 
+def _store_rows_shared(adapter: MLPAdapter, projs: list[nn.Module]) -> bool:
+    """Lay the (in, out) rows of input projections that read the same input side by side in one buffer
+    (in_features, sum of out_features), in place: each parameter becomes a transposed view of its column
+    block (no copy is kept). Returns False, changing nothing, where the weights are not plain Linear weights."""
+    params = [getattr(p, "weight", None) for p in projs]
+    if len(projs) < 2 or not all(isinstance(q, nn.Parameter) and adapter.weight_of(p) is q and q.dim() == 2
+                                 for p, q in zip(projs, params)):
+        return False
+    first = params[0]
+    if any(q.shape[1] != first.shape[1] or q.dtype != first.dtype or q.device != first.device for q in params):
+        return False
+    buffer = torch.empty(first.shape[1], sum(q.shape[0] for q in params), dtype=first.dtype, device=first.device)
+    start = 0
+    for q in params:
+        block = buffer[:, start : start + q.shape[0]]
+        block.copy_(q.data.t())
+        q.data = block.t()
+        start += q.shape[0]
+    return True
+
+
 def _rows_of(adapter: MLPAdapter):
     """proj -> its weight as (in_features, out_features), a view of the storage it computes with."""
     return lambda proj: adapter.weight_of(proj).t()
@@ -149,11 +170,16 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     for layer, part in enumerate(parts):
         gate_in = ChannelGate(state, layer, "in", artifact.channel_scale_in[layer]).to(device)
         gate_mid = ChannelGate(state, layer, "mid", artifact.channel_scale_mid[layer]).to(device)
-        for name, gate in [(n, gate_in) for n in part.in_names] + [(part.out_name, gate_mid)]:
-            proj = getattr(part.owner, name)
-            if fast:
-                _store_rows_contiguous(adapter, proj)
-            setattr(part.owner, name, GatedProjection(proj, gate, rows_of))
+        ins = [getattr(part.owner, n) for n in part.in_names]
+        group = RowGroup(ins, rows_of) if fast and _store_rows_shared(adapter, ins) else None
+        for member, name in enumerate(part.in_names):
+            if fast and group is None:
+                _store_rows_contiguous(adapter, ins[member])
+            setattr(part.owner, name, GatedProjection(ins[member], gate_in, rows_of, group, member))
+        out_proj = getattr(part.owner, part.out_name)
+        if fast:
+            _store_rows_contiguous(adapter, out_proj)
+        setattr(part.owner, part.out_name, GatedProjection(out_proj, gate_mid, rows_of))
     tracker = SignalTracker(state, artifact.lam, artifact.gam, artifact.tau_s, artifact.tau_H)
     hooks = [
         model.register_forward_pre_hook(tracker.pre_forward, with_kwargs=True),

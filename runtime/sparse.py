@@ -82,11 +82,11 @@ class SparsityState:
         acc[1] += frac.sum()
 
     def row_thresholds(self, side: str) -> torch.Tensor:
-        """(rows, L) thresholds of the current step, tau[side][l] * scale[row], computed once per step."""
+        """(L, rows, 1) thresholds of the current step, tau[side][l] * scale[row], computed once per step."""
         key = (self.scale, self.tau[side]._version)
         cached = self._row_thresholds.get(side)
         if cached is None or cached[0][0] is not key[0] or cached[0][1] != key[1]:
-            cached = (key, self.scale.reshape(-1, 1).float() * self.tau[side])
+            cached = (key, self.tau[side].view(-1, 1, 1) * self.scale.reshape(1, -1, 1).float())
             self._row_thresholds[side] = cached
         return cached[1]
 
@@ -126,8 +126,10 @@ class ChannelGate(nn.Module):
         super().__init__()
         self.state, self.layer, self.side = state, layer, side
         self.register_buffer("channel_scale", channel_scale.float(), persistent=False)
-        self._last_input: torch.Tensor | None = None
-        self._last_output: torch.Tensor | Selection | None = None
+        self._last_input: torch.Tensor | None = None  # masked reference: last input and its masked copy
+        self._last_output: torch.Tensor | None = None
+        self._last_selected: torch.Tensor | None = None  # fast path: last input and its Selection
+        self._last_selection: Selection | None = None
 
     def keep_mask(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Boolean mask (..., C): True where the channel is computed."""
@@ -146,27 +148,84 @@ class ChannelGate(nn.Module):
         self._last_input, self._last_output = x, out
         return out
 
+    def _row_starts(self, rows: int, channels: int, device: torch.device) -> torch.Tensor:
+        """(rows,) int64 flat position of each row's first channel, row * channels (cached)."""
+        starts = getattr(self, "_starts", None)
+        if starts is None or starts.shape[0] != rows or starts.device != device:
+            starts = self._starts = torch.arange(rows, device=device) * channels
+        return starts
+
     def select(self, x: torch.Tensor) -> Selection:
         """The active channels of ``x`` (N rows of C, any leading shape) for the gathering fast path."""
-        if x is self._last_input:  # gate_proj and up_proj read the same tensor: select once
-            return self._last_output
+        if x is self._last_selected:  # gate_proj and up_proj read the same tensor: select once
+            return self._last_selection
         flat = x.reshape(-1, x.shape[-1])
         rows, channels = flat.shape
-        threshold = self.state.row_thresholds(self.side)[:, self.layer : self.layer + 1]  # (rows, 1)
-        keep = flat.abs() * self.channel_scale > threshold
-        where = keep.view(-1).nonzero().squeeze(1)  # flat positions row * C + channel
+        threshold = self.state.row_thresholds(self.side)[self.layer]  # (rows, 1)
+        keep = flat.abs().mul_(self.channel_scale) > threshold
+        where = keep.view(-1).nonzero().squeeze(1)  # flat positions row * C + channel, ascending
         split = 1
         if rows == 1:
             indices, split = where, self.state.row_split
             offsets = torch.arange(split, dtype=torch.long, device=x.device) * -(-where.numel() // split)
-        else:
+        else:  # few ops: each costs microseconds of dispatch, more than its arithmetic on a decode step
             indices = where % channels
-            counts = keep.sum(1)
-            offsets = counts.cumsum(0) - counts
+            offsets = torch.searchsorted(where, self._row_starts(rows, channels, x.device))
         selection = Selection(indices, offsets, flat.view(-1).index_select(0, where), split)
         self.state.record_counts(self.side, self.layer, rows, where.numel(), channels)
-        self._last_input, self._last_output = x, selection
+        self._last_selected, self._last_selection = x, selection
         return selection
+
+
+class RowGroup:
+    """Input projections of one MLP reading the same input (gate and up), whose (in_features, out_features)
+    weights ``runtime.apply`` lays out as column blocks of one buffer (in_features, sum of out_features).
+
+    A decode step then sums each active channel's whole buffer row once for all members: one
+    ``embedding_bag`` call over rows twice as long instead of two calls (fewer dispatches, longer contiguous
+    reads). Members are looked up through ``rows_of`` at each step; if the buffer is no longer shared (e.g. the
+    parameters were moved one by one), ``full_rows`` returns None and each member gathers its own rows.
+    """
+
+    def __init__(self, members: list[nn.Module], rows_of: Callable[[nn.Module], torch.Tensor]):
+        self.members, self.rows_of = members, rows_of
+        self._key: tuple | None = None
+        self._full: torch.Tensor | None = None
+        self._last_input: torch.Tensor | None = None
+        self._last_output: torch.Tensor | None = None
+        widths = [rows_of(m).shape[1] for m in members]
+        self.bounds = [(sum(widths[:i]), sum(widths[: i + 1])) for i in range(len(widths))]
+
+    def full_rows(self) -> torch.Tensor | None:
+        """(in_features, sum of out_features) view of the shared buffer, or None if it is not shared."""
+        rows = [self.rows_of(m) for m in self.members]
+        key = tuple((r.data_ptr(), r.shape, r.stride()) for r in rows)
+        if key != self._key:
+            first, total = rows[0], self.bounds[-1][1]
+            shared = all(r.stride() == (total, 1) and r.shape[0] == first.shape[0] and r.dtype == first.dtype
+                         and r.device == first.device
+                         and r.data_ptr() == first.data_ptr() + a * first.element_size()
+                         for r, (a, _) in zip(rows, self.bounds))
+            self._full = first.as_strided((first.shape[0], total), (total, 1)) if shared else None
+            self._key, self._last_input = key, None
+        return self._full
+
+    def output(self, x: torch.Tensor, sel: Selection, member: int) -> torch.Tensor | None:
+        """(N, out_features of ``member``) output of member ``member`` for input ``x`` (computed once for all)."""
+        if x is not self._last_input:
+            full = self.full_rows()
+            if full is None:
+                return None
+            self._last_output = _gather_sum(sel, full)
+            self._last_input = x
+        a, b = self.bounds[member]
+        return self._last_output[:, a:b]
+
+
+def _gather_sum(sel: Selection, rows: torch.Tensor) -> torch.Tensor:
+    """(N, out) sum over each row's active channels of activation * weight row (the decode-step product)."""
+    out = F.embedding_bag(sel.indices, rows, sel.offsets, mode="sum", per_sample_weights=sel.weights)
+    return out.sum(0, keepdim=True) if sel.split > 1 else out
 
 
 class GatedProjection(nn.Module):
@@ -178,24 +237,29 @@ class GatedProjection(nn.Module):
     """
 
     def __init__(self, inner: nn.Module, gate: ChannelGate,
-                 rows_of: Callable[[nn.Module], torch.Tensor] | None = None):
+                 rows_of: Callable[[nn.Module], torch.Tensor] | None = None,
+                 group: RowGroup | None = None, member: int = 0):
         super().__init__()
         self.inner = inner
         self.gate = gate
         self.rows_of = rows_of
+        self.group, self.member = group, member  # plain attributes: the group is shared, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.gate.state
         if state.scale is None:
             return self.inner(x)
-        rows = self.rows_of(self.inner) if self.rows_of is not None and state.fast else None
-        if rows is None or not rows.is_contiguous() or x.numel() > state.fast_max_rows * x.shape[-1]:
+        if self.rows_of is None or not state.fast or x.numel() > state.fast_max_rows * x.shape[-1]:
             return self.inner(self.gate(x))
-        sel = self.gate.select(x)
-        out = F.embedding_bag(sel.indices, rows, sel.offsets, mode="sum", per_sample_weights=sel.weights)
-        if sel.split > 1:
-            out = out.sum(0, keepdim=True)
+        out = None
+        if self.group is not None:
+            out = self.group.output(x, self.gate.select(x), self.member)
+        if out is None:
+            rows = self.rows_of(self.inner)
+            if not rows.is_contiguous():
+                return self.inner(self.gate(x))
+            out = _gather_sum(self.gate.select(x), rows)
         bias = getattr(self.inner, "bias", None)
         if bias is not None:
             out = out + bias
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out.reshape(*x.shape[:-1], out.shape[-1])

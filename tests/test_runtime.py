@@ -69,11 +69,42 @@ def test_fast_path_reads_transposed_storage_without_copies(family_model):
     params_before = sum(p.numel() for p in family_model.parameters())
     runtime.apply(family_model, make_artifact(family_model, tau_in=0.05, tau_mid=0.05))
     for part in adapter.mlp_parts(family_model):
-        for name in part.in_names + (part.out_name,):
-            assert adapter.weight(getattr(part.owner, name)).t().is_contiguous()
+        ins = [getattr(part.owner, n) for n in part.in_names]
+        group = ins[0].group
+        assert (group is not None) == (len(ins) == 2)  # every two-input-projection family here is plain Linear
+        if group is not None:  # gate and up: column blocks of one (in, gate + up) buffer, rows contiguous
+            assert len(ins) == 2 and all(p.group is group for p in ins)
+            full = group.full_rows()
+            assert full is not None and full.is_contiguous()
+            for p, (a, b) in zip(ins, group.bounds):
+                assert torch.equal(full[:, a:b], adapter.weight(p).t())
+        else:
+            assert all(adapter.weight(p).t().is_contiguous() for p in ins)
+        assert adapter.weight(getattr(part.owner, part.out_name)).t().is_contiguous()
     assert sum(p.numel() for p in family_model.parameters()) == params_before
     runtime.remove(family_model)
     assert all(p.is_contiguous() for p in family_model.parameters())
+
+
+def test_shared_rows_fall_back_when_the_buffer_is_no_longer_shared():
+    """If gate/up stop sharing their buffer (a parameter re-laid by someone else), the fast path still equals
+    the masked reference: first each member's own contiguous rows, then the reference for non-contiguous ones."""
+    model = tiny_model("llama")
+    art = make_artifact(model, tau_in=0.05, tau_mid=0.05)
+    runtime.apply(model, art, fast=False)
+    ref = decode_logits(model, PROMPT)
+    runtime.remove(model)
+    runtime.apply(model, art)
+    part = runtime.adapter_for(model).mlp_parts(model)[0]
+    gate, up = (getattr(part.owner, n) for n in part.in_names)
+    assert gate.group.full_rows() is not None
+    for proj in (gate, up):  # own (in, out) rows, contiguous, same values
+        proj.inner.weight.data = proj.inner.weight.data.t().contiguous().t()
+    assert gate.group.full_rows() is None
+    torch.testing.assert_close(decode_logits(model, PROMPT), ref, rtol=1e-5, atol=1e-5)
+    up.inner.weight.data = up.inner.weight.data.contiguous()  # original layout: masked reference for up
+    torch.testing.assert_close(decode_logits(model, PROMPT), ref, rtol=1e-5, atol=1e-5)
+    runtime.remove(model)
 
 
 def test_remove_restores_bit_exact_dense(family_model):
