@@ -18,8 +18,8 @@ from clada.calibrate.measure import build_tables, channel_scales, collect_mlp_in
 from clada.calibrate.models import load_model
 from clada.calibrate.recipe import Recipe
 from clada.calibrate.report import HEADLINE_KEYS, write_reports
-from clada.calibrate.search import (SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch, best_feasible,
-                                    feasible_trials, pareto_front, run_search)
+from clada.calibrate.search import (SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch,
+                                    feasible_trials, pareto_front, run_search, validated_choice)
 from clada.calibrate.storage import is_shared, open_storage, redact
 
 ARTIFACT_NAME = "clada.safetensors"
@@ -30,7 +30,7 @@ def study_name(recipe: Recipe) -> str:
     """Study identity: everything that changes what a trial computes (not output, storage or trial count)."""
     d = recipe.to_dict()
     d.pop("output")
-    d["search"] = {k: v for k, v in d["search"].items() if k not in ("storage", "trials")}
+    d["search"] = {k: v for k, v in d["search"].items() if k not in ("storage", "trials", "validation_docs", "candidates")}
     d.pop("eval")
     return "clada-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -41,12 +41,17 @@ def _log(msg: str) -> None:
 
 @dataclass
 class TokenSplits:
-    """Token ids (N, P+S+1) of a recipe's documents: calibration (= search + activation documents) and held-out."""
+    """Token ids (N, P+S+1) of a recipe's documents: calibration (= search + activation documents) and held-out.
+
+    ``validation``: the last calibration documents, disjoint from the search documents (and from the
+    activation documents the error tables use whenever the corpus has enough documents); may be empty.
+    """
 
     calib: torch.Tensor
     held: torch.Tensor
     search: torch.Tensor
     act: torch.Tensor
+    validation: torch.Tensor
 
 
 def token_splits(recipe: Recipe, tokenizer, documents: list[str]) -> TokenSplits:
@@ -56,7 +61,9 @@ def token_splits(recipe: Recipe, tokenizer, documents: list[str]) -> TokenSplits
     calib = tokenize_documents(tokenizer, calib_docs, length)
     held = tokenize_documents(tokenizer, held_docs, length, max_docs=recipe.eval.heldout_docs)
     n_search = min(recipe.calibration.search_docs, max(1, calib.shape[0] // 2))
-    return TokenSplits(calib, held, calib[:n_search], calib[n_search:] if calib.shape[0] > n_search else calib)
+    n_val = min(recipe.search.validation_docs, calib.shape[0] - n_search)
+    return TokenSplits(calib, held, calib[:n_search], calib[n_search:] if calib.shape[0] > n_search else calib,
+                       calib[calib.shape[0] - n_val :] if n_val > 0 else calib[:0])
 
 
 @dataclass
@@ -143,7 +150,20 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     study = run_search(search, progress=progress)
     timings["search"] = time.time() - t
 
-    best = best_feasible(study)
+    validator = None
+    if splits.validation.shape[0]:
+        _log(f"      validating the best trials on {splits.validation.shape[0]} validation documents")
+        validator = ProxyEvaluator(model, splits.validation, recipe.prompt_tokens, recipe.eval.batch_size)
+    n_val, n_search = splits.validation.shape[0], search_tokens.shape[0]
+    best, checks = validated_choice(study, search, validator, recipe.search.candidates, n_val / (n_val + n_search))
+    del validator
+    for c in checks:
+        _log(f"      trial {c['trial']}: reads saved {c['mlp_reads_saved']:.3f}, ppl_increase search "
+             f"{c['search_ppl_increase']:+.4f} validation {c['validation_ppl_increase']:+.4f} -> "
+             f"{'chosen' if c['passes'] else 'over budget'}")
+    timings["validation"] = time.time() - t - timings["search"]
+    if checks and not checks[-1]["passes"]:
+        _log("      warning: no checked trial met the budget on validation documents; using the closest")
     if best is None:
         best = min((tr for tr in study.trials if tr.state.name == "COMPLETE"), key=lambda tr: tr.user_attrs["ppl_increase"])
         _log("      warning: no trial met the quality constraint; using the one with the smallest ppl_increase")
@@ -186,7 +206,8 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
                    "tau_base_mid": point.tau_mid,
                    "proxy": {k: best.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}},
         "search": {"study": settings.study_name, "storage": redact(settings.storage), "trials": len(trials),
-                   "feasible_trials": len(feasible_trials(study)), "max_ppl_increase": settings.max_ppl_increase},
+                   "feasible_trials": len(feasible_trials(study)), "max_ppl_increase": settings.max_ppl_increase,
+                   "validation_docs": int(splits.validation.shape[0]), "validation": checks},
         "trials": trials,
         "pareto_front": front,
         "timings_s": timings,

@@ -34,6 +34,8 @@ class SearchSection:
     max_ppl_increase: float = 0.02
     adapt: bool = True
     storage: str | None = None
+    validation_docs: int = 48
+    candidates: int = 8
 
 
 @dataclass
@@ -68,6 +70,7 @@ RANGES = {
     "seed": (0, None), "prompt_tokens": (1, None), "scored_tokens": (1, None), "heldout_fraction": (0.01, 0.99),
     "calibration.activation_tokens": (16, None), "calibration.search_docs": (1, None),
     "search.trials": (1, None), "search.max_ppl_increase": (0.0, 10.0),
+    "search.validation_docs": (0, None), "search.candidates": (1, None),
     "eval.heldout_docs": (1, None), "eval.batch_size": (1, None),
 }
 CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "calibration.score": ("wina", "magnitude")}

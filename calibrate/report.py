@@ -49,6 +49,15 @@ def render_markdown(report: dict) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {p['trial']} | {p['mlp_reads_saved']:.4f} | {p['ppl_increase']:+.4f} |" for p in report["pareto_front"]]
+    checks = report["search"].get("validation", [])
+    if checks:
+        lines += ["", f"## Validation of the best trials ({report['search']['validation_docs']} documents the search "
+                  "never scored; chosen: the first whose averaged ppl_increase is within the budget)", "",
+                  "| trial | mlp_reads_saved | ppl_increase search | validation | averaged | within budget |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c['trial']} | {c['mlp_reads_saved']:.4f} | {c['search_ppl_increase']:+.4f} | "
+                  f"{c['validation_ppl_increase']:+.4f} | {c['averaged_ppl_increase']:+.4f} | "
+                  f"{'yes' if c['passes'] else 'no'} |" for c in checks]
     lines += ["", "## Timings (s)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in report["timings_s"].items()]
     lines.append("")

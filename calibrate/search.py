@@ -259,3 +259,40 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
             front.append(i)
             best_ppl = points[i][1]
     return sorted(front, key=lambda i: points[i][0])
+
+
+def validated_choice(study: optuna.Study, search: ThresholdSearch, validator: ProxyEvaluator | None,
+                     candidates: int, validation_weight: float = 0.5
+                     ) -> tuple[optuna.trial.FrozenTrial | None, list[dict]]:
+    """The artifact's trial, chosen against the winner's curse, and the checks made (one dict per candidate).
+
+    Picking the feasible trial with the most reads saved favours trials whose ppl_increase the search
+    documents happen to underestimate. So the feasible Pareto-front trials are re-scored, most reads saved
+    first, on ``validator``'s documents (never seen by the search); the first whose ppl_increase averaged
+    over search and validation documents (validation weighted ``validation_weight``, e.g. its share of all
+    those documents) stays within the budget is chosen. Without a
+    validator this is ``best_feasible``. When none of the first ``candidates`` passes, the checked trial with
+    the smallest averaged ppl_increase is returned; None when no trial is feasible.
+    """
+    if validator is None:
+        return best_feasible(study), []
+    feasible = feasible_trials(study)
+    order = pareto_front([(t.value, t.user_attrs["ppl_increase"]) for t in feasible])[::-1]  # most reads first
+    budget = search.settings.max_ppl_increase
+    checks: list[dict] = []
+    for i in order[:candidates]:
+        trial = feasible[i]
+        point = search.point(trial.params)
+        figures = validator(torch.tensor(point.tau_in), torch.tensor(point.tau_mid),
+                            point.lam, point.gam, point.tau_s, point.tau_H)
+        averaged = (1 - validation_weight) * trial.user_attrs["ppl_increase"] + validation_weight * figures["ppl_increase"]
+        checks.append({"trial": trial.number, "mlp_reads_saved": trial.value,
+                       "search_ppl_increase": trial.user_attrs["ppl_increase"],
+                       "validation_ppl_increase": figures["ppl_increase"], "averaged_ppl_increase": averaged,
+                       "passes": averaged <= budget})
+        if averaged <= budget:
+            return trial, checks
+    if not checks:
+        return None, checks
+    fallback = min(checks, key=lambda c: c["averaged_ppl_increase"])["trial"]
+    return next(t for t in feasible if t.number == fallback), checks

@@ -31,6 +31,11 @@ def test_outputs_written(workspace):
     assert REPORT_KEYS <= set(report)
     assert report["tokens"] == 4 * 24
     assert report["search"]["trials"] == 6
+    checks = report["search"]["validation"]
+    assert report["search"]["validation_docs"] > 0 and checks  # the chosen trial was re-checked
+    assert checks[-1]["trial"] == report["chosen"]["trial"] or not any(c["passes"] for c in checks)
+    assert all(not c["passes"] for c in checks[:-1])  # earlier (more reads saved) candidates failed
+    assert "## Validation of the best trials" in (out / "report.md").read_text()
     assert (out / "trials.png").read_bytes()[:4] == b"\x89PNG"
     assert "mlp_reads_saved" in output and "artifact:" in output
 
