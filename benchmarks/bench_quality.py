@@ -60,7 +60,7 @@ LEVELS = {  # sparsity levels (quantiles / targets) per baseline, chosen to span
     "cats": [0.3, 0.4, 0.5, 0.6],
     "griffin": [0.05, 0.1, 0.2],
 }
-CLADA_TARGETS = (0.10, 0.15, 0.20, 0.225, 0.25, 0.30, 0.35)  # proxy reads saved; the nearest front point of each
+CLADA_TARGETS = (0.10, 0.15, 0.20, 0.25, 0.30, 0.35)  # proxy reads saved; the nearest front point of each
 DATASETS = ("lee", "enwiki")
 KEYS = ("ppl_increase", "kl", "mlp_reads_saved", "mlp_sparsity", "input_sparsity", "relaxed_share", "dense_ppl")
 MC_TASKS = ("bigbench:cause_and_effect", "bigbench:physical_intuition")
@@ -147,6 +147,28 @@ def run_baselines(bench: Bench, levels: dict) -> list[dict]:
             for q in qs:
                 rows.append(bench.evaluate(build_method(name, bench.model, sparsity=q, calibration=calib), name, q))
     return rows
+
+
+BASELINES = ("dense", *LEVELS)
+
+
+def reused_rows(path: Path, bench: Bench) -> tuple[list[dict], dict]:
+    """Baseline rows of an earlier run (checked to share recipe, data and greedy settings), plus its CLADA rows
+    renamed 'clada-earlier' if that run's study differs from this recipe's; and where they came from."""
+    earlier = json.loads(path.read_text())
+    r = bench.recipe
+    same = {"recipe model/data/lengths/split": all(earlier["recipe"][k] == r.to_dict()[k] for k in
+                                                   ("model", "data", "dtype", "prompt_tokens", "scored_tokens",
+                                                    "heldout_fraction", "seed")),
+            "documents": earlier["data"] == {k: int(v.shape[0]) for k, v in bench.tokens.items()},
+            "greedy": earlier["greedy"] == {"prompts": int(bench.prompts.shape[0]), "tokens": bench.args.greedy_tokens}}
+    if not all(same.values()):
+        raise SystemExit(f"{path}: cannot reuse its baselines, it differs in " + ", ".join(k for k, v in same.items() if not v))
+    rows = [row for row in earlier["rows"] if row["method"] in BASELINES]
+    if earlier["reconstruction"].get("study") != study_name(r):
+        rows += [{**row, "method": "clada-earlier", "study": earlier["reconstruction"].get("study")}
+                 for row in earlier["rows"] if row["method"] == "clada"]
+    return rows, {"file": str(path), "command": earlier["command"], "study": earlier["reconstruction"].get("study")}
 
 
 def study_points(bench: Bench, study_dir: Path, default: Artifact) -> tuple[list[dict], dict]:
@@ -245,6 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mc", nargs="*", default=list(MC_TASKS))
     parser.add_argument("--mc-limit", type=int, default=None, help="Questions per task (default: all).")
     parser.add_argument("--quick", action="store_true", help="Smoke run: 2 levels per baseline, 2 CLADA points.")
+    parser.add_argument("--reuse-baselines", default=None, metavar="FRONTIER_JSON",
+                        help="Take the baseline rows from an earlier frontier.json of the same recipe and data instead "
+                             "of measuring them again (they do not depend on the CLADA study); its CLADA rows are kept "
+                             "as 'clada-earlier' when that run used another study.")
     args = parser.parse_args(argv)
     t0 = time.time()
     torch.manual_seed(0)
@@ -254,9 +280,14 @@ def main(argv: list[str] | None = None) -> None:
     default = load_artifact(study_dir / ARTIFACT_NAME)
     levels = {k: (v[1::3] if args.quick else v) for k, v in LEVELS.items()}
 
-    log("baselines")
-    rows = [bench.evaluate(build_method("dense", bench.model), "dense", 0.0)]
-    rows += run_baselines(bench, levels)
+    if args.reuse_baselines:
+        rows, reused = reused_rows(Path(args.reuse_baselines), bench)
+        log(f"baselines: {len(rows)} rows reused from {args.reuse_baselines}")
+    else:
+        log("baselines")
+        rows = [bench.evaluate(build_method("dense", bench.model), "dense", 0.0)]
+        rows += run_baselines(bench, levels)
+        reused = None
     log("CLADA study points")
     points, check = study_points(bench, study_dir, default)
     points = pick_points(points, (0.15,) if args.quick else CLADA_TARGETS, check.get("trial"))
@@ -270,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         "data": {k: int(v.shape[0]) for k, v in bench.tokens.items()}, "dense_ppl": bench.dense_ppl,
         "prompt_tokens": recipe.prompt_tokens, "scored_tokens": recipe.scored_tokens,
         "greedy": {"prompts": int(bench.prompts.shape[0]), "tokens": args.greedy_tokens},
-        "reconstruction": check, "default_artifact": str(study_dir / ARTIFACT_NAME),
+        "reconstruction": check, "default_artifact": str(study_dir / ARTIFACT_NAME), "baselines_from": reused,
         "default_calibration_figures": default.figures,
         "rows": rows, **default_figures,
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 from clada.artifacts import atomic_path, write_atomic
 
 DATASETS = ("lee", "enwiki")
-METHOD_ORDER = ("uniform", "cats", "griffin", "teal", "teal-greedy", "clada-noadapt", "clada")
+METHOD_ORDER = ("uniform", "cats", "griffin", "teal", "teal-greedy", "clada-earlier", "clada-noadapt", "clada")
 READS_GRID = (0.10, 0.15, 0.20, 0.25, 0.30, 0.35)
 TARGET = {"lee": 0.02, "enwiki": 0.04}
 TARGET_READS = 0.20
@@ -90,6 +90,13 @@ def render_markdown(result: dict) -> str:
         f"Command: `{result['command']}` ({result['minutes']} min, {result['threads']} CPU threads, torch {result['torch']})"
         + (" — **quick smoke run, not for the record**" if result["quick"] else ""),
         "",
+    ]
+    if result.get("baselines_from"):
+        src = result["baselines_from"]
+        md += [f"Baseline rows (and `clada-earlier`: the CLADA points of study `{src['study']}`, from before the "
+               f"allocation rule changed) reused from `{src['file']}`, measured by `{src['command']}` on the same "
+               "model, documents and settings.", ""]
+    md += [
         f"Model `{r['model']}`, {r['dtype']}. Data: {result['data']['lee']} held-out `lee` documents (never seen by the "
         f"calibration) and {result['data']['enwiki']} `enwiki` documents; each scored on {result['scored_tokens']} tokens after a "
         f"dense prefill of {result['prompt_tokens']} (dense perplexity {result['dense_ppl']['lee']:.2f} / "
@@ -153,7 +160,8 @@ def plot(result: dict, path: Path) -> None:
     for ax, data in zip(axes, DATASETS):
         for method, rows in by_method.items():
             pts = sorted((r[data]["mlp_reads_saved"], r[data]["ppl_increase"]) for r in rows)
-            style = {"clada": dict(lw=2.4, color="black"), "clada-noadapt": dict(ls="--", color="gray")}.get(method, {})
+            style = {"clada": dict(lw=2.4, color="black"), "clada-noadapt": dict(ls="--", color="gray"),
+                     "clada-earlier": dict(ls=":", color="gray", lw=1)}.get(method, {})
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=method, **style)
         ax.plot(default[data]["mlp_reads_saved"], default[data]["ppl_increase"], marker="*", ms=16, color="gold",
                 mec="black", ls="", label="default artifact", zorder=5)
@@ -162,7 +170,7 @@ def plot(result: dict, path: Path) -> None:
             ax.axvline(TARGET_READS, color="red", lw=0.8, ls=":")
         ax.set_yscale("symlog", linthresh=0.01)
         ax.set_xlim(0, 0.45)
-        ax.set_ylim(-0.005, 1.0)
+        ax.set_ylim(-0.03, 1.0)
         ax.set_xlabel("mlp_reads_saved (share of MLP weight bytes not read per decode step)")
         ax.set_ylabel("ppl_increase (symlog)")
         ax.set_title("held-out lee" if data == "lee" else "enwiki")

@@ -161,18 +161,31 @@ def build_tables(model: nn.Module, adapter: MLPAdapter, inputs: list[torch.Tenso
             for l, part in enumerate(tqdm(parts, desc="per-layer error tables", unit="layer", disable=not progress))]
 
 
-def allocate(tables: list[LayerTable], budgets: torch.Tensor,
-             error_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per layer, the thresholds of the cell that skips most bytes with error * weight[l] <= budget[l].
+ALLOCATION_RULES = ("budget", "marginal")
 
-    Returns (tau_in, tau_mid), each (L,) float32.
+
+def allocate(tables: list[LayerTable], budgets: torch.Tensor, error_weights: torch.Tensor | None = None,
+             rule: str = "budget") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer thresholds from the error tables; returns (tau_in, tau_mid), each (L,) float32.
+
+    ``budget``: each layer takes the cell that skips most bytes with error * weight[l] <= budget[l].
+    ``marginal``: each layer takes the cell maximising saved - error * weight[l] / budget[l], i.e. it keeps
+    skipping while one more unit of skipped bytes costs at most budget[l] units of weighted error. With one
+    budget for all layers this is the rate-distortion (Lagrangian) allocation: the total weighted error is the
+    smallest possible for the bytes skipped, among the table's cells; each layer's error budget is then the
+    error of the cell it lands on.
     """
+    if rule not in ALLOCATION_RULES:
+        raise ValueError(f"allocation rule {rule!r} is not one of {ALLOCATION_RULES}")
     tau_in, tau_mid = [], []
     weights = error_weights if error_weights is not None else torch.ones(len(tables))
     for table, budget, weight in zip(tables, budgets, weights):
-        ok = table.error * weight <= budget
-        ok[0, 0] = True
-        flat = torch.where(ok, table.saved, torch.full_like(table.saved, -1.0)).flatten()
+        if rule == "marginal":
+            flat = (table.saved - table.error * weight / budget).flatten()
+        else:
+            ok = table.error * weight <= budget
+            ok[0, 0] = True
+            flat = torch.where(ok, table.saved, torch.full_like(table.saved, -1.0)).flatten()
         i, j = divmod(int(flat.argmax()), table.saved.shape[1])
         tau_in.append(float(table.t_in[i]))
         tau_mid.append(float(table.t_mid[i, j]))

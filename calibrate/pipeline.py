@@ -141,7 +141,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     _log(f"[3/6] dense reference on {search_tokens.shape[0]} search documents")
     evaluator = ProxyEvaluator(model, search_tokens, recipe.prompt_tokens, recipe.eval.batch_size)
     settings = SearchSettings(trials=recipe.search.trials, max_ppl_increase=recipe.search.max_ppl_increase,
-                              adapt=recipe.search.adapt, seed=recipe.seed,
+                              adapt=recipe.search.adapt, allocation=recipe.search.allocation, seed=recipe.seed,
                               storage=recipe.search.storage or f"sqlite:///{(out / 'study.db').resolve()}",
                               study_name=study_name(recipe))
     search = ThresholdSearch(tables, ratios, evaluator, settings)

@@ -33,6 +33,7 @@ class SearchSection:
     trials: int = 40
     max_ppl_increase: float = 0.02
     adapt: bool = True
+    allocation: str = "marginal"
     storage: str | None = None
     validation_docs: int = 48
     candidates: int = 8
@@ -73,7 +74,8 @@ RANGES = {
     "search.validation_docs": (0, None), "search.candidates": (1, None),
     "eval.heldout_docs": (1, None), "eval.batch_size": (1, None),
 }
-CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "calibration.score": ("wina", "magnitude")}
+CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "calibration.score": ("wina", "magnitude"),
+           "search.allocation": ("marginal", "budget", "both")}
 
 
 def _check_type(path: str, value: Any, default: Any, annotation: str) -> Any:

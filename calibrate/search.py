@@ -1,9 +1,11 @@
 """Optuna search over error-budget allocation and cognitive-load adaptation.
 
-Each trial picks a per-layer error budget ``budget * exp(depth_slope * (l/(L-1) - 1/2))`` on the layer's
-relative MLP output error weighted by ``residual_ratio[l] ** mix`` (mix = 1: error relative to the residual
-stream; mix = 0: relative to the MLP output); error-controlled allocation (clada.calibrate.measure.allocate)
-turns it into per-layer thresholds.
+Each trial picks a per-layer level ``b * exp(depth_slope * (l/(L-1) - 1/2))`` on the layer's relative MLP
+output error weighted by ``residual_ratio[l] ** mix`` (mix = 1: error relative to the residual stream; mix = 0:
+relative to the MLP output); error-controlled allocation (clada.calibrate.measure.allocate) turns it into
+per-layer thresholds. With ``allocation: budget`` the level is the layer's error budget (``budget``); with
+``marginal`` it is the price (``price``) at which the layer stops skipping: the rate-distortion allocation,
+whose per-layer budgets are where one more skipped byte would cost more error than the price.
 It also picks ``lam, gam`` in [-1, 0] and the quantiles ``q_s, q_H`` of the calibration surprisal and
 entropy that become ``tau_s, tau_H``. The objective maximises ``mlp_reads_saved`` under the constraint
 ``ppl_increase <= max_ppl_increase`` (both from the fast proxy on calibration documents).
@@ -36,7 +38,9 @@ class SearchSettings:
     trials: int = 40
     max_ppl_increase: float = 0.02
     adapt: bool = True
+    allocation: str = "marginal"  # "marginal", "budget" or "both" (the study picks per trial)
     budget_range: tuple[float, float] = (1e-5, 0.3)
+    price_range: tuple[float, float] = (3e-4, 0.1)
     seed: int = 0
     storage: str | None = None
     study_name: str = "clada"
@@ -69,9 +73,10 @@ class ThresholdSearch:
         """Thresholds and adaptation parameters for ``params`` (no evaluation)."""
         L = len(self.tables)
         depth = torch.linspace(-0.5, 0.5, L) if L > 1 else torch.zeros(1)
-        budgets = params["budget"] * torch.exp(params.get("depth_slope", 0.0) * depth)
+        rule = "marginal" if "price" in params else "budget"
+        budgets = params.get("price", params.get("budget")) * torch.exp(params.get("depth_slope", 0.0) * depth)
         weights = self.residual_ratio ** params.get("mix", 1.0)
-        tau_in, tau_mid = allocate(self.tables, budgets, weights)
+        tau_in, tau_mid = allocate(self.tables, budgets, weights, rule)
         q_s, q_H = params.get("q_s", 1.0), params.get("q_H", 1.0)
         return Point(
             params=dict(params), tau_in=tau_in.tolist(), tau_mid=tau_mid.tolist(),
@@ -87,10 +92,15 @@ class ThresholdSearch:
         return point
 
     def suggest(self, trial: optuna.Trial) -> dict:
-        low, high = self.settings.budget_range
-        params = {"budget": trial.suggest_float("budget", low, high, log=True),
-                  "depth_slope": trial.suggest_float("depth_slope", -2.0, 2.0),
-                  "mix": trial.suggest_float("mix", 0.0, 1.0)}
+        rule = self.settings.allocation
+        if rule == "both":
+            rule = trial.suggest_categorical("rule", ["marginal", "budget"])
+        if rule == "marginal":
+            params = {"price": trial.suggest_float("price", *self.settings.price_range, log=True)}
+        else:
+            params = {"budget": trial.suggest_float("budget", *self.settings.budget_range, log=True)}
+        params.update({"depth_slope": trial.suggest_float("depth_slope", -2.0, 2.0),
+                       "mix": trial.suggest_float("mix", 0.0, 1.0)})
         if self.settings.adapt:
             params.update(lam=trial.suggest_float("lam", -1.0, 0.0), gam=trial.suggest_float("gam", -1.0, 0.0),
                           q_s=trial.suggest_float("q_s", 0.5, 0.99), q_H=trial.suggest_float("q_H", 0.5, 0.99))
@@ -117,15 +127,19 @@ def _constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
 def warm_start_points(settings: SearchSettings) -> list[dict]:
     """The first trials of every study: no-adaptation points across budgets, then two with the
     'thresholds halved on the 30% most surprising tokens' adaptation at higher base budgets."""
+    marginal = settings.allocation != "budget"
+    key, levels, adaptive = (("price", (1.5e-3, 3e-3, 5e-3, 1e-2), (5e-3, 7.5e-3)) if marginal else
+                             ("budget", (1e-4, 3e-4, 1e-3, 3e-3), (6e-4, 1e-3)))
+    rule = {"rule": "marginal" if marginal else "budget"} if settings.allocation == "both" else {}
     points = []
-    for budget in (1e-4, 3e-4, 1e-3, 3e-3):
-        params = {"budget": budget, "depth_slope": 0.0, "mix": 1.0}
+    for level in levels:
+        params = {**rule, key: level, "depth_slope": 0.0, "mix": 1.0}
         if settings.adapt:
             params.update(lam=0.0, gam=0.0, q_s=0.9, q_H=0.9)
         points.append(params)
     if settings.adapt:
-        for budget in (6e-4, 1e-3):
-            points.append({"budget": budget, "depth_slope": 0.0, "mix": 1.0, "lam": -0.5, "gam": 0.0,
+        for level in adaptive:
+            points.append({**rule, key: level, "depth_slope": 0.0, "mix": 1.0, "lam": -0.5, "gam": 0.0,
                            "q_s": 0.7, "q_H": 0.9})
     return points
 

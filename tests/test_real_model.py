@@ -22,7 +22,7 @@ def calibrated(tmp_path_factory):
     run_recipe(root, {
         "model": "smollm2-135m", "data": "lee", "output": str(root / "out"),
         "calibration": {"activation_tokens": 256, "search_docs": 4, "q_in": [0.0, 0.1, 0.2], "q_mid": [0.0, 0.2, 0.4]},
-        "search": {"trials": 4, "max_ppl_increase": 0.05},
+        "search": {"trials": 4, "max_ppl_increase": 0.05, "validation_docs": 4},
         "eval": {"heldout_docs": 4, "batch_size": 4},
     })
     return root / "out"

@@ -1,0 +1,61 @@
+"""Error-controlled allocation rules on synthetic per-layer error tables."""
+
+import itertools
+
+import pytest
+import torch
+
+from clada.calibrate.measure import LayerTable, allocate
+from clada.calibrate.recipe import RecipeError, parse_recipe
+from clada.calibrate.search import SearchSettings, warm_start_points
+
+
+def _table(errors: list[float]) -> LayerTable:
+    """One input quantile, len(errors) intermediate cells skipping 0, 0.1, 0.2, ... of the bytes; tau_mid = cell."""
+    n = len(errors)
+    return LayerTable(t_in=torch.zeros(1), t_mid=torch.arange(n, dtype=torch.float32).view(1, n),
+                      error=torch.tensor([errors]), saved=torch.arange(n, dtype=torch.float32).view(1, n) / 10)
+
+
+TABLES = [_table([0.0, 0.001, 0.002, 0.010, 0.050]),   # cheap layer
+          _table([0.0, 0.004, 0.020, 0.060, 0.200])]   # expensive layer
+
+
+def test_budget_rule_takes_the_most_skipping_cell_within_each_budget():
+    _, tau_mid = allocate(TABLES, torch.tensor([0.005, 0.005]))
+    assert tau_mid.tolist() == [2.0, 1.0]
+
+
+def test_marginal_rule_stops_where_the_next_step_costs_more_than_the_price():
+    # price 0.05 error per unit saved: a 0.1 step is taken while it adds <= 0.005 error
+    _, tau_mid = allocate(TABLES, torch.tensor([0.05, 0.05]), rule="marginal")
+    assert tau_mid.tolist() == [2.0, 1.0]
+    _, tau_mid = allocate(TABLES, torch.tensor([0.1, 0.1]), rule="marginal")
+    assert tau_mid.tolist() == [3.0, 1.0]
+
+
+def test_marginal_rule_is_optimal_for_the_bytes_it_skips():
+    """No other choice of cells skips as many bytes with less total error (the Lagrangian property)."""
+    for price in (0.01, 0.03, 0.1, 0.5, 2.0):
+        _, tau_mid = allocate(TABLES, torch.tensor([price, price]), rule="marginal")
+        cells = [int(c) for c in tau_mid]
+        saved = sum(cells) / 10
+        error = sum(t.error[0, c].item() for t, c in zip(TABLES, cells))
+        for other in itertools.product(range(5), repeat=2):
+            if sum(other) / 10 >= saved - 1e-9:
+                assert sum(t.error[0, c].item() for t, c in zip(TABLES, other)) >= error - 1e-12
+
+
+def test_unknown_rule_and_recipe_choice():
+    with pytest.raises(ValueError, match="allocation rule"):
+        allocate(TABLES, torch.ones(2), rule="greedy")
+    with pytest.raises(RecipeError, match="search.allocation"):
+        parse_recipe({"search": {"allocation": "greedy"}})
+    assert parse_recipe({}).search.allocation == "marginal"
+
+
+@pytest.mark.parametrize("allocation,key", [("marginal", "price"), ("budget", "budget"), ("both", "price")])
+def test_warm_start_points_use_the_rule_parameter(allocation, key):
+    points = warm_start_points(SearchSettings(allocation=allocation))
+    assert points and all(key in p for p in points)
+    assert all(p.get("rule") == "marginal" for p in points) if allocation == "both" else all("rule" not in p for p in points)
