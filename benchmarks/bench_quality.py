@@ -280,9 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     default = load_artifact(study_dir / ARTIFACT_NAME)
     levels = {k: (v[1::3] if args.quick else v) for k, v in LEVELS.items()}
 
-    if args.reuse_baselines:
-        rows, reused = reused_rows(Path(args.reuse_baselines), bench)
-        log(f"baselines: {len(rows)} rows reused from {args.reuse_baselines}")
+    if args.reuse_baselines:  # read at the end: an earlier run may still be writing it
+        rows, reused = [], None
     else:
         log("baselines")
         rows = [bench.evaluate(build_method("dense", bench.model), "dense", 0.0)]
@@ -294,6 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     clada_rows = run_clada(bench, points, default, check.get("trial"))
     rows += clada_rows
     default_figures = run_default(bench, default, clada_rows, args)
+    if args.reuse_baselines:
+        earlier, reused = reused_rows(Path(args.reuse_baselines), bench)
+        rows = earlier + rows
+        log(f"baselines: {len(earlier)} rows reused from {args.reuse_baselines}")
     result = {
         "command": "nice -n 15 python benchmarks/bench_quality.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "quick": args.quick, "minutes": round((time.time() - t0) / 60, 1), "threads": torch.get_num_threads(),
