@@ -60,7 +60,7 @@ LEVELS = {  # sparsity levels (quantiles / targets) per baseline, chosen to span
     "cats": [0.3, 0.4, 0.5, 0.6],
     "griffin": [0.05, 0.1, 0.2],
 }
-CLADA_TARGETS = (0.10, 0.15, 0.20, 0.25, 0.30, 0.35)  # proxy reads saved; the nearest front point of each
+CLADA_TARGETS = (0.10, 0.20, 0.25, 0.30)  # proxy reads saved; the nearest front point of each
 DATASETS = ("lee", "enwiki")
 KEYS = ("ppl_increase", "kl", "mlp_reads_saved", "mlp_sparsity", "input_sparsity", "relaxed_share", "dense_ppl")
 MC_TASKS = ("bigbench:cause_and_effect", "bigbench:physical_intuition")
