@@ -186,29 +186,31 @@ def run_recipe(root, recipe: dict) -> str:
     return result.output
 
 
-def tiny_recipe(root, model: str, trials: int = 6, max_ppl_increase: float = 0.05) -> dict:
+def tiny_recipe(root, model: str, trials: int = 6, max_ppl_increase: float = 0.05, allocation: str = "marginal") -> dict:
     """A small recipe calibrating ``model`` on synthetic text (written to ``root/docs.txt``), output ``root/out``."""
     (root / "docs.txt").write_text("\n\n".join(synthetic_documents(40, 60)))
     return {
         "model": model, "data": str(root / "docs.txt"), "output": str(root / "out"),
         "prompt_tokens": 16, "scored_tokens": 24,
         "calibration": {"activation_tokens": 128, "search_docs": 4, "q_in": [0.0, 0.2], "q_mid": [0.0, 0.3]},
-        "search": {"trials": trials, "max_ppl_increase": max_ppl_increase},
+        "search": {"trials": trials, "max_ppl_increase": max_ppl_increase, "allocation": allocation},
         "eval": {"heldout_docs": 4, "batch_size": 4},
     }
 
 
-def tiny_job(root, family: str = "llama", trials: int = 6, max_ppl_increase: float = 0.05) -> dict:
+def tiny_job(root, family: str = "llama", trials: int = 6, max_ppl_increase: float = 0.05,
+             allocation: str = "marginal") -> dict:
     """Write ``root/ckpt`` (``tiny_model(family)`` + word tokenizer) and ``root/docs.txt`` (synthetic text);
     return a recipe (dict) calibrating them quickly into ``root/out``."""
     tiny_model(family).save_pretrained(root / "ckpt")
     word_tokenizer().save_pretrained(root / "ckpt")
-    return tiny_recipe(root, str(root / "ckpt"), trials, max_ppl_increase)
+    return tiny_recipe(root, str(root / "ckpt"), trials, max_ppl_increase, allocation)
 
 
-def calibrate_tiny(root, family: str = "llama", trials: int = 6, max_ppl_increase: float = 0.05) -> str:
+def calibrate_tiny(root, family: str = "llama", trials: int = 6, max_ppl_increase: float = 0.05,
+                   allocation: str = "marginal") -> str:
     """Calibrate ``tiny_job(root, family, ...)`` through ``clada-calibrate``, in process; returns its output.
 
     Besides ``root/ckpt`` and ``root/docs.txt`` it writes ``root/recipe.yaml`` and the job's outputs in ``root/out``.
     """
-    return run_recipe(root, tiny_job(root, family, trials, max_ppl_increase))
+    return run_recipe(root, tiny_job(root, family, trials, max_ppl_increase, allocation))
