@@ -93,9 +93,10 @@ def render_markdown(result: dict) -> str:
     ]
     if result.get("baselines_from"):
         src = result["baselines_from"]
-        md += [f"Baseline rows (and `clada-earlier`: the CLADA points of study `{src['study']}`, from before the "
-               f"allocation rule changed) reused from `{src['file']}`, measured by `{src['command']}` on the same "
-               "model, documents and settings.", ""]
+        earlier = any(row["method"] == "clada-earlier" for row in result["rows"])
+        md += [f"Baseline rows" + (f" (and `clada-earlier`: the CLADA points of study `{src['study']}`)" if earlier else "")
+               + f" reused from `{src['file']}`, measured by `{src['command']}` on the same model, documents and "
+               "settings.", ""]
     md += [
         f"Model `{r['model']}`, {r['dtype']}. Data: {result['data']['lee']} held-out `lee` documents (never seen by the "
         f"calibration) and {result['data']['enwiki']} `enwiki` documents; each scored on {result['scored_tokens']} tokens after a "
