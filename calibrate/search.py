@@ -85,9 +85,13 @@ class ThresholdSearch:
             tau_H=float(torch.quantile(self.entropy, q_H)) if q_H < 1 else 1.0,
         )
 
+    def score(self, point: Point, evaluator: ProxyEvaluator | None = None) -> dict:
+        """Proxy figures of ``point`` on ``evaluator``'s documents (default: the search documents)."""
+        return (evaluator or self.evaluator)(torch.tensor(point.tau_in), torch.tensor(point.tau_mid),
+                                             point.lam, point.gam, point.tau_s, point.tau_H)
+
     def evaluate(self, point: Point) -> Point:
-        figures = self.evaluator(torch.tensor(point.tau_in), torch.tensor(point.tau_mid),
-                                 point.lam, point.gam, point.tau_s, point.tau_H)
+        figures = self.score(point)
         point.figures = {k: figures[k] for k in FIGURE_KEYS}
         return point
 
@@ -296,9 +300,7 @@ def validated_choice(study: optuna.Study, search: ThresholdSearch, validator: Pr
     checks: list[dict] = []
     for i in order[:candidates]:
         trial = feasible[i]
-        point = search.point(trial.params)
-        figures = validator(torch.tensor(point.tau_in), torch.tensor(point.tau_mid),
-                            point.lam, point.gam, point.tau_s, point.tau_H)
+        figures = search.score(search.point(trial.params), validator)
         averaged = (1 - validation_weight) * trial.user_attrs["ppl_increase"] + validation_weight * figures["ppl_increase"]
         checks.append({"trial": trial.number, "mlp_reads_saved": trial.value,
                        "search_ppl_increase": trial.user_attrs["ppl_increase"],

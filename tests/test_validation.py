@@ -3,7 +3,7 @@
 import optuna
 import pytest
 
-from clada.calibrate.search import Point, SearchSettings, best_feasible, validated_choice
+from clada.calibrate.search import Point, SearchSettings, ThresholdSearch, best_feasible, validated_choice
 
 
 def _study(rows: list[tuple[float, float]]) -> optuna.Study:
@@ -20,6 +20,8 @@ class _Search:
     """Stand-in for ThresholdSearch: the point of trial i carries i in tau_in."""
 
     settings = SearchSettings(max_ppl_increase=0.02)
+    evaluator = None
+    score = ThresholdSearch.score  # the real scoring call, on the validator passed in
 
     def point(self, params: dict) -> Point:
         i = params["budget"]
