@@ -72,8 +72,10 @@ def log(msg: str) -> None:
 
 
 def measurements(recipe, model, adapter, act_tokens: torch.Tensor) -> Measurements:
-    """``pipeline.measure`` of the recipe, cached by study name and model fingerprint (deterministic)."""
-    key = hashlib.sha256((study_name(recipe) + repr(runtime.mlp_fingerprint(model, adapter).tolist())).encode())
+    """``pipeline.measure`` of the recipe, cached by what it depends on (model fingerprint and every recipe field
+    but the search, eval and output settings) -- it is deterministic, and a new budget needs no new tables."""
+    inputs = {k: v for k, v in recipe.to_dict().items() if k not in ("search", "eval", "output")}
+    key = hashlib.sha256((json.dumps(inputs, sort_keys=True) + repr(runtime.mlp_fingerprint(model, adapter).tolist())).encode())
     path = cache_dir() / "tables" / f"{key.hexdigest()[:16]}.pt"
     if path.is_file():
         d = torch.load(path, weights_only=True)
