@@ -167,6 +167,13 @@ def _profiled(model: nn.Module, ids: torch.Tensor, new_tokens: int,
     return watch.total / decode
 
 
+def _fast_path(stats: list[dict]) -> dict:
+    """Which path computed the thresholded products of the timed CLADA runs: share of gate inputs per path."""
+    calls = {path: sum(s["path_calls"][path] for s in stats) for path in stats[0]["path_calls"]} if stats else {}
+    total = sum(calls.values())
+    return {path: n / total for path, n in calls.items()} if total else calls
+
+
 def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: BenchConfig,
               progress: Callable[[str], None] | None = None) -> dict:
     """Dense vs CLADA decode throughput on prompts ``ids`` (B, P) of an unpatched ``model``."""
@@ -212,6 +219,7 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
         "signal_overhead": signal_overhead,
         "layout_tok_s": tok_s["layout"], "layout_ratio": tok_s["layout"] / tok_s["dense"],
         "sparsity_ratio": tok_s["clada"] / tok_s["layout"],
+        "fast_path": _fast_path(stats),
         "dense_prefill_s": statistics.median(prefill["dense"]),
         "clada_prefill_s": statistics.median(prefill["clada"]),
         "prefill_overhead": statistics.median(prefill["clada"]) / statistics.median(prefill["dense"]) - 1.0,

@@ -193,6 +193,7 @@ def _print_bench(r: dict) -> None:
     for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "mlp_share", "bound", "gain_of_bound",
                 "signal_overhead", "layout_ratio", "sparsity_ratio", "prefill_overhead"):
         click.echo(f"  {key:16s} {r[key]:.3f}")
+    click.echo("  fast_path        " + ", ".join(f"{path} {share:.0%}" for path, share in r["fast_path"].items()))
 
 
 @main.command("bench")

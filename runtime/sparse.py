@@ -11,9 +11,11 @@ Two execution paths compute the same function:
   it reads every weight and serves prefill-shaped inputs (several tokens per row) and ``fast=False``;
 - the gathering fast path (``GatedProjection`` with ``rows_of``), used for calls of few token rows (decode): each
   projection's weight is stored transposed, (in_features, out_features) contiguous, so the weights of one input
-  channel are one contiguous row; ``embedding_bag`` then sums only the active rows, scaled by the active
-  activations, one bag per batch row. Skipped rows are never read. The Linear modules keep working on a
-  transposed view of the same storage (no copy is kept), and ``runtime.remove`` restores the original layout.
+  channel are one contiguous row; only the active rows are summed, scaled by the active activations. Skipped
+  rows are never read. On CPU in float32 the compiled kernel of ``runtime.native`` selects and sums in one
+  call, reading each row needed by any token row once; elsewhere (other dtypes or devices, no compiler)
+  ``embedding_bag`` sums one bag per token row. The Linear modules keep working on a transposed view of the
+  same storage (no copy is kept), and ``runtime.remove`` restores the original layout.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from clada.runtime import native
+
 SIDES = ("in", "mid")
+PATHS = ("compiled", "embedding_bag", "masked")  # how the thresholded products of one gate input were computed
 
 
 class Selection(NamedTuple):
@@ -54,6 +59,7 @@ class SparsityState:
         self.bytes = {"in": torch.tensor(in_bytes, dtype=torch.float64), "mid": torch.tensor(mid_bytes, dtype=torch.float64)}
         self.scale: torch.Tensor | None = None
         self.fast = True  # gather active weight rows on decode steps (False: masked reference everywhere)
+        self.native = True  # use the compiled CPU kernel where it applies (False: embedding_bag everywhere)
         self.fast_max_rows = 8  # token rows per call (batch x new tokens) up to which the fast path is used
         self.row_split = max(1, torch.get_num_threads())  # bags a single row is cut into (parallel streams)
         self._row_thresholds: dict = {}
@@ -73,6 +79,7 @@ class SparsityState:
         self.skipped = {side: torch.zeros(self.num_layers, 2, dtype=torch.float64, device=device) for side in SIDES}
         self.skipped_host = {side: [[0, 0.0] for _ in range(self.num_layers)] for side in SIDES}  # fast path
         self.relaxed = torch.zeros(2, dtype=torch.float64, device=device)  # [decode tokens, relaxed tokens]
+        self.path_calls = dict.fromkeys(PATHS, 0)  # gate inputs (layer, side, call) per execution path
 
     def record(self, side: str, layer: int, keep: torch.Tensor) -> None:
         """Accumulate one call's mask ``keep`` (..., C) without synchronising with the host."""
@@ -111,6 +118,7 @@ class SparsityState:
         out["input_sparsity"] = float(share["in"].mean())
         out["mlp_reads_saved"] = float((reads * total).sum() / total.sum())
         out["relaxed_share"] = float(relaxed[1] / relaxed[0]) if relaxed[0] > 0 else 0.0
+        out["path_calls"] = dict(self.path_calls)
         out["per_layer"] = {
             "input_sparsity": [round(float(v), 5) for v in share["in"]],
             "mlp_sparsity": [round(float(v), 5) for v in share["mid"]],
@@ -130,6 +138,7 @@ class ChannelGate(nn.Module):
         self._last_output: torch.Tensor | None = None
         self._last_selected: torch.Tensor | None = None  # fast path: last input and its Selection
         self._last_selection: Selection | None = None
+        self._last_counted: torch.Tensor | None = None  # compiled kernel: last input whose kept count was recorded
 
     def keep_mask(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Boolean mask (..., C): True where the channel is computed."""
@@ -144,6 +153,7 @@ class ChannelGate(nn.Module):
             return self._last_output
         keep = self.keep_mask(x, scale)
         self.state.record(self.side, self.layer, keep)
+        self.state.path_calls["masked"] += 1
         out = x * keep.to(x.dtype)
         self.__dict__.update(_last_input=x, _last_output=out)
         return out
@@ -173,8 +183,27 @@ class ChannelGate(nn.Module):
             offsets = torch.searchsorted(where, self._row_starts(rows, channels, x.device))
         selection = Selection(indices, offsets, flat.view(-1).index_select(0, where), split)
         self.state.record_counts(self.side, self.layer, rows, where.numel(), channels)
+        self.state.path_calls["embedding_bag"] += 1
         self.__dict__.update(_last_selected=x, _last_selection=selection)  # nn.Module.__setattr__ costs ~7 us
         return selection
+
+
+    def gather(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(N, out) for ``x`` (N token rows of C, any leading shape) and weight ``rows`` (C, out): each token
+        row's sum over its kept channels of activation * weight row (the decode-step product)."""
+        kernel = native.gather_kernel() if self.state.native else None
+        if kernel is None or not kernel.accepts(x, rows):
+            return _gather_sum(self.select(x), rows)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        thresholds = self.state.row_thresholds(self.side)[self.layer]  # (rows, 1), or (1, 1) to broadcast
+        if thresholds.numel() != flat.shape[0]:
+            thresholds = torch.broadcast_to(thresholds, (flat.shape[0], 1)).contiguous()
+        out, kept = kernel(flat, self.channel_scale, thresholds, rows)
+        if x is not self._last_counted:  # gate_proj and up_proj with their own rows: count the input once
+            self.state.record_counts(self.side, self.layer, flat.shape[0], kept, flat.shape[1])
+            self.state.path_calls["compiled"] += 1
+            self.__dict__["_last_counted"] = x
+        return out
 
 
 class RowGroup:
@@ -210,13 +239,13 @@ class RowGroup:
             self._key, self._last_input = key, None
         return self._full
 
-    def output(self, x: torch.Tensor, sel: Selection, member: int) -> torch.Tensor | None:
+    def output(self, x: torch.Tensor, gate: ChannelGate, member: int) -> torch.Tensor | None:
         """(N, out_features of ``member``) output of member ``member`` for input ``x`` (computed once for all)."""
         if x is not self._last_input:
             full = self.full_rows()
             if full is None:
                 return None
-            self._last_output = _gather_sum(sel, full)
+            self._last_output = gate.gather(x, full)
             self._last_input = x
         a, b = self.bounds[member]
         return self._last_output[:, a:b]
@@ -253,12 +282,12 @@ class GatedProjection(nn.Module):
             return self.inner(self.gate(x))
         out = None
         if self.group is not None:
-            out = self.group.output(x, self.gate.select(x), self.member)
+            out = self.group.output(x, self.gate, self.member)
         if out is None:
             rows = self.rows_of(self.inner)
             if not rows.is_contiguous():
                 return self.inner(self.gate(x))
-            out = _gather_sum(self.gate.select(x), rows)
+            out = self.gate.gather(x, rows)
         bias = getattr(self.inner, "bias", None)
         if bias is not None:
             out = out + bias

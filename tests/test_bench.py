@@ -44,6 +44,7 @@ def test_run_bench_reports_consistent_figures_and_restores_the_model(family):
     assert r["bound"] == pytest.approx(1 / (1 - r["mlp_reads_saved"] * r["mlp_share"]))
     assert r["gain_of_bound"] == pytest.approx((r["ratio"] - 1) / (r["bound"] - 1))
     assert all(len(v) == 2 for v in r["decode_s"].values())
+    assert sum(r["fast_path"].values()) == pytest.approx(1) and r["fast_path"]["masked"] == 0  # decode gathered
     # the model comes back unpatched, in its original layout, computing what it computed before
     assert getattr(model, "_clada_patch", None) is None
     assert all(p.is_contiguous() for p in model.parameters())

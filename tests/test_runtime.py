@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clada import runtime
+from clada.runtime import native
 from clada.runtime.compat import cache_kwargs, output_cache
 from clada.runtime.signals import load_signals, relax_multiplier
 from tests.conftest import MaskRecorder, make_artifact, tiny_model
@@ -46,19 +47,25 @@ def test_fast_path_with_zero_thresholds_equals_dense(family_model):
     torch.testing.assert_close(decode_logits(family_model, PROMPT), dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
-def test_fast_path_matches_masked_reference(family_model, dtype, tol):
-    """Gathered rows (fast) and zeroed channels (reference) give the same logits and the same realised sparsity."""
+@pytest.mark.parametrize("dtype,tol,path", [(torch.float32, 1e-5, "compiled"), (torch.float32, 1e-5, "embedding_bag"),
+                                            (torch.bfloat16, 2e-2, "embedding_bag"), (torch.float16, 2e-3, "embedding_bag")])
+def test_fast_path_matches_masked_reference(family_model, dtype, tol, path):
+    """Gathered rows (fast: the compiled kernel, or embedding_bag) and zeroed channels (reference) give the same
+    logits and the same realised sparsity."""
+    if path == "compiled" and native.gather_kernel() is None:
+        pytest.skip("no compiled kernel on this machine (tests/test_native.py says why)")
     model = family_model.to(dtype)
     art = make_artifact(model, tau_in=0.05, tau_mid=0.02, lam=-0.5, tau_s=0.5)
     figures = {}
     for fast in (False, True):
-        runtime.apply(model, art, fast=fast)
+        runtime.apply(model, art, fast=fast).native = path == "compiled"
         figures[fast] = (decode_logits(model, PROMPT).float(), runtime.stats(model))
         runtime.remove(model)
     (ref, ref_stats), (got, got_stats) = figures[False], figures[True]
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
     assert got_stats["tokens"] == ref_stats["tokens"] > 0
+    assert ref_stats["path_calls"]["masked"] > 0 and got_stats["path_calls"][path] > 0
+    assert sum(got_stats["path_calls"].values()) == got_stats["path_calls"][path]  # every decode step took it
     for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "relaxed_share"):
         assert got_stats[key] == pytest.approx(ref_stats[key], abs=0.02 if dtype != torch.float32 else 1e-9)
 
@@ -92,7 +99,7 @@ def test_shared_rows_fall_back_when_the_buffer_is_no_longer_shared():
     model = tiny_model("llama")
     art = make_artifact(model, tau_in=0.05, tau_mid=0.05)
     runtime.apply(model, art, fast=False)
-    ref = decode_logits(model, PROMPT)
+    ref, ref_stats = decode_logits(model, PROMPT), runtime.stats(model)
     runtime.remove(model)
     runtime.apply(model, art)
     part = runtime.adapter_for(model).mlp_parts(model)[0]
@@ -102,6 +109,9 @@ def test_shared_rows_fall_back_when_the_buffer_is_no_longer_shared():
         proj.inner.weight.data = proj.inner.weight.data.t().contiguous().t()
     assert gate.group.full_rows() is None
     torch.testing.assert_close(decode_logits(model, PROMPT), ref, rtol=1e-5, atol=1e-5)
+    got_stats = runtime.stats(model, reset=True)  # gate and up gather separately: their input is counted once
+    for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved"):
+        assert got_stats[key] == pytest.approx(ref_stats[key], abs=1e-9)
     up.inner.weight.data = up.inner.weight.data.contiguous()  # original layout: masked reference for up
     torch.testing.assert_close(decode_logits(model, PROMPT), ref, rtol=1e-5, atol=1e-5)
     runtime.remove(model)

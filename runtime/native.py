@@ -1,0 +1,145 @@
+"""Optional compiled CPU kernel for the decode-step gather: selection and weighted row sum in one call.
+
+``gather_kernel()`` builds ``native_gather.c`` (beside this file) once per machine with the system C compiler
+(``$CC``, else ``cc``; flags ``-O3 -march=native``, with OpenMP where the compiler has it), caches the shared
+library under ``$CLADA_CACHE/native`` (default ``~/.cache/clada/native``; the name hashes the source, flags,
+compiler and CPU, so a new CPU or compiler builds anew), and loads it with ``ctypes``. It returns None -- and
+the runtime keeps using ``embedding_bag`` -- where that is not possible (no compiler, a failed build, an
+unloadable library) or where ``CLADA_NATIVE=0``; a one-line warning says why, once per process.
+
+OpenMP: the library links ``libgomp.so.1``; torch's CPU wheels ship their own copy under that name, which the
+dynamic loader, finding it already loaded, reuses, so the kernel's threads are torch's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native_gather.c")
+FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))
+MAX_ROWS = 64  # token rows per call the kernel accepts (one bit each in a 64-bit mask)
+_log = logging.getLogger("clada.runtime")
+_UNSET = object()
+_kernel = _UNSET
+
+
+class GatherKernel:
+    """The loaded ``clada_gather_f32``: see native_gather.c for the exact contract."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path, flags: tuple[str, ...]):
+        self.path, self.flags = path, flags
+        self._fn = lib.clada_gather_f32
+        self._fn.restype = ctypes.c_int64
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        self._fn.argtypes = [p, i, i, p, p, p, i, i, p, i]
+
+    @staticmethod
+    def accepts(x: torch.Tensor, rows: torch.Tensor) -> bool:
+        """Whether a call with input ``x`` (..., C) and weight rows ``rows`` (C, out) can run here."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and rows.dtype == torch.float32
+                and rows.device.type == "cpu" and rows.stride(1) == 1 and x.numel() <= MAX_ROWS * x.shape[-1])
+
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor, thresholds: torch.Tensor,
+                 rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(N, out) float32 sums over each row's kept channels and the number of kept (row, channel) pairs.
+
+        x: (N, C) float32, contiguous; scale: (C,) float32; thresholds: (N,) float32 (row r keeps channel c iff
+        |x[r, c]| * scale[c] > thresholds[r]); rows: (C, out) float32 with unit column stride.
+        """
+        n, channels = x.shape
+        out = torch.empty(n, rows.shape[1], dtype=torch.float32)
+        kept = self._fn(x.data_ptr(), n, channels, scale.data_ptr(), thresholds.data_ptr(), rows.data_ptr(),
+                        rows.shape[1], rows.stride(0), out.data_ptr(), torch.get_num_threads())
+        if kept < 0:
+            raise RuntimeError(f"clada native gather failed (code {kept}: rows={n}, channels={channels})")
+        return out, kept
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$CLADA_CACHE/native`` or ``~/.cache/clada/native``."""
+    root = os.environ.get("CLADA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clada")
+    return Path(root) / "native"
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags (what ``-march=native`` compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(keep))  # one CPU's lines (all cores are alike)
+
+
+def _compiler_identity(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cc: str, flags: tuple[str, ...], target: Path) -> str | None:
+    """Compile the kernel into ``target`` (atomically); returns None, or the compiler's complaint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            return (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as err:
+        return str(err)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> GatherKernel | None:
+    if os.environ.get("CLADA_NATIVE", "1") == "0":
+        return None
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    if cc is None:
+        _log.warning("clada: no C compiler (%s) found; decode steps use embedding_bag", os.environ.get("CC") or "cc")
+        return None
+    source = SOURCE.read_bytes()
+    ident = _compiler_identity(cc) + _cpu_identity() + platform.machine() + torch.__version__
+    problems = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(source + repr(flags).encode() + ident.encode()).hexdigest()[:16]
+        target = cache_dir() / f"gather-{key}.so"
+        problem = None if target.is_file() else _build(cc, flags, target)
+        if problem is None:
+            try:
+                return GatherKernel(ctypes.CDLL(str(target)), target, flags)
+            except OSError as err:
+                problem = str(err)
+        problems.append(f"{' '.join(flags)}: {problem}")
+    _log.warning("clada: native gather kernel unavailable (%s); decode steps use embedding_bag", "; ".join(problems))
+    return None
+
+
+def gather_kernel() -> GatherKernel | None:
+    """The compiled kernel, built and loaded on first call (cached per process), or None if unavailable."""
+    global _kernel
+    if _kernel is _UNSET:
+        _kernel = _load()
+    return _kernel
+
+
+def reset() -> None:
+    """Forget the loaded kernel so that the next ``gather_kernel()`` looks again (tests, changed environment)."""
+    global _kernel
+    _kernel = _UNSET

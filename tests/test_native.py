@@ -1,0 +1,114 @@
+"""The compiled decode-step kernel (runtime/native.py): exact selection, sums, build cache and clean fallback."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from clada import runtime
+from clada.runtime import native
+from tests.conftest import make_artifact, tiny_model
+from tests.test_runtime import PROMPT, decode_logits
+
+
+@pytest.fixture
+def kernel():
+    """The kernel as the runtime loads it; skipped only where this machine has no C compiler at all."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc) on this machine: the runtime uses embedding_bag here")
+    k = native.gather_kernel()
+    assert k is not None, "a C compiler exists but the kernel did not build or load (see the logged warning)"
+    return k
+
+
+@pytest.fixture
+def fresh_native(tmp_path, monkeypatch):
+    """An empty kernel cache and no loaded kernel; the process's kernel is looked up again afterwards."""
+    monkeypatch.setenv("CLADA_CACHE", str(tmp_path))
+    native.reset()
+    yield tmp_path / "native"
+    native.reset()
+
+
+def reference(x, scale, thresholds, rows):
+    keep = x.abs() * scale > thresholds.view(-1, 1)
+    return (x * keep) @ rows, int(keep.sum())
+
+
+@pytest.mark.parametrize("n,channels,threads", [(1, 37, 1), (1, 300, 2), (3, 64, 2), (8, 200, 2), (64, 96, 2)])
+def test_kernel_equals_masked_product(kernel, n, channels, threads):
+    """Every row keeps exactly the channels the masked reference keeps and sums their weighted rows."""
+    gen = torch.Generator().manual_seed(n * 1000 + channels)
+    x = torch.randn(n, channels, generator=gen)
+    scale = torch.rand(channels, generator=gen) + 0.5
+    thresholds = torch.rand(n, generator=gen) * 1.5  # rows skip between none and most channels
+    wide = torch.randn(channels, 70, generator=gen)
+    rows = wide[:, 3:53]  # row stride 70 > width 50: the kernel honours the stride
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, kept = kernel(x, scale, thresholds, rows)
+    finally:
+        torch.set_num_threads(before)
+    want, want_kept = reference(x, scale, thresholds, rows)
+    assert kept == want_kept
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_skipping_everything_returns_zeros(kernel):
+    x = torch.randn(4, 40)
+    got, kept = kernel(x, torch.ones(40), torch.full((4,), 1e9), torch.randn(40, 16))
+    assert kept == 0 and torch.equal(got, torch.zeros(4, 16))
+
+
+def test_kernel_declines_what_it_cannot_compute(kernel):
+    rows = torch.randn(8, 16)
+    assert kernel.accepts(torch.randn(2, 8), rows)
+    assert not kernel.accepts(torch.randn(native.MAX_ROWS + 1, 8), rows)
+    assert not kernel.accepts(torch.randn(2, 8, dtype=torch.float64), rows.double())
+    assert not kernel.accepts(torch.randn(2, 8), rows.t().contiguous().t())  # columns not contiguous
+    assert not kernel.accepts(torch.randn(2, 8).bfloat16(), rows.bfloat16())
+
+
+def test_failed_build_falls_back_with_one_warning(fresh_native, monkeypatch, caplog):
+    """A compiler that fails leaves no half-written library, logs why, and the runtime still runs exactly."""
+    monkeypatch.setenv("CC", "false")
+    with caplog.at_level(logging.WARNING, logger="clada.runtime"):
+        assert native.gather_kernel() is None
+        assert native.gather_kernel() is None  # remembered: not rebuilt, not warned again
+    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1
+    assert not fresh_native.exists() or not any(fresh_native.iterdir())
+    model = tiny_model("llama")
+    art = make_artifact(model, tau_in=0.05, tau_mid=0.05)
+    runtime.apply(model, art, fast=False)
+    ref = decode_logits(model, PROMPT)
+    runtime.remove(model)
+    runtime.apply(model, art)
+    torch.testing.assert_close(decode_logits(model, PROMPT), ref, rtol=1e-5, atol=1e-5)
+    calls = runtime.stats(model)["path_calls"]
+    assert calls["embedding_bag"] > 0 and calls["compiled"] == 0
+    runtime.remove(model)
+
+
+def test_missing_compiler_and_opt_out_give_none(fresh_native, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert native.gather_kernel() is None
+    native.reset()
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("CLADA_NATIVE", "0")
+    assert native.gather_kernel() is None
+
+
+def test_built_kernel_is_cached_per_machine(fresh_native, monkeypatch, kernel):
+    """The first load builds into the cache; the next process (here: after reset) loads without compiling."""
+    monkeypatch.setenv("CC", shutil.which("cc"))
+    first = native.gather_kernel()
+    assert first is not None and first.path.parent == fresh_native and first.path.is_file()
+    native.reset()
+    monkeypatch.setattr(native, "_build", lambda *a: pytest.fail("rebuilt although the cache had the library"))
+    again = native.gather_kernel()
+    assert again is not None and again.path == first.path
