@@ -1,10 +1,10 @@
 """Decode-step MLP products of SmolLM2-135M's shapes over 30 layers: dense vs embedding_bag vs compiled kernel.
 
-    python benchmarks/bench_kernels.py [--layers 30] [--reps 15]
+    python benchmarks/bench_kernels.py [--layers 30] [--reps 15] [--batches 1,4] [--dtype float32]
 
-Random float32 weights of SmolLM2-135M's MLP shapes (gate+up as one (576, 3072) row buffer, down as
+Random weights (``--dtype``) of SmolLM2-135M's MLP shapes (gate+up as one (576, 3072) row buffer, down as
 (1536, 576) rows), one set per layer so that each step streams them from memory as decoding does (30 layers,
-318 MB, ten times the L3 cache). Random activations; the thresholds keep about 76% of input channels and 65%
+318 MB in float32, ten times this machine's L3 cache). Random activations; the thresholds keep about 76% of input channels and 65%
 of neurons per token row (near the default artifact's realised figures). Per batch size, each product runs
 all layers once per repetition; printed: best and median milliseconds per step, and the compiled kernel's
 ratio to dense. Dense is ``F.linear`` on the original (out, in) layouts of gate, up and down, the calls the
@@ -45,18 +45,22 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     kernel = native.gather_kernel()
+    if kernel is not None and dtype not in kernel.dtypes:
+        kernel = None
     torch.manual_seed(0)
-    gate_up = [torch.randn(HIDDEN, 2 * INTERMEDIATE) for _ in range(args.layers)]  # (in, out) rows
-    down = [torch.randn(INTERMEDIATE, HIDDEN) for _ in range(args.layers)]
+    gate_up = [torch.randn(HIDDEN, 2 * INTERMEDIATE, dtype=dtype) for _ in range(args.layers)]  # (in, out) rows
+    down = [torch.randn(INTERMEDIATE, HIDDEN, dtype=dtype) for _ in range(args.layers)]
     dense_gate = [w[:, :INTERMEDIATE].t().contiguous() for w in gate_up]  # (out, in), as nn.Linear stores it
     dense_up = [w[:, INTERMEDIATE:].t().contiguous() for w in gate_up]
     dense_down = [w.t().contiguous() for w in down]
     ones_in, ones_mid = torch.ones(HIDDEN), torch.ones(INTERMEDIATE)
-    print(f"{args.layers} layers, float32, {torch.get_num_threads()} threads; ms per decode step (best / median)")
+    print(f"{args.layers} layers, {args.dtype}, {torch.get_num_threads()} threads; ms per decode step (best / median)")
     for batch in (int(b) for b in args.batches.split(",")):
-        x_in, x_mid = torch.randn(batch, HIDDEN), torch.randn(batch, INTERMEDIATE)
+        x_in, x_mid = torch.randn(batch, HIDDEN, dtype=dtype), torch.randn(batch, INTERMEDIATE, dtype=dtype)
         thr_in, thr_mid = torch.full((batch,), KEEP_IN), torch.full((batch,), KEEP_MID)
         products = {
             "dense": lambda l: (F.linear(x_in, dense_gate[l]), F.linear(x_in, dense_up[l]),
@@ -80,7 +84,7 @@ def main() -> None:
         if "compiled" in best:
             print(f"  batch {batch} dense / compiled = {best['dense'] / best['compiled']:.2f}x")
     if kernel is None:
-        print("compiled kernel unavailable here (see the warning above); embedding_bag is what the runtime uses")
+        print(f"no compiled kernel for {args.dtype} here; embedding_bag is what the runtime uses")
 
 
 if __name__ == "__main__":

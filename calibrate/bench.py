@@ -43,6 +43,7 @@ class BenchConfig:
     warmup: int = 1
     force: bool = False  # apply despite a fingerprint mismatch
     profile: bool = True  # also the profiled runs for mlp_share, bound and signal_overhead
+    layout: bool = True  # also time the layout-only mode (fast path, nothing skipped)
 
 
 def text_prompts(tokenizer, documents: list[str], batch: int, prompt_tokens: int) -> torch.Tensor:
@@ -182,11 +183,12 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
     say = progress or (lambda _msg: None)
     artifacts = {"clada": artifact, "layout": zero_artifact(artifact)}
     decode_tokens = ids.shape[0] * (config.new_tokens - 1)
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    prefill: dict[str, list[float]] = {m: [] for m in MODES}
+    modes = MODES if config.layout else tuple(m for m in MODES if m != "layout")
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    prefill: dict[str, list[float]] = {m: [] for m in modes}
     stats: list[dict] = []
     for rep in range(config.warmup + config.reps):
-        for mode in MODES:
+        for mode in modes:
             _set_mode(model, mode, artifacts, config.force)
             p, d = _timed_generate(model, ids, config.new_tokens)
             if rep >= config.warmup:
@@ -203,7 +205,8 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
     signal_overhead = _profiled(model, ids, config.new_tokens, _signal_watch)
     runtime.remove(model)
 
-    tok_s = {m: decode_tokens / statistics.median(times[m]) for m in MODES}
+    tok_s = {m: decode_tokens / statistics.median(times[m]) for m in modes}
+    tok_s.setdefault("layout", float("nan"))
     weight = [s["tokens"] for s in stats]
     def mean_stat(key: str) -> float:
         return sum(s[key] * w for s, w in zip(stats, weight)) / max(sum(weight), 1)
@@ -227,5 +230,5 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
         "reps": config.reps, "warmup": config.warmup,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(ids.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "decode_s": {m: times[m] for m in MODES},
+        "decode_s": {m: times[m] for m in modes},
     }

@@ -210,9 +210,11 @@ def _print_bench(r: dict) -> None:
 @click.option("--force", is_flag=True, help="Apply even if the weight fingerprint differs.")
 @click.option("--sweep", default=None, help="Also a long-context sweep over these prompt lengths, e.g. 512,2048,8192.")
 @click.option("--sweep-new-tokens", default=16, show_default=True, type=click.IntRange(2))
+@click.option("--sweep-reps", default=2, show_default=True, type=click.IntRange(1),
+              help="Timed repetitions per mode and prompt length in the sweep (after one warm-up).")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 def bench_cmd(model_spec, artifact, batch, prompt_tokens, new_tokens, reps, warmup, data, dtype, device, force,
-              sweep, sweep_new_tokens, json_out):
+              sweep, sweep_new_tokens, sweep_reps, json_out):
     """Decode tokens/s of dense vs CLADA, alternating in one process, with the bound the savings allow."""
     from clada import runtime
     from clada.artifacts import write_atomic
@@ -235,12 +237,14 @@ def bench_cmd(model_spec, artifact, batch, prompt_tokens, new_tokens, reps, warm
     result.update({"model": model_spec, "artifact": str(artifact)})
     _print_bench(result)
     if lengths:
-        click.echo(f"long-context sweep ({sweep_new_tokens} new tokens, 1 warm-up and 1 timed repetition each):")
+        click.echo(f"long-context sweep ({sweep_new_tokens} new tokens, dense and CLADA, 1 warm-up and "
+                   f"{sweep_reps} timed repetitions each, medians):")
         click.echo(f"  {'prompt':>7s} {'dense prefill s':>16s} {'clada prefill s':>16s} {'prefill overhead':>17s} "
                    f"{'decode ratio':>13s}")
         result["sweep"] = []
         for p in lengths:
-            r = run_bench(model, art, prompts[p], BenchConfig(batch, p, sweep_new_tokens, 1, 1, force, profile=False),
+            r = run_bench(model, art, prompts[p], BenchConfig(batch, p, sweep_new_tokens, sweep_reps, 1, force,
+                                                              profile=False, layout=False),
                           progress=lambda msg: click.echo(f"[prompt {p}] {msg}", err=True))
             row = {k: r[k] for k in ("prompt_tokens", "dense_prefill_s", "clada_prefill_s", "prefill_overhead",
                                      "dense_tok_s", "clada_tok_s", "ratio", "mlp_reads_saved")}

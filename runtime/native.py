@@ -33,36 +33,47 @@ _UNSET = object()
 _kernel = _UNSET
 
 
+SYMBOLS = {torch.float32: "clada_gather_f32", torch.bfloat16: "clada_gather_bf16", torch.float16: "clada_gather_f16"}
+
+
 class GatherKernel:
-    """The loaded ``clada_gather_f32``: see native_gather.c for the exact contract."""
+    """The loaded ``clada_gather_*`` functions (one per element type the build has): see native_gather.c."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path, flags: tuple[str, ...]):
         self.path, self.flags = path, flags
-        self._fn = lib.clada_gather_f32
-        self._fn.restype = ctypes.c_int64
+        self._fns = {}
         p, i = ctypes.c_void_p, ctypes.c_int64
-        self._fn.argtypes = [p, i, i, p, p, p, i, i, p, i]
+        for dtype, symbol in SYMBOLS.items():
+            fn = getattr(lib, symbol, None)  # clada_gather_f16 only where the compiler has _Float16
+            if fn is not None:
+                fn.restype, fn.argtypes = ctypes.c_int64, [p, i, i, p, p, p, i, i, p, i]
+                self._fns[dtype] = fn
 
-    @staticmethod
-    def accepts(x: torch.Tensor, rows: torch.Tensor) -> bool:
+    @property
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        return tuple(self._fns)
+
+    def accepts(self, x: torch.Tensor, rows: torch.Tensor) -> bool:
         """Whether a call with input ``x`` (..., C) and weight rows ``rows`` (C, out) can run here."""
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and rows.dtype == torch.float32
+        return (x.dtype in self._fns and rows.dtype == x.dtype and x.device.type == "cpu"
                 and rows.device.type == "cpu" and rows.stride(1) == 1 and x.numel() <= MAX_ROWS * x.shape[-1])
 
     def __call__(self, x: torch.Tensor, scale: torch.Tensor, thresholds: torch.Tensor,
                  rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(N, out) float32 sums over each row's kept channels and the number of kept (row, channel) pairs.
+        """(N, out) sums over each row's kept channels, in x's dtype (summed in float32), and the number of
+        kept (row, channel) pairs.
 
-        x: (N, C) float32, contiguous; scale: (C,) float32; thresholds: (N,) float32 (row r keeps channel c iff
-        |x[r, c]| * scale[c] > thresholds[r]); rows: (C, out) float32 with unit column stride.
+        x: (N, C) contiguous; scale: (C,) float32; thresholds: (N,) float32 (row r keeps channel c iff
+        |x[r, c]| * scale[c] > thresholds[r]); rows: (C, out) of x's dtype with unit column stride.
         """
         n, channels = x.shape
         out = torch.empty(n, rows.shape[1], dtype=torch.float32)
-        kept = self._fn(x.data_ptr(), n, channels, scale.data_ptr(), thresholds.data_ptr(), rows.data_ptr(),
-                        rows.shape[1], rows.stride(0), out.data_ptr(), torch.get_num_threads())
+        kept = self._fns[x.dtype](x.data_ptr(), n, channels, scale.data_ptr(), thresholds.data_ptr(),
+                                  rows.data_ptr(), rows.shape[1], rows.stride(0), out.data_ptr(),
+                                  torch.get_num_threads())
         if kept < 0:
             raise RuntimeError(f"clada native gather failed (code {kept}: rows={n}, channels={channels})")
-        return out, kept
+        return (out if x.dtype == torch.float32 else out.to(x.dtype)), kept
 
 
 def cache_dir() -> Path:

@@ -12,8 +12,8 @@ Two execution paths compute the same function:
 - the gathering fast path (``GatedProjection`` with ``rows_of``), used for calls of few token rows (decode): each
   projection's weight is stored transposed, (in_features, out_features) contiguous, so the weights of one input
   channel are one contiguous row; only the active rows are summed, scaled by the active activations. Skipped
-  rows are never read. On CPU in float32 the compiled kernel of ``runtime.native`` selects and sums in one
-  call, reading each row needed by any token row once; elsewhere (other dtypes or devices, no compiler)
+  rows are never read. On CPU the compiled kernel of ``runtime.native`` selects and sums in one call,
+  reading each row needed by any token row once; elsewhere (other devices, no compiler)
   ``embedding_bag`` sums one bag per token row. The Linear modules keep working on a transposed view of the
   same storage (no copy is kept), and ``runtime.remove`` restores the original layout.
 """
@@ -198,7 +198,8 @@ class ChannelGate(nn.Module):
         thresholds = self.state.row_thresholds(self.side)[self.layer]  # (rows, 1), or (1, 1) to broadcast
         if thresholds.numel() != flat.shape[0]:
             thresholds = torch.broadcast_to(thresholds, (flat.shape[0], 1)).contiguous()
-        out, kept = kernel(flat, self.channel_scale, thresholds, rows)
+        scale = self.channel_scale if self.channel_scale.dtype == torch.float32 else self.channel_scale.float()
+        out, kept = kernel(flat, scale, thresholds, rows)
         if x is not self._last_counted:  # gate_proj and up_proj with their own rows: count the input once
             self.state.record_counts(self.side, self.layer, flat.shape[0], kept, flat.shape[1])
             self.state.path_calls["compiled"] += 1

@@ -33,19 +33,28 @@ def fresh_native(tmp_path, monkeypatch):
     native.reset()
 
 
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}  # vs a float32 sum of the same
+DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in TOLERANCE]
+
+
 def reference(x, scale, thresholds, rows):
+    """The masked product in float32 from the same (possibly rounded) inputs, and the kept count."""
+    x, rows = x.float(), rows.float()
     keep = x.abs() * scale > thresholds.view(-1, 1)
     return (x * keep) @ rows, int(keep.sum())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,channels,threads", [(1, 37, 1), (1, 300, 2), (3, 64, 2), (8, 200, 2), (64, 96, 2)])
-def test_kernel_equals_masked_product(kernel, n, channels, threads):
+def test_kernel_equals_masked_product(kernel, dtype, n, channels, threads):
     """Every row keeps exactly the channels the masked reference keeps and sums their weighted rows."""
+    if dtype not in kernel.dtypes:
+        pytest.skip(f"this compiler has no {dtype} type; the runtime uses embedding_bag for it")
     gen = torch.Generator().manual_seed(n * 1000 + channels)
-    x = torch.randn(n, channels, generator=gen)
+    x = torch.randn(n, channels, generator=gen).to(dtype)
     scale = torch.rand(channels, generator=gen) + 0.5
     thresholds = torch.rand(n, generator=gen) * 1.5  # rows skip between none and most channels
-    wide = torch.randn(channels, 70, generator=gen)
+    wide = torch.randn(channels, 70, generator=gen).to(dtype)
     rows = wide[:, 3:53]  # row stride 70 > width 50: the kernel honours the stride
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -54,8 +63,9 @@ def test_kernel_equals_masked_product(kernel, n, channels, threads):
     finally:
         torch.set_num_threads(before)
     want, want_kept = reference(x, scale, thresholds, rows)
-    assert kept == want_kept
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert kept == want_kept and got.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
 def test_kernel_skipping_everything_returns_zeros(kernel):
@@ -70,7 +80,8 @@ def test_kernel_declines_what_it_cannot_compute(kernel):
     assert not kernel.accepts(torch.randn(native.MAX_ROWS + 1, 8), rows)
     assert not kernel.accepts(torch.randn(2, 8, dtype=torch.float64), rows.double())
     assert not kernel.accepts(torch.randn(2, 8), rows.t().contiguous().t())  # columns not contiguous
-    assert not kernel.accepts(torch.randn(2, 8).bfloat16(), rows.bfloat16())
+    assert not kernel.accepts(torch.randn(2, 8).bfloat16(), rows)  # mixed element types
+    assert kernel.accepts(torch.randn(2, 8).bfloat16(), rows.bfloat16())
 
 
 def test_failed_build_falls_back_with_one_warning(fresh_native, monkeypatch, caplog):

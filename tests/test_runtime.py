@@ -47,13 +47,13 @@ def test_fast_path_with_zero_thresholds_equals_dense(family_model):
     torch.testing.assert_close(decode_logits(family_model, PROMPT), dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,tol,path", [(torch.float32, 1e-5, "compiled"), (torch.float32, 1e-5, "embedding_bag"),
-                                            (torch.bfloat16, 2e-2, "embedding_bag"), (torch.float16, 2e-3, "embedding_bag")])
+@pytest.mark.parametrize("path", ["compiled", "embedding_bag"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 def test_fast_path_matches_masked_reference(family_model, dtype, tol, path):
     """Gathered rows (fast: the compiled kernel, or embedding_bag) and zeroed channels (reference) give the same
     logits and the same realised sparsity."""
-    if path == "compiled" and native.gather_kernel() is None:
-        pytest.skip("no compiled kernel on this machine (tests/test_native.py says why)")
+    if path == "compiled" and dtype not in getattr(native.gather_kernel(), "dtypes", ()):
+        pytest.skip(f"no compiled kernel for {dtype} on this machine (tests/test_native.py says why)")
     model = family_model.to(dtype)
     art = make_artifact(model, tau_in=0.05, tau_mid=0.02, lam=-0.5, tau_s=0.5)
     figures = {}
