@@ -44,6 +44,7 @@ class BenchConfig:
     force: bool = False  # apply despite a fingerprint mismatch
     profile: bool = True  # also the profiled runs for mlp_share, bound and signal_overhead
     layout: bool = True  # also time the layout-only mode (fast path, nothing skipped)
+    mlp_time: bool = False  # also time the MLPs inside the timed runs (adds ~2 timer calls per layer)
 
 
 def text_prompts(tokenizer, documents: list[str], batch: int, prompt_tokens: int) -> torch.Tensor:
@@ -186,14 +187,23 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
     modes = MODES if config.layout else tuple(m for m in MODES if m != "layout")
     times: dict[str, list[float]] = {m: [] for m in modes}
     prefill: dict[str, list[float]] = {m: [] for m in modes}
+    mlp: dict[str, list[float]] = {m: [] for m in modes}
     stats: list[dict] = []
     for rep in range(config.warmup + config.reps):
         for mode in modes:
             _set_mode(model, mode, artifacts, config.force)
-            p, d = _timed_generate(model, ids, config.new_tokens)
+            watch = _Stopwatch(ids.device) if config.mlp_time else None
+            hooks = _mlp_watch(model, watch) if watch is not None else []
+            try:
+                p, d = _timed_generate(model, ids, config.new_tokens, watch)
+            finally:
+                for h in hooks:
+                    h.remove()
             if rep >= config.warmup:
                 times[mode].append(d)
                 prefill[mode].append(p)
+                if watch is not None:
+                    mlp[mode].append(watch.total)
                 if mode == "clada":
                     stats.append(runtime.stats(model))
         timed = rep - config.warmup + 1
@@ -231,4 +241,6 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(ids.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "decode_s": {m: times[m] for m in modes},
+        "step_ms": {m: statistics.median(times[m]) / (config.new_tokens - 1) * 1e3 for m in modes},
+        "mlp_step_ms": {m: statistics.median(v) / (config.new_tokens - 1) * 1e3 for m, v in mlp.items() if v},
     }

@@ -240,17 +240,20 @@ def bench_cmd(model_spec, artifact, batch, prompt_tokens, new_tokens, reps, warm
         click.echo(f"long-context sweep ({sweep_new_tokens} new tokens, dense and CLADA, 1 warm-up and "
                    f"{sweep_reps} timed repetitions each, medians):")
         click.echo(f"  {'prompt':>7s} {'dense prefill s':>16s} {'clada prefill s':>16s} {'prefill overhead':>17s} "
-                   f"{'decode ratio':>13s}")
+                   f"{'decode ratio':>13s} {'step ms (dense / clada)':>24s} {'MLP ms (dense / clada)':>23s}")
         result["sweep"] = []
         for p in lengths:
             r = run_bench(model, art, prompts[p], BenchConfig(batch, p, sweep_new_tokens, sweep_reps, 1, force,
-                                                              profile=False, layout=False),
+                                                              profile=False, layout=False, mlp_time=True),
                           progress=lambda msg: click.echo(f"[prompt {p}] {msg}", err=True))
             row = {k: r[k] for k in ("prompt_tokens", "dense_prefill_s", "clada_prefill_s", "prefill_overhead",
-                                     "dense_tok_s", "clada_tok_s", "ratio", "mlp_reads_saved")}
+                                     "dense_tok_s", "clada_tok_s", "ratio", "mlp_reads_saved", "step_ms",
+                                     "mlp_step_ms")}
             result["sweep"].append(row)
+            step, mlp = row["step_ms"], row["mlp_step_ms"]
             click.echo(f"  {p:7d} {row['dense_prefill_s']:16.3f} {row['clada_prefill_s']:16.3f} "
-                       f"{row['prefill_overhead']:17.3f} {row['ratio']:13.3f}")
+                       f"{row['prefill_overhead']:17.3f} {row['ratio']:13.3f} "
+                       f"{step['dense']:8.1f} / {step['clada']:<6.1f} {mlp['dense']:8.1f} / {mlp['clada']:.1f}")
     if json_out:
         write_atomic(Path(json_out), (json.dumps(result, indent=2) + "\n").encode())
 
