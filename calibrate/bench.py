@@ -45,6 +45,7 @@ class BenchConfig:
     profile: bool = True  # also the profiled runs for mlp_share, bound and signal_overhead
     layout: bool = True  # also time the layout-only mode (fast path, nothing skipped)
     mlp_time: bool = False  # also time the MLPs inside the timed runs (adds ~2 timer calls per layer)
+    cache: str = "dynamic"  # KV cache of generate: "dynamic" (default of transformers) or "static"
 
 
 def text_prompts(tokenizer, documents: list[str], batch: int, prompt_tokens: int) -> torch.Tensor:
@@ -86,11 +87,14 @@ class _Stopwatch:
 
 
 def _timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int,
-                    watch: _Stopwatch | None = None) -> tuple[float, float]:
+                    watch: _Stopwatch | None = None, cache: str = "dynamic") -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one greedy generate of exactly ``new_tokens`` tokens.
 
-    ``watch`` (optional) is paused during prefill so that it accumulates decode time only.
+    ``watch`` (optional) is paused during prefill so that it accumulates decode time only. ``cache``:
+    "dynamic" (transformers' default: the KV cache grows by concatenation each step) or "static"
+    (preallocated for prompt + new tokens, as serving engines do).
     """
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
     device = ids.device
     calls: list[float] = []
 
@@ -114,7 +118,7 @@ def _timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int,
             _sync(device)
             t0 = time.perf_counter()
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
             _sync(device)
             total = time.perf_counter() - t0
     finally:
@@ -157,12 +161,12 @@ def _set_mode(model: nn.Module, mode: str, artifacts: dict[str, Artifact], force
 
 
 def _profiled(model: nn.Module, ids: torch.Tensor, new_tokens: int,
-              install: Callable[[nn.Module, _Stopwatch], list]) -> float:
+              install: Callable[[nn.Module, _Stopwatch], list], cache: str = "dynamic") -> float:
     """Share of decode time inside what ``install``'s hooks bracket, in one extra generate."""
     watch = _Stopwatch(ids.device)
     hooks = install(model, watch)
     try:
-        _, decode = _timed_generate(model, ids, new_tokens, watch)
+        _, decode = _timed_generate(model, ids, new_tokens, watch, cache)
     finally:
         for h in hooks:
             h.remove()
@@ -195,7 +199,7 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
             watch = _Stopwatch(ids.device) if config.mlp_time else None
             hooks = _mlp_watch(model, watch) if watch is not None else []
             try:
-                p, d = _timed_generate(model, ids, config.new_tokens, watch)
+                p, d = _timed_generate(model, ids, config.new_tokens, watch, config.cache)
             finally:
                 for h in hooks:
                     h.remove()
@@ -210,9 +214,9 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
         say(f"rep {rep + 1}/{config.warmup + config.reps}" + (" (warm-up)" if timed <= 0 else
             f": dense {decode_tokens / times['dense'][-1]:.1f} tok/s, clada {decode_tokens / times['clada'][-1]:.1f} tok/s"))
     _set_mode(model, "dense", artifacts)
-    mlp_share = _profiled(model, ids, config.new_tokens, _mlp_watch)
+    mlp_share = _profiled(model, ids, config.new_tokens, _mlp_watch, config.cache)
     _set_mode(model, "clada", artifacts, config.force)
-    signal_overhead = _profiled(model, ids, config.new_tokens, _signal_watch)
+    signal_overhead = _profiled(model, ids, config.new_tokens, _signal_watch, config.cache)
     runtime.remove(model)
 
     tok_s = {m: decode_tokens / statistics.median(times[m]) for m in modes}
@@ -237,7 +241,7 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
         "clada_prefill_s": statistics.median(prefill["clada"]),
         "prefill_overhead": statistics.median(prefill["clada"]) / statistics.median(prefill["dense"]) - 1.0,
         "batch": int(ids.shape[0]), "prompt_tokens": int(ids.shape[1]), "new_tokens": config.new_tokens,
-        "reps": config.reps, "warmup": config.warmup,
+        "reps": config.reps, "warmup": config.warmup, "cache": config.cache,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(ids.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "decode_s": {m: times[m] for m in modes},

@@ -186,7 +186,7 @@ def _prompt_lengths(sweep: str | None) -> list[int]:
 
 def _print_bench(r: dict) -> None:
     click.echo(f"decode, batch {r['batch']}, prompt {r['prompt_tokens']}, {r['new_tokens']} new tokens, "
-               f"{r['dtype']} on {r['device']} ({r['threads']} threads), median of {r['reps']}:")
+               f"{r['dtype']} on {r['device']} ({r['threads']} threads), {r['cache']} KV cache, median of {r['reps']}:")
     click.echo(f"  dense_tok_s      {r['dense_tok_s']:.2f}")
     click.echo(f"  clada_tok_s      {r['clada_tok_s']:.2f}")
     click.echo(f"  ratio            {r['ratio']:.3f}")
@@ -212,9 +212,11 @@ def _print_bench(r: dict) -> None:
 @click.option("--sweep-new-tokens", default=16, show_default=True, type=click.IntRange(2))
 @click.option("--sweep-reps", default=2, show_default=True, type=click.IntRange(1),
               help="Timed repetitions per mode and prompt length in the sweep (after one warm-up).")
+@click.option("--cache", default="dynamic", show_default=True, type=click.Choice(["dynamic", "static"]),
+              help="KV cache of generate: transformers' default (grows each step) or preallocated.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 def bench_cmd(model_spec, artifact, batch, prompt_tokens, new_tokens, reps, warmup, data, dtype, device, force,
-              sweep, sweep_new_tokens, sweep_reps, json_out):
+              sweep, sweep_new_tokens, sweep_reps, cache, json_out):
     """Decode tokens/s of dense vs CLADA, alternating in one process, with the bound the savings allow."""
     from clada import runtime
     from clada.artifacts import write_atomic
@@ -232,7 +234,8 @@ def bench_cmd(model_spec, artifact, batch, prompt_tokens, new_tokens, reps, warm
     except (_input_errors() + (ValueError,)) as exc:
         _fail(exc)
     model.eval()
-    result = run_bench(model, art, prompts[prompt_tokens], BenchConfig(batch, prompt_tokens, new_tokens, reps, warmup, force),
+    result = run_bench(model, art, prompts[prompt_tokens], BenchConfig(batch, prompt_tokens, new_tokens, reps, warmup, force,
+                                                                      cache=cache),
                        progress=lambda msg: click.echo(msg, err=True))
     result.update({"model": model_spec, "artifact": str(artifact)})
     _print_bench(result)
@@ -244,7 +247,8 @@ def bench_cmd(model_spec, artifact, batch, prompt_tokens, new_tokens, reps, warm
         result["sweep"] = []
         for p in lengths:
             r = run_bench(model, art, prompts[p], BenchConfig(batch, p, sweep_new_tokens, sweep_reps, 1, force,
-                                                              profile=False, layout=False, mlp_time=True),
+                                                              profile=False, layout=False, mlp_time=True,
+                                                              cache=cache),
                           progress=lambda msg: click.echo(f"[prompt {p}] {msg}", err=True))
             row = {k: r[k] for k in ("prompt_tokens", "dense_prefill_s", "clada_prefill_s", "prefill_overhead",
                                      "dense_tok_s", "clada_tok_s", "ratio", "mlp_reads_saved", "step_ms",

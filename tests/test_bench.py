@@ -76,16 +76,18 @@ def checkpoint(tmp_path_factory):
     return root
 
 
-def test_bench_cli_writes_json_with_sweep(checkpoint):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_bench_cli_writes_json_with_sweep(checkpoint, cache):
     out = checkpoint / "bench.json"
     result = CliRunner().invoke(main, ["bench", "--model", str(checkpoint / "ckpt"),
                                        "--artifact", str(checkpoint / "clada.safetensors"),
                                        "--data", str(checkpoint / "docs.txt"), "--prompt-tokens", "8",
-                                       "--new-tokens", "4", "--reps", "1", "--warmup", "0",
+                                       "--new-tokens", "4", "--reps", "1", "--warmup", "0", "--cache", cache,
                                        "--sweep", "16,32", "--sweep-new-tokens", "3", "--json", str(out)])
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
     assert KEYS <= set(figures) and figures["batch"] == 1 and figures["prompt_tokens"] == 8
+    assert figures["cache"] == cache and figures["mlp_reads_saved"] > 0
     assert [row["prompt_tokens"] for row in figures["sweep"]] == [16, 32]
     for row in figures["sweep"]:  # MLP time is measured inside the timed decode steps, so it is a part of them
         assert all(0 < row["mlp_step_ms"][m] < row["step_ms"][m] for m in ("dense", "clada"))

@@ -117,6 +117,18 @@ def test_shared_rows_fall_back_when_the_buffer_is_no_longer_shared():
     runtime.remove(model)
 
 
+def test_static_kv_cache_generates_what_the_dynamic_cache_does():
+    """A preallocated KV cache (cache_implementation="static", as engines use) changes nothing for the runtime."""
+    model = tiny_model("llama")
+    runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05, lam=-0.5, tau_s=0.3))
+    dynamic = greedy(model, PROMPT)
+    dynamic_stats = runtime.stats(model, reset=True)
+    static = greedy(model, PROMPT, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+    assert runtime.stats(model)["mlp_reads_saved"] == pytest.approx(dynamic_stats["mlp_reads_saved"], abs=1e-9)
+    runtime.remove(model)
+
+
 def test_remove_restores_bit_exact_dense(family_model):
     dense = decode_logits(family_model, PROMPT)
     dense_gen = greedy(family_model, PROMPT)
