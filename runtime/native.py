@@ -28,12 +28,10 @@ import torch
 SOURCE = Path(__file__).with_name("native_gather.c")
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))
 MAX_ROWS = 64  # token rows per call the kernel accepts (one bit each in a 64-bit mask)
+SYMBOLS = {torch.float32: "clada_gather_f32", torch.bfloat16: "clada_gather_bf16", torch.float16: "clada_gather_f16"}
 _log = logging.getLogger("clada.runtime")
 _UNSET = object()
 _kernel = _UNSET
-
-
-SYMBOLS = {torch.float32: "clada_gather_f32", torch.bfloat16: "clada_gather_bf16", torch.float16: "clada_gather_f16"}
 
 
 class GatherKernel:
@@ -44,7 +42,7 @@ class GatherKernel:
         self._fns = {}
         p, i = ctypes.c_void_p, ctypes.c_int64
         for dtype, symbol in SYMBOLS.items():
-            fn = getattr(lib, symbol, None)  # clada_gather_f16 only where the compiler has _Float16
+            fn = getattr(lib, symbol, None)  # clada_gather_f16 only where the CPU has F16C
             if fn is not None:
                 fn.restype, fn.argtypes = ctypes.c_int64, [p, i, i, p, p, p, i, i, p, i]
                 self._fns[dtype] = fn
