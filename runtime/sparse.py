@@ -187,7 +187,6 @@ class ChannelGate(nn.Module):
         self.__dict__.update(_last_selected=x, _last_selection=selection)  # nn.Module.__setattr__ costs ~7 us
         return selection
 
-
     def gather(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(N, out) for ``x`` (N token rows of C, any leading shape) and weight ``rows`` (C, out): each token
         row's sum over its kept channels of activation * weight row (the decode-step product)."""
