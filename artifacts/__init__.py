@@ -3,8 +3,8 @@
 See docs/artifact-format.md for the specification.
 """
 
-from clada.artifacts.atomic import atomic_path, write_atomic
-from clada.artifacts.format import (
+from .atomic import atomic_path, write_atomic
+from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     Artifact,

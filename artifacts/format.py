@@ -1,12 +1,14 @@
 """Read, write and validate CLADA artifacts (safetensors; no pickle, no code execution on load).
 
 Tensors (L = decoder layers, D = hidden size, I = intermediate size):
-- ``tau_base_in``  (L,) float32: base threshold on input-channel scores |x_i| * channel_scale_in[l, i].
-- ``tau_base_mid`` (L,) float32: base threshold on intermediate scores |h_j| * channel_scale_mid[l, j].
-- ``channel_scale_in``  (L, D) float32, ``channel_scale_mid`` (L, I) float32: per-channel score weights.
+- ``tau_base_in``  (L,) float32: base threshold on input-channel scores |x_i| * channel_weight_in[l, i].
+- ``tau_base_mid`` (L,) float32: base threshold on intermediate scores |h_j| * channel_weight_mid[l, j].
+- ``channel_weight_in``  (L, D) float32, ``channel_weight_mid`` (L, I) float32: per-channel score weights
+  (format 1 named them ``channel_scale_in`` / ``channel_scale_mid``).
 - ``lam``, ``gam``, ``tau_s``, ``tau_H``: 0-dim float32 adaptation parameters.
 - ``fingerprint`` (L, P) float64: Frobenius norms of each layer's P MLP projection weights.
-Metadata: ``format``, ``format_version`` and JSON strings ``model``, ``recipe``, ``data``, ``figures``, ``signals``.
+Metadata: ``format``, ``format_version`` and JSON strings ``model``, ``recipe``, ``data``, ``figures``, ``signals``
+and (format 2) ``rule``: the sparsity rule, ``{"name": ..., <its parameters>}`` (format 1: the threshold rule).
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clada.artifacts.atomic import atomic_path
+from .atomic import atomic_path
 
 FORMAT_NAME = "clada"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SCALAR_KEYS = ("lam", "gam", "tau_s", "tau_H")
-JSON_METADATA_KEYS = ("model", "recipe", "data", "figures", "signals")
-TENSOR_KEYS = ("tau_base_in", "tau_base_mid", "channel_scale_in", "channel_scale_mid", "fingerprint") + SCALAR_KEYS
+JSON_METADATA_KEYS = ("model", "recipe", "data", "figures", "signals", "rule")
+TENSOR_KEYS = ("tau_base_in", "tau_base_mid", "channel_weight_in", "channel_weight_mid", "fingerprint") + SCALAR_KEYS
+FORMAT1_TENSOR_NAMES = {"channel_scale_in": "channel_weight_in", "channel_scale_mid": "channel_weight_mid"}
+DEFAULT_RULE = {"name": "threshold"}
 
 
 class ArtifactError(ValueError):
@@ -41,8 +45,8 @@ class Artifact:
 
     tau_base_in: torch.Tensor
     tau_base_mid: torch.Tensor
-    channel_scale_in: torch.Tensor
-    channel_scale_mid: torch.Tensor
+    channel_weight_in: torch.Tensor
+    channel_weight_mid: torch.Tensor
     fingerprint: torch.Tensor
     lam: float = 0.0
     gam: float = 0.0
@@ -53,6 +57,7 @@ class Artifact:
     data: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     signals: dict[str, Any] = field(default_factory=dict)
+    rule: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_RULE))  # the sparsity rule and its parameters
     source: str = field(default="artifact", compare=False)  # where it was loaded from, for error messages
 
     @property
@@ -65,8 +70,8 @@ class Artifact:
         expect = {
             "tau_base_in": (torch.float32, (L,)),
             "tau_base_mid": (torch.float32, (L,)),
-            "channel_scale_in": (torch.float32, (L, None)),
-            "channel_scale_mid": (torch.float32, (L, None)),
+            "channel_weight_in": (torch.float32, (L, None)),
+            "channel_weight_mid": (torch.float32, (L, None)),
             "fingerprint": (torch.float64, (L, None)),
         }
         for name, (dtype, shape) in expect.items():
@@ -85,6 +90,8 @@ class Artifact:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ArtifactError(f"{source}: {name}={value} must be finite and >= 0")
+        if not isinstance(self.rule.get("name"), str):
+            raise ArtifactError(f"{source}: metadata 'rule' has no rule name")
 
 
 def _scalar(value: float) -> torch.Tensor:
@@ -141,6 +148,8 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise ArtifactError(f"{path}: corrupt tensor data ({exc})") from None
+    if version < 2:
+        tensors = {FORMAT1_TENSOR_NAMES.get(k, k): v for k, v in tensors.items()}
     missing = sorted(set(TENSOR_KEYS) - set(tensors))
     extra = sorted(set(tensors) - set(TENSOR_KEYS))
     if missing or extra:
@@ -148,7 +157,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     fields: dict[str, Any] = {}
     for key in JSON_METADATA_KEYS:
         try:
-            value = json.loads(meta.get(key, "{}"))
+            value = json.loads(meta.get(key, json.dumps(DEFAULT_RULE) if key == "rule" else "{}"))
         except json.JSONDecodeError:
             raise ArtifactError(f"{path}: metadata {key!r} is not valid JSON") from None
         if not isinstance(value, dict):

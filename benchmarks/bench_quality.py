@@ -28,6 +28,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -35,12 +36,12 @@ import torch
 
 from clada import runtime
 from clada.artifacts import Artifact, atomic_path, load_artifact, write_atomic
-from clada.calibrate.baselines import (ArtifactMethod, CalibrationActivations, ablation, baseline_artifacts,
-                                       build_method)
+from clada.calibrate.baselines import THRESHOLD_BASELINES, CalibrationActivations, baseline_artifacts
+from clada.calibrate.methods import METHODS, build_method, method_artifact
 from clada.calibrate.cache import cache_dir
 from clada.calibrate.compare import threshold_sensitivity
 from clada.calibrate.data import load_documents
-from clada.calibrate.evaluate import (ProxyEvaluator, TeacherForcedEvaluator, generation_eval, greedy_agreement,
+from clada.calibrate.evaluate import (ProxyEvaluator, Sparsifier, TeacherForcedEvaluator, generation_eval, greedy_agreement,
                                       greedy_tokens, tokenize_documents)
 from clada.calibrate.measure import LayerTable
 from clada.calibrate.models import load_model
@@ -53,13 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frontier_report import render  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
-LEVELS = {  # sparsity levels (quantiles / targets) per baseline, chosen to span reads saved ~0.05 .. 0.4
-    "uniform": [0.45, 0.6, 0.7, 0.8],
-    "teal": [0.1, 0.15, 0.2, 0.25, 0.3, 0.4],
-    "teal-greedy": [0.1, 0.15, 0.2, 0.25, 0.3, 0.4],
-    "cats": [0.3, 0.4, 0.5, 0.6],
-    "griffin": [0.05, 0.1, 0.2],
-}
+LEVELS = {name: list(spec.levels) for name, spec in METHODS.items() if spec.levels}  # sparsity levels per baseline
 CLADA_TARGETS = (0.10, 0.20, 0.25, 0.30)  # proxy reads saved; the nearest front point of each
 DATASETS = ("lee", "enwiki")
 KEYS = ("ppl_increase", "kl", "mlp_reads_saved", "mlp_sparsity", "input_sparsity", "relaxed_share", "dense_ppl")
@@ -75,17 +70,18 @@ def measurements(recipe, model, adapter, act_tokens: torch.Tensor) -> Measuremen
     """``pipeline.measure`` of the recipe, cached by what it depends on (model fingerprint and every recipe field
     but the search, eval and output settings) -- it is deterministic, and a new budget needs no new tables."""
     inputs = {k: v for k, v in recipe.to_dict().items() if k not in ("search", "eval", "output")}
+    inputs["tables_format"] = 2  # LayerTable fields tau_in, tau_mid (format 1: t_in, t_mid)
     key = hashlib.sha256((json.dumps(inputs, sort_keys=True) + repr(runtime.mlp_fingerprint(model, adapter).tolist())).encode())
     path = cache_dir() / "tables" / f"{key.hexdigest()[:16]}.pt"
     if path.is_file():
         d = torch.load(path, weights_only=True)
-        tables = [LayerTable(*row) for row in zip(d["t_in"], d["t_mid"], d["error"], d["saved"])]
-        return Measurements(d["scale_in"], d["scale_mid"], tables, d["ratios"])
+        tables = [LayerTable(*row) for row in zip(d["tau_in"], d["tau_mid"], d["error"], d["saved"])]
+        return Measurements(d["weight_in"], d["weight_mid"], tables, d["ratios"])
     log("measuring per-layer error tables (once; cached)")
     m = measure(recipe, model, adapter, act_tokens, progress=False)
     with atomic_path(path) as tmp:
-        torch.save({"scale_in": m.scale_in, "scale_mid": m.scale_mid, "ratios": m.ratios,
-                    **{k: [getattr(t, k) for t in m.tables] for k in ("t_in", "t_mid", "error", "saved")}}, tmp)
+        torch.save({"weight_in": m.weight_in, "weight_mid": m.weight_mid, "ratios": m.ratios,
+                    **{k: [getattr(t, k) for t in m.tables] for k in ("tau_in", "tau_mid", "error", "saved")}}, tmp)
     return m
 
 
@@ -142,9 +138,10 @@ def run_baselines(bench: Bench, levels: dict) -> list[dict]:
     calib = CalibrationActivations.collect(bench.model, bench.splits.act, r.prompt_tokens, r.calibration.activation_tokens)
     rows = []
     for name, qs in levels.items():
-        if name in ("uniform", "teal", "teal-greedy"):
+        if name in THRESHOLD_BASELINES:  # all levels from one greedy walk per layer
             for q, art in zip(qs, baseline_artifacts(name, bench.model, calib, qs)):
-                rows.append(bench.evaluate(ArtifactMethod(bench.model, art), name, q))
+                runtime.apply(bench.model, art)
+                rows.append(bench.evaluate(Sparsifier(bench.model), name, q))
         else:
             for q in qs:
                 rows.append(bench.evaluate(build_method(name, bench.model, sparsity=q, calibration=calib), name, q))
@@ -184,17 +181,13 @@ def study_points(bench: Bench, study_dir: Path, default: Artifact) -> tuple[list
                                                for t in trials])]
     m = measurements(r, bench.model, bench.adapter, bench.splits.act)
     fingerprint = runtime.mlp_fingerprint(bench.model, bench.adapter)
-    dense = Artifact(torch.zeros(len(m.tables)), torch.zeros(len(m.tables)), m.scale_in, m.scale_mid, fingerprint)
-    runtime.apply(bench.model, dense)
-    try:
-        search = ThresholdSearch(m.tables, m.ratios, ProxyEvaluator(bench.model, bench.splits.search, bench.prompt,
-                                                                   r.eval.batch_size), SearchSettings())
-    finally:
-        runtime.remove(bench.model)
+    artifact_of = partial(point_artifact, weight_in=m.weight_in, weight_mid=m.weight_mid, fingerprint=fingerprint)
+    search = ThresholdSearch(m.tables, m.ratios, ProxyEvaluator(bench.model, bench.splits.search, bench.prompt,
+                                                               r.eval.batch_size), SearchSettings(), artifact_of)
     points = []
     for t in front:
-        point = search.point(t.params)
-        points.append({"trial": t.number, "params": t.params, "artifact": point_artifact(point, m.scale_in, m.scale_mid, fingerprint),
+        point = search.point_of(t)
+        points.append({"trial": t.number, "params": t.params, "artifact": point_artifact(point, m.weight_in, m.weight_mid, fingerprint),
                        "proxy": {k: t.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}})
     chosen = default.figures.get("calibration_proxy", {})
     match = [p for p in points if abs(p["proxy"]["mlp_reads_saved"] - chosen.get("mlp_reads_saved", -1)) < 1e-9]
@@ -220,9 +213,9 @@ def run_clada(bench: Bench, points: list[dict], default: Artifact, default_trial
     for p in points:
         art = default if p["trial"] == default_trial else p["artifact"]  # the file itself for the default
         extra = {"trial": p["trial"], "params": p["params"], "proxy": p["proxy"], "default": p["trial"] == default_trial}
-        rows.append(bench.evaluate(ArtifactMethod(bench.model, art), "clada", f"t{p['trial']}", extra))
+        rows.append(bench.evaluate(build_method("clada", bench.model, artifact=art), "clada", f"t{p['trial']}", extra))
         if art.lam != 0 or art.gam != 0:
-            rows.append(bench.evaluate(ArtifactMethod(bench.model, ablation(art, "clada-noadapt")), "clada-noadapt",
+            rows.append(bench.evaluate(build_method("clada-noadapt", bench.model, artifact=art), "clada-noadapt",
                                        f"t{p['trial']}", extra))
         else:
             rows.append({**rows[-1], "method": "clada-noadapt"})  # no adaptation to drop: the same point
@@ -235,11 +228,12 @@ def run_default(bench: Bench, default: Artifact, rows: list[dict], args) -> dict
     ``rows``: the CLADA rows, whose default point gives the "clada" and "clada-noadapt" ablations."""
     out = {"ablations": []}
     for name in ("clada", "clada-surprisal", "clada-entropy", "clada-noadapt"):
-        variant = ablation(default, name)
+        variant = method_artifact(name, bench.model, artifact=default)
         extra = {"lam": variant.lam, "gam": variant.gam}
         done = [r for r in rows if r.get("default") and r["method"] == name]
         out["ablations"].append({**done[0], "level": "default", **extra} if done else
-                                bench.evaluate(ArtifactMethod(bench.model, variant), name, "default", extra))
+                                bench.evaluate(build_method("clada", bench.model, artifact=variant), name, "default",
+                                               extra))
     base = out["ablations"][0]["lee"]
     log("threshold sensitivity (tau_s, tau_H +-0.2) on held-out lee")
     out["sensitivity"] = threshold_sensitivity(bench.model, default, bench.tokens["lee"], bench.prompt, 0.2,
@@ -247,7 +241,7 @@ def run_default(bench: Bench, default: Artifact, rows: list[dict], args) -> dict
     out["mc"] = {}
     for spec in args.mc:
         questions = load_questions(spec)[: args.mc_limit]
-        method = ArtifactMethod(bench.model, default)
+        method = build_method("clada", bench.model, artifact=default)
         t = time.time()
         try:
             out["mc"][spec] = multiple_choice_eval(bench.model, bench.tokenizer, questions, method, progress=False)

@@ -4,9 +4,10 @@ Method (all figures come from one run):
 - Prompts: ``batch`` windows of ``prompt_tokens`` consecutive tokens of real text (held-out documents by
   default), so activations, hence realised sparsity, are those of natural language.
 - Modes, timed alternately within each repetition after ``warmup`` untimed repetitions:
-  ``dense`` (the unpatched model, original weight layout), ``clada`` (the artifact applied, fast path),
-  ``layout`` (the fast path with every threshold at zero: nothing skipped). ``layout`` separates what the
-  transposed weight layout and gathering kernel gain by themselves from what skipping gains.
+  ``dense`` (the unpatched model, original weight layout), ``clada`` (the artifact applied -- CLADA's, or any
+  registered method's -- with the chosen kernel backend), ``layout`` (the same backend with every threshold at
+  zero: nothing skipped; threshold rules only). ``layout`` separates what the transposed weight layout and
+  gathering kernel gain by themselves from what skipping gains.
 - A step is timed with ``model.generate`` (greedy, exactly ``new_tokens`` tokens). Prefill is the first
   forward call; decode time is the rest of the generate wall time, so it includes generate's own overhead.
   tok/s = batch * (new_tokens - 1) / decode seconds. Medians over repetitions.
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clada import runtime
-from clada.artifacts import Artifact
+from .. import runtime
+from ..artifacts import Artifact
 
 MODES = ("dense", "clada", "layout")
 
@@ -42,6 +43,7 @@ class BenchConfig:
     reps: int = 5
     warmup: int = 1
     force: bool = False  # apply despite a fingerprint mismatch
+    backend: str = "auto"  # kernel backend of the sparse modes (runtime.apply's backend=)
     profile: bool = True  # also the profiled runs for mlp_share, bound and signal_overhead
     layout: bool = True  # also time the layout-only mode (fast path, nothing skipped)
     mlp_time: bool = False  # also time the MLPs inside the timed runs (adds ~2 timer calls per layer)
@@ -147,17 +149,17 @@ def _signal_watch(model: nn.Module, watch: _Stopwatch) -> list:
 
 
 def zero_artifact(artifact: Artifact) -> Artifact:
-    """The same artifact with every threshold at zero and no adaptation: the fast path skipping nothing."""
+    """The same artifact with every threshold at zero and no adaptation: the gathering path skipping nothing."""
     return Artifact(torch.zeros_like(artifact.tau_base_in), torch.zeros_like(artifact.tau_base_mid),
-                    artifact.channel_scale_in, artifact.channel_scale_mid, artifact.fingerprint,
-                    model=artifact.model)
+                    artifact.channel_weight_in, artifact.channel_weight_mid, artifact.fingerprint,
+                    model=artifact.model, rule=artifact.rule)
 
 
-def _set_mode(model: nn.Module, mode: str, artifacts: dict[str, Artifact], force: bool = False) -> None:
-    if getattr(model, "_clada_patch", None) is not None:
+def _set_mode(model: nn.Module, mode: str, artifacts: dict[str, Artifact], config: BenchConfig) -> None:
+    if runtime.is_patched(model):
         runtime.remove(model)
     if mode != "dense":
-        runtime.apply(model, artifacts[mode], force=force)
+        runtime.apply(model, artifacts[mode], force=config.force, backend=config.backend)
 
 
 def _profiled(model: nn.Module, ids: torch.Tensor, new_tokens: int,
@@ -174,7 +176,7 @@ def _profiled(model: nn.Module, ids: torch.Tensor, new_tokens: int,
 
 
 def _fast_path(stats: list[dict]) -> dict:
-    """Which path computed the thresholded products of the timed CLADA runs: share of gate inputs per path."""
+    """Which backend computed the thresholded products of the timed sparse runs: share of gate inputs per name."""
     calls = {path: sum(s["path_calls"][path] for s in stats) for path in stats[0]["path_calls"]} if stats else {}
     total = sum(calls.values())
     return {path: n / total for path, n in calls.items()} if total else calls
@@ -183,19 +185,20 @@ def _fast_path(stats: list[dict]) -> dict:
 def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: BenchConfig,
               progress: Callable[[str], None] | None = None) -> dict:
     """Dense vs CLADA decode throughput on prompts ``ids`` (B, P) of an unpatched ``model``."""
-    if getattr(model, "_clada_patch", None) is not None:
+    if runtime.is_patched(model):
         raise ValueError("run_bench needs the unpatched model (it applies and removes the artifact itself)")
     say = progress or (lambda _msg: None)
     artifacts = {"clada": artifact, "layout": zero_artifact(artifact)}
     decode_tokens = ids.shape[0] * (config.new_tokens - 1)
-    modes = MODES if config.layout else tuple(m for m in MODES if m != "layout")
+    layout = config.layout and runtime.RULES[artifact.rule.get("name", "threshold")].threshold_form
+    modes = MODES if layout else tuple(m for m in MODES if m != "layout")
     times: dict[str, list[float]] = {m: [] for m in modes}
     prefill: dict[str, list[float]] = {m: [] for m in modes}
     mlp: dict[str, list[float]] = {m: [] for m in modes}
     stats: list[dict] = []
     for rep in range(config.warmup + config.reps):
         for mode in modes:
-            _set_mode(model, mode, artifacts, config.force)
+            _set_mode(model, mode, artifacts, config)
             watch = _Stopwatch(ids.device) if config.mlp_time else None
             hooks = _mlp_watch(model, watch) if watch is not None else []
             try:
@@ -213,9 +216,9 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
         timed = rep - config.warmup + 1
         say(f"rep {rep + 1}/{config.warmup + config.reps}" + (" (warm-up)" if timed <= 0 else
             f": dense {decode_tokens / times['dense'][-1]:.1f} tok/s, clada {decode_tokens / times['clada'][-1]:.1f} tok/s"))
-    _set_mode(model, "dense", artifacts)
+    _set_mode(model, "dense", artifacts, config)
     mlp_share = _profiled(model, ids, config.new_tokens, _mlp_watch, config.cache)
-    _set_mode(model, "clada", artifacts, config.force)
+    _set_mode(model, "clada", artifacts, config)
     signal_overhead = _profiled(model, ids, config.new_tokens, _signal_watch, config.cache)
     runtime.remove(model)
 
@@ -236,7 +239,8 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
         "signal_overhead": signal_overhead,
         "layout_tok_s": tok_s["layout"], "layout_ratio": tok_s["layout"] / tok_s["dense"],
         "sparsity_ratio": tok_s["clada"] / tok_s["layout"],
-        "fast_path": _fast_path(stats),
+        "fast_path": _fast_path(stats), "rule": artifact.rule.get("name", "threshold"), "backend": config.backend,
+        "backends": stats[-1]["backends"] if stats else {},
         "dense_prefill_s": statistics.median(prefill["dense"]),
         "clada_prefill_s": statistics.median(prefill["clada"]),
         "prefill_overhead": statistics.median(prefill["clada"]) / statistics.median(prefill["dense"]) - 1.0,

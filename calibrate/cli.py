@@ -8,6 +8,11 @@ from pathlib import Path
 
 import click
 
+from ..runtime.backends import BACKEND_NAMES
+from .methods import METHODS
+
+SPARSITY_HELP = "Sparsity level (quantile or target) of the methods that take one, e.g. 0.5."
+
 # Errors that mean "bad input": one line on stderr, exit code 2.
 def _input_errors() -> tuple[type[BaseException], ...]:
     from clada.artifacts import ArtifactError
@@ -27,7 +32,7 @@ def _fail(exc: BaseException) -> None:
 
 def _print_figures(title: str, figures: dict) -> None:
     click.echo(title)
-    for key in ("dense_ppl", "clada_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
+    for key in ("rule", "dense_ppl", "sparse_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
                 "mlp_reads_saved", "relaxed_share", "greedy_agreement", "tokens"):
         if key in figures:
             value = figures[key]
@@ -87,11 +92,10 @@ calibrate_main = calibrate_cmd  # the ``clada-calibrate`` console script: same c
 @click.option("--model", "model_spec", required=True, help="Checkpoint folder, .gguf file, hub id or built-in name.")
 @click.option("--artifact", default=None, type=click.Path(dir_okay=False),
               help="clada.safetensors file (needed by the default method and the clada* methods).")
-@click.option("--method", default=None,
-              help="dense, uniform, teal, teal-greedy, cats, griffin, clada-noadapt, clada-surprisal, clada-entropy "
-                   "or clada (docs/baselines.md); also reports greedy_agreement. Default: the artifact as calibrated.")
-@click.option("--sparsity", default=None, type=float,
-              help="Quantile (target) of uniform, teal, teal-greedy, cats and griffin, e.g. 0.5.")
+@click.option("--method", default=None, type=click.Choice(list(METHODS)),
+              help="A registered method (docs/baselines.md); also reports greedy_agreement. Default: the artifact "
+                   "as calibrated.")
+@click.option("--sparsity", default=None, type=float, help=SPARSITY_HELP)
 @click.option("--mc", "mc_specs", multiple=True,
               help="Score multiple choice instead of perplexity: FILE.jsonl ({context, choices, label} per line) "
                    "or bigbench:TASK[/SUBTASK]; repeatable.")
@@ -114,8 +118,8 @@ def eval_cmd(model_spec, artifact, method, sparsity, mc_specs, greedy_prompts, d
     multiple-choice accuracy with --mc."""
     from clada import runtime
     from clada.artifacts import write_atomic
-    from clada.calibrate.baselines import check_method
     from clada.calibrate.compare import attach_method, recipe_of
+    from clada.calibrate.methods import check_method
     from clada.calibrate.data import load_documents, split_documents
     from clada.calibrate.evaluate import generation_eval, greedy_agreement, tokenize_documents
     from clada.calibrate.models import load_model
@@ -170,7 +174,7 @@ def _bench_texts(data: str, art) -> list[str]:
     from clada.calibrate.data import load_documents, split_documents
 
     documents = load_documents(data)
-    if documents.identity.get("sha256") != art.data.get("sha256"):
+    if art is None or documents.identity.get("sha256") != art.data.get("sha256"):
         return documents.documents
     calib, held = split_documents(documents.documents, art.data.get("heldout_fraction", 0.3), art.data.get("split_seed", 0))
     return held + calib
@@ -186,7 +190,8 @@ def _prompt_lengths(sweep: str | None) -> list[int]:
 
 def _print_bench(r: dict) -> None:
     click.echo(f"decode, batch {r['batch']}, prompt {r['prompt_tokens']}, {r['new_tokens']} new tokens, "
-               f"{r['dtype']} on {r['device']} ({r['threads']} threads), {r['cache']} KV cache, median of {r['reps']}:")
+               f"{r['dtype']} on {r['device']} ({r['threads']} threads), {r['cache']} KV cache, median of {r['reps']}; "
+               f"method {r['method']} (rule {r['rule']}), backend {r['backend']}:")
     click.echo(f"  dense_tok_s      {r['dense_tok_s']:.2f}")
     click.echo(f"  clada_tok_s      {r['clada_tok_s']:.2f}")
     click.echo(f"  ratio            {r['ratio']:.3f}")
@@ -198,7 +203,13 @@ def _print_bench(r: dict) -> None:
 
 @main.command("bench")
 @click.option("--model", "model_spec", required=True, help="Checkpoint folder, .gguf file, hub id or built-in name.")
-@click.option("--artifact", required=True, type=click.Path(dir_okay=False), help="clada.safetensors file.")
+@click.option("--artifact", default=None, type=click.Path(dir_okay=False),
+              help="clada.safetensors file (needed by the default method and the clada* methods).")
+@click.option("--method", default="clada", show_default=True, type=click.Choice(list(METHODS)),
+              help="The registered method to time against dense (docs/baselines.md).")
+@click.option("--sparsity", default=None, type=float, help=SPARSITY_HELP)
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", *BACKEND_NAMES]),
+              help="Kernel backend of the sparse modes (docs/runtime.md).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 256))
 @click.option("--prompt-tokens", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(2))
@@ -215,29 +226,33 @@ def _print_bench(r: dict) -> None:
 @click.option("--cache", default="dynamic", show_default=True, type=click.Choice(["dynamic", "static"]),
               help="KV cache of generate: transformers' default (grows each step) or preallocated.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
-def bench_cmd(model_spec, artifact, batch, prompt_tokens, new_tokens, reps, warmup, data, dtype, device, force,
-              sweep, sweep_new_tokens, sweep_reps, cache, json_out):
-    """Decode tokens/s of dense vs CLADA, alternating in one process, with the bound the savings allow."""
+def bench_cmd(model_spec, artifact, method, sparsity, backend, batch, prompt_tokens, new_tokens, reps, warmup, data,
+              dtype, device, force, sweep, sweep_new_tokens, sweep_reps, cache, json_out):
+    """Decode tokens/s of dense vs a sparse method (default: the CLADA artifact), alternating in one process,
+    with the bound the savings allow."""
     from clada import runtime
     from clada.artifacts import write_atomic
     from clada.calibrate.bench import BenchConfig, run_bench, text_prompts
+    from clada.calibrate.compare import calibrated_method_artifact
+    from clada.calibrate.methods import check_method
     from clada.calibrate.models import load_model
 
     try:
         lengths = _prompt_lengths(sweep)
-        art = runtime.load_artifact(artifact)
-        texts = _bench_texts(data, art)
+        check_method(method, sparsity, artifact is not None)
+        given = runtime.load_artifact(artifact) if artifact else None
+        texts = _bench_texts(data, given)
         model, tokenizer, _ = load_model(model_spec, dtype, device)
-        runtime.apply(model, art, force=force)  # validate once before any timing; run_bench applies it per repetition
+        art = calibrated_method_artifact(method, model, tokenizer, given, sparsity)
+        runtime.apply(model, art, force=force, backend=backend)  # validate once before any timing
         runtime.remove(model)
         prompts = {p: text_prompts(tokenizer, texts, batch, p).to(device) for p in [prompt_tokens] + lengths}
     except (_input_errors() + (ValueError,)) as exc:
         _fail(exc)
     model.eval()
-    result = run_bench(model, art, prompts[prompt_tokens], BenchConfig(batch, prompt_tokens, new_tokens, reps, warmup, force,
-                                                                      cache=cache),
-                       progress=lambda msg: click.echo(msg, err=True))
-    result.update({"model": model_spec, "artifact": str(artifact)})
+    config = BenchConfig(batch, prompt_tokens, new_tokens, reps, warmup, force, backend=backend, cache=cache)
+    result = run_bench(model, art, prompts[prompt_tokens], config, progress=lambda msg: click.echo(msg, err=True))
+    result.update({"model": model_spec, "artifact": str(artifact), "method": method, "sparsity": sparsity})
     _print_bench(result)
     if lengths:
         click.echo(f"long-context sweep ({sweep_new_tokens} new tokens, dense and CLADA, 1 warm-up and "
@@ -247,8 +262,8 @@ def bench_cmd(model_spec, artifact, batch, prompt_tokens, new_tokens, reps, warm
         result["sweep"] = []
         for p in lengths:
             r = run_bench(model, art, prompts[p], BenchConfig(batch, p, sweep_new_tokens, sweep_reps, 1, force,
-                                                              profile=False, layout=False, mlp_time=True,
-                                                              cache=cache),
+                                                              backend=backend, profile=False, layout=False,
+                                                              mlp_time=True, cache=cache),
                           progress=lambda msg: click.echo(f"[prompt {p}] {msg}", err=True))
             row = {k: r[k] for k in ("prompt_tokens", "dense_prefill_s", "clada_prefill_s", "prefill_overhead",
                                      "dense_tok_s", "clada_tok_s", "ratio", "mlp_reads_saved", "step_ms",

@@ -7,13 +7,14 @@ import dataclasses
 import torch
 from torch import nn
 
-from clada.artifacts import Artifact
-from clada.calibrate.baselines import (CALIBRATED_METHODS, ArtifactMethod, CalibrationActivations, build_method,
-                                       check_method)
-from clada.calibrate.data import load_documents
-from clada.calibrate.evaluate import Sparsifier, TeacherForcedEvaluator, generation_eval
-from clada.calibrate.pipeline import token_splits
-from clada.calibrate.recipe import Recipe, parse_recipe
+from .. import runtime
+from ..artifacts import Artifact
+from .baselines import CalibrationActivations
+from .data import load_documents
+from .evaluate import Sparsifier, TeacherForcedEvaluator, generation_eval
+from .methods import build_method, check_method, method_artifact
+from .pipeline import token_splits
+from .recipe import Recipe, parse_recipe
 
 SENSITIVITY_KEYS = ("ppl_increase", "kl", "mlp_reads_saved", "mlp_sparsity", "input_sparsity", "relaxed_share")
 
@@ -33,13 +34,20 @@ def calibration_activations(model: nn.Module, tokenizer, recipe: Recipe) -> Cali
     return CalibrationActivations.collect(model, splits.act, recipe.prompt_tokens, recipe.calibration.activation_tokens)
 
 
+def calibrated_method_artifact(name: str, model: nn.Module, tokenizer, artifact: Artifact | None = None,
+                               sparsity: float | None = None) -> Artifact:
+    """The artifact of method ``name`` (clada.calibrate.methods.METHODS) for ``model``; the baselines that need
+    calibration activations are calibrated on the artifact's (or the default recipe's) calibration documents."""
+    spec = check_method(name, sparsity, artifact is not None)
+    calibration = calibration_activations(model, tokenizer, recipe_of(artifact)) if spec.calibrated else None
+    return method_artifact(name, model, sparsity, artifact, calibration)
+
+
 def attach_method(name: str, model: nn.Module, tokenizer, artifact: Artifact | None = None,
                   sparsity: float | None = None, force: bool = False) -> Sparsifier:
-    """Attach method ``name`` (clada.calibrate.baselines.METHODS) to ``model``; calibrates the baselines that
-    need it on the artifact's (or the default recipe's) calibration documents."""
-    check_method(name, sparsity, artifact is not None)
-    calibration = calibration_activations(model, tokenizer, recipe_of(artifact)) if name in CALIBRATED_METHODS else None
-    return build_method(name, model, sparsity, artifact, calibration, force)
+    """Apply method ``name`` to ``model`` (see ``calibrated_method_artifact``)."""
+    runtime.apply(model, calibrated_method_artifact(name, model, tokenizer, artifact, sparsity), force=force)
+    return Sparsifier(model)
 
 
 def threshold_sensitivity(model: nn.Module, artifact: Artifact, tokens: torch.Tensor, prompt: int,
@@ -60,7 +68,7 @@ def threshold_sensitivity(model: nn.Module, artifact: Artifact, tokens: torch.Te
         if name == "base" and base is not None:
             figures = base
         else:
-            method = ArtifactMethod(model, variant)
+            method = build_method("clada", model, artifact=variant)
             try:
                 figures = generation_eval(model, tokens, prompt, batch_size, progress=progress, method=method,
                                           reference=reference)

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from clada import runtime
-from clada.runtime.compat import cache_kwargs, output_cache
-from clada.runtime.signals import load_signals, relax_multiplier
+from .. import runtime
+from ..artifacts import Artifact
+from ..runtime.compat import cache_kwargs, output_cache
+from ..runtime.signals import load_signals, relax_multiplier
 
 
 def tokenize_documents(tokenizer, documents: list[str], length: int, max_docs: int | None = None) -> torch.Tensor:
@@ -48,58 +48,28 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
 
 
-@dataclass
-class _Dense:
-    """Dense teacher-forced outputs of one batch."""
-    logits: torch.Tensor  # (b, S, V) predictions of tokens P+1 .. P+S
-
-
-@contextmanager
-def _dense_mode(model: nn.Module) -> Iterator[None]:
-    """Run a patched model exactly dense: load signals off, no thresholds."""
-    st, trk = runtime.state(model), runtime.tracker(model)
-    trk.enabled, st.scale = False, None
-    try:
-        yield
-    finally:
-        trk.enabled = True
-
-
 class Sparsifier:
-    """How the evaluations drive a sparse model; this base drives a model patched by ``clada.runtime.apply``.
+    """How the evaluations drive a model patched by ``clada.runtime.apply`` (every method is one: see
+    ``clada.calibrate.methods``), through the runtime's public API only.
 
-    Outside the two contexts below a sparsifier behaves as in generation: a call with several new tokens per
-    row (prefill) runs dense, a call with one new token per row is a sparse decode step. The baselines
-    (clada.calibrate.baselines) implement the same members with their own masks.
+    Outside the two contexts below the model behaves as in generation: a call with several new tokens per
+    row (prefill) runs dense, a call with one new token per row is a sparse decode step.
     """
-
-    adaptive: bool = True  # a token's thresholds depend on the sparse model's own previous output
-    needs_prompt: bool = False  # the sparse steps depend on what the dense prefill of the prompt saw
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.artifact = artifact = runtime.applied_artifact(model)
+        self.adaptive = artifact.lam != 0.0 or artifact.gam != 0.0  # thresholds follow the model's own outputs
+        # the sparse steps depend on what the dense prefill of the prompt saw
+        self.needs_prompt = runtime.RULES[artifact.rule.get("name", "threshold")].observes_prefill
 
     def dense(self) -> AbstractContextManager:
         """Calls made inside run exactly dense and record nothing."""
-        return _dense_mode(self.model)
+        return runtime.dense(self.model)
 
-    @contextmanager
-    def teacher_forced(self) -> Iterator[None]:
+    def teacher_forced(self) -> AbstractContextManager:
         """Every token of a call made inside is a sparse decode step at the base thresholds (multiplier 1)."""
-        st, trk = runtime.state(self.model), runtime.tracker(self.model)
-
-        def unit_scale(module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            st.scale = torch.ones(ids.shape, device=ids.device)
-
-        trk.enabled = False
-        hook = self.model.register_forward_pre_hook(unit_scale, with_kwargs=True)
-        try:
-            yield
-        finally:
-            hook.remove()
-            st.scale = None
-            trk.enabled = True
+        return runtime.fixed_multiplier(self.model, 1.0)
 
     def reset_stats(self) -> None:
         runtime.reset_stats(self.model)
@@ -114,10 +84,10 @@ class Sparsifier:
 
 
 def _dense_logits(model: nn.Module, tokens: torch.Tensor, prompt: int, scored: int,
-                  dense: Callable[[], AbstractContextManager] | None = None) -> torch.Tensor:
-    """Dense logits at positions prompt .. prompt+scored-1: (B, scored, V). ``dense``: the dense-mode context
-    (default: that of a runtime-patched model)."""
-    with dense() if dense is not None else _dense_mode(model):
+                  dense: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
+    """Dense logits at positions prompt .. prompt+scored-1: (B, scored, V), computed inside ``dense()`` (the
+    context that makes the model dense; none for an unpatched model)."""
+    with dense():
         return model(input_ids=tokens[:, : prompt + scored]).logits[:, prompt:]
 
 
@@ -126,11 +96,11 @@ def _summarise(nll_sparse: list, nll_dense: list, kl: list, stats: dict) -> dict
     dense = torch.cat(nll_dense).double().mean().item()
     out = {
         "dense_ppl": math.exp(dense),
-        "clada_ppl": math.exp(sparse),
+        "sparse_ppl": math.exp(sparse),
         "ppl_increase": math.exp(sparse - dense) - 1.0,
         "kl": torch.cat(kl).double().mean().item(),
     }
-    out.update({k: stats[k] for k in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "relaxed_share")})
+    out.update({k: stats[k] for k in ("rule", "mlp_sparsity", "input_sparsity", "mlp_reads_saved", "relaxed_share")})
     out["tokens"] = int(torch.cat(nll_sparse).numel())
     out["per_layer"] = stats["per_layer"]
     return out
@@ -142,7 +112,7 @@ def generation_eval(model: nn.Module, tokens: torch.Tensor, prompt: int, batch_s
                     reference: _DenseReference | None = None) -> dict:
     """Dense vs sparse in the exact generation regime on ``tokens`` (N, P+S+1).
 
-    ``method``: the sparse method (default: the CLADA artifact the model is patched with). ``reference``: a
+    ``method``: the sparse method (default: the artifact the model is patched with). ``reference``: a
     TeacherForcedEvaluator of the same tokens, prompt and batch size whose dense logits are reused.
     """
     method = method or Sparsifier(model)
@@ -177,22 +147,18 @@ def generation_eval(model: nn.Module, tokens: torch.Tensor, prompt: int, batch_s
 
 class _DenseReference:
     """Dense teacher-forced reference of ``tokens`` (N, P+S+1) in batches: the scored positions' logits
-    (b, S, V), the prompt's KV cache and the prompt's last-position logits. ``dense``: the context that
-    makes the model dense while they are computed (default: none; the model is unpatched)."""
+    (b, S, V), the prompt's KV cache and the prompt's last-position logits (of a patched model: in its dense mode)."""
 
-    def __init__(self, model: nn.Module, tokens: torch.Tensor, prompt: int, batch_size: int = 16,
-                 dense: Callable[[], AbstractContextManager] | None = None):
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, prompt: int, batch_size: int = 16):
         self.model, self.prompt = model, prompt
         self.scored = tokens.shape[1] - prompt - 1
         device = next(model.parameters()).device
-        dense = dense or nullcontext
         self.batches = []
-        with torch.no_grad():
+        with torch.no_grad(), runtime.dense(model) if runtime.is_patched(model) else nullcontext():
             for start in range(0, tokens.shape[0], batch_size):
                 batch = tokens[start : start + batch_size].to(device)
-                logits = _dense_logits(model, batch, prompt, self.scored, dense)
-                with dense():
-                    prefill = model(input_ids=batch[:, :prompt], use_cache=True)
+                logits = model(input_ids=batch[:, : prompt + self.scored]).logits[:, prompt:]
+                prefill = model(input_ids=batch[:, :prompt], use_cache=True)
                 self.batches.append({"tokens": batch, "dense": logits, "cache": output_cache(prefill),
                                      "last": prefill.logits[:, -1:], "nll_dense": _nll(logits, batch[:, prompt + 1 :])})
 
@@ -233,11 +199,12 @@ class ProxyEvaluator(_DenseReference):
 
     The MLP masks of every scored position are applied in one forward over the scored tokens (on top
     of a cached dense prefill), which is exactly the generation regime except that the load signals
-    come from the dense model's distributions instead of the sparse model's own.
+    come from the dense model's distributions instead of the sparse model's own. Build it on the unpatched
+    model; each call applies the artifact it scores (masked reference) and removes it again.
     """
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, prompt: int, batch_size: int = 16):
-        super().__init__(model, tokens, prompt, batch_size, dense=lambda: _dense_mode(model))
+        super().__init__(model, tokens, prompt, batch_size)
         for b in self.batches:
             # the distribution each scored step's fed token is drawn from: prompt's last position, then dense
             prev = torch.cat([b.pop("last"), b["dense"][:, :-1]], 1)
@@ -249,29 +216,24 @@ class ProxyEvaluator(_DenseReference):
                 torch.cat([b["entropy"].flatten() for b in self.batches]))
 
     @torch.no_grad()
-    def __call__(self, tau_in: torch.Tensor, tau_mid: torch.Tensor, lam: float = 0.0, gam: float = 0.0,
-                 tau_s: float = 1.0, tau_H: float = 1.0) -> dict:
-        st, trk = runtime.state(self.model), runtime.tracker(self.model)
-        st.tau["in"].copy_(tau_in)
-        st.tau["mid"].copy_(tau_mid)
-        st.reset_stats()
-        trk.enabled = False
+    def __call__(self, artifact: Artifact) -> dict:
+        """Proxy figures of ``artifact`` on the reference tokens: the keys of ``generation_eval``."""
+        runtime.apply(self.model, artifact, backend="masked")
         nll_s, nll_d, kls = [], [], []
         try:
             for b in self.batches:
-                m = relax_multiplier(b["surprisal"], b["entropy"], lam, gam, tau_s, tau_H)
-                st.relaxed[0] += m.numel()
-                st.relaxed[1] += (m < 1).sum()
-                st.scale = m
-                out = self.model(input_ids=b["tokens"][:, self.prompt : self.prompt + self.scored],
-                                 **cache_kwargs(self.model, copy.deepcopy(b["cache"])))
+                m = relax_multiplier(b["surprisal"], b["entropy"], artifact.lam, artifact.gam, artifact.tau_s,
+                                     artifact.tau_H)
+                with runtime.fixed_multiplier(self.model, m):
+                    out = self.model(input_ids=b["tokens"][:, self.prompt : self.prompt + self.scored],
+                                     **cache_kwargs(self.model, copy.deepcopy(b["cache"])))
                 nll_s.append(_nll(out.logits, b["tokens"][:, self.prompt + 1 :]).cpu())
                 nll_d.append(b["nll_dense"].cpu())
                 kls.append(_kl(b["dense"], out.logits).flatten().cpu())
+            figures = runtime.stats(self.model)
         finally:
-            st.scale = None
-            trk.enabled = True
-        return _summarise(nll_s, nll_d, kls, st.summary())
+            runtime.remove(self.model)
+        return _summarise(nll_s, nll_d, kls, figures)
 
 
 def _pad_id(model: nn.Module) -> int:

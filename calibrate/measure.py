@@ -14,13 +14,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from clada.runtime.adapters import MLPAdapter, MLPParts
+from ..runtime.adapters import MLPAdapter, MLPParts
+from ..runtime.rules import channel_scores
 
 SCORE_RULES = ("magnitude", "wina")
 
 
 @torch.no_grad()
-def channel_scales(model: nn.Module, adapter: MLPAdapter, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_weights(model: nn.Module, adapter: MLPAdapter, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel score weights, (L, D) for the MLP input and (L, I) for the intermediate, float32.
 
     ``magnitude``: all ones (score = |activation|). ``wina``: the L2 norm of the weight column the
@@ -101,63 +102,116 @@ def residual_ratios(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tensor,
     return (mlp_sq * adapter.residual_scale(model) ** 2 / res_sq.clamp_min(1e-30)).float()
 
 
-def _quantiles(scores: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-    """Quantiles of a large score tensor (subsampled to stay within torch.quantile's limits)."""
+QUANTILE_METHODS = ("sampled", "exact")
+SAMPLED_MAX = 4_000_000  # torch.quantile's input limit: larger score sets are subsampled (fixed seed)
+
+
+def score_quantiles(scores: torch.Tensor, qs: torch.Tensor | list[float], method: str = "sampled") -> torch.Tensor:
+    """(Q,) float32 quantiles (linear interpolation) of a score tensor; quantile 0 means threshold 0 (nothing but
+    exact zeros skipped). ``sampled``: torch.quantile, on a fixed-seed subsample above ``SAMPLED_MAX`` entries;
+    ``exact``: over every entry (a full sort). Both agree below ``SAMPLED_MAX``."""
+    if method not in QUANTILE_METHODS:
+        raise ValueError(f"quantile method {method!r} is not one of {QUANTILE_METHODS}")
+    qs = torch.as_tensor(qs, dtype=torch.float32)
     flat = scores.flatten().float()
-    if flat.numel() > 4_000_000:
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:4_000_000]]
-    return torch.where(qs > 0, torch.quantile(flat, qs.float()), torch.zeros(()))
+    if method == "sampled":
+        if flat.numel() > SAMPLED_MAX:
+            flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:SAMPLED_MAX]]
+        return torch.where(qs > 0, torch.quantile(flat, qs.to(flat.device)).cpu(), torch.zeros(()))
+    ordered = flat.sort().values.cpu().double()
+    pos = qs.double() * (ordered.numel() - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp_max(ordered.numel() - 1)
+    value = ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    return torch.where(qs > 0, value.float(), torch.zeros(()))
 
 
 @dataclass
 class LayerTable:
-    """Grid results for one layer; every tensor is (Qi, Qm) except ``t_in`` (Qi,)."""
+    """Grid results for one layer; every tensor is (Qi, Qm) except ``tau_in`` (Qi,)."""
 
-    t_in: torch.Tensor
-    t_mid: torch.Tensor
+    tau_in: torch.Tensor
+    tau_mid: torch.Tensor
     error: torch.Tensor
     saved: torch.Tensor
 
 
-@torch.no_grad()
-def layer_table(adapter: MLPAdapter, part: MLPParts, x: torch.Tensor, scale_in: torch.Tensor,
-                scale_mid: torch.Tensor, q_in: torch.Tensor, q_mid: torch.Tensor) -> LayerTable:
-    """Error and skipped bytes of one layer's MLP over a grid of threshold quantiles (see module doc)."""
-    out_proj = getattr(part.owner, part.out_name)
-    device = adapter.weight(out_proj).device
-    x = x.to(device).float()
-    weights = [adapter.weight(getattr(part.owner, n)) for n in part.in_names]
-    bytes_in = float(sum(w.numel() for w in weights))
-    bytes_mid = float(adapter.weight(out_proj).numel())
-    h = adapter.intermediate(part, x)
-    y = out_proj(h)
-    y_norm = y.pow(2).sum()
-    score_in = x.abs() * scale_in.to(device)
-    t_in = _quantiles(score_in, q_in)
-    t_mid = torch.zeros(len(q_in), len(q_mid))
-    error = torch.zeros(len(q_in), len(q_mid))
-    saved = torch.zeros(len(q_in), len(q_mid))
-    for i, ti in enumerate(t_in):
-        keep_in = score_in > ti
-        h_i = adapter.intermediate(part, x * keep_in)
-        skip_in = 1.0 - keep_in.float().mean()
-        score_mid = h_i.abs() * scale_mid.to(device)
-        t_mid[i] = _quantiles(score_mid, q_mid)
-        for j, tj in enumerate(t_mid[i]):
-            keep_mid = score_mid > tj
-            y_ij = out_proj(h_i * keep_mid)
-            error[i, j] = (y_ij - y).pow(2).sum() / y_norm
-            skip_mid = 1.0 - keep_mid.float().mean()
-            saved[i, j] = (skip_in * bytes_in + skip_mid * bytes_mid) / (bytes_in + bytes_mid)
-    return LayerTable(t_in.cpu(), t_mid, error, saved)
+class LayerErrorModel:
+    """One layer's MLP on calibration inputs x (N, D): the thresholds of a quantile pair and the output error.
+
+    For (q_in, q_mid): tau_in is the q_in quantile of the input scores |x|·w_in; tau_mid the q_mid quantile of
+    the intermediate scores |h'|·w_mid, where h' is computed from x with the skipped input channels zeroed (as at
+    run time). ``error`` is ||y' - y||^2 / ||y||^2 of the MLP output with both keep masks applied (the runtime's
+    rule, ``threshold_keep``); ``saved`` the share of the layer's MLP weight bytes skipped. The grid search
+    (``table``) and TEAL-greedy's walk both use it; ``quantiles`` is ``score_quantiles``' method.
+    """
+
+    def __init__(self, adapter: MLPAdapter, part: MLPParts, x: torch.Tensor, weight_in: torch.Tensor,
+                 weight_mid: torch.Tensor, quantiles: str = "sampled"):
+        self.adapter, self.part, self.quantiles = adapter, part, quantiles
+        self.out = getattr(part.owner, part.out_name)
+        device = adapter.weight(self.out).device
+        self.x = x.to(device).float()
+        self.weight_in, self.weight_mid = weight_in.to(device).float(), weight_mid.to(device).float()
+        self.bytes_in, self.bytes_mid = adapter.projection_bytes(part)
+        with torch.no_grad():
+            self.y = self.out(adapter.intermediate(part, self.x))
+        self.y_norm = self.y.pow(2).sum()
+        self.score_in = channel_scores(self.x, self.weight_in)
+        self._by_q_in: dict[float, tuple] = {}
+
+    @torch.no_grad()
+    def _input_side(self, q_in: float) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+        """(tau_in, skipped input share, h', intermediate scores of h') of ``q_in``, cached."""
+        key = round(float(q_in), 9)
+        if key not in self._by_q_in:
+            tau_in = float(score_quantiles(self.score_in, [key], self.quantiles)[0])
+            keep_in = self.score_in > tau_in
+            h = self.adapter.intermediate(self.part, self.x * keep_in)
+            self._by_q_in[key] = (tau_in, 1.0 - keep_in.float().mean(), h, channel_scores(h, self.weight_mid))
+        return self._by_q_in[key]
+
+    def mid_taus(self, q_in: float, q_mid: torch.Tensor | list[float]) -> torch.Tensor:
+        """(Qm,) intermediate thresholds of the quantiles ``q_mid`` at input quantile ``q_in``."""
+        return score_quantiles(self._input_side(q_in)[3], q_mid, self.quantiles)
+
+    def thresholds(self, q_in: float, q_mid: float) -> tuple[float, float]:
+        """(tau_in, tau_mid) of the quantile pair."""
+        return self._input_side(q_in)[0], float(self.mid_taus(q_in, [q_mid])[0])
+
+    @torch.no_grad()
+    def measure(self, q_in: float, tau_mid: float) -> tuple[float, float]:
+        """(error, saved byte share) with the input quantile ``q_in`` and intermediate threshold ``tau_mid``."""
+        _, skip_in, h, score_mid = self._input_side(q_in)
+        keep_mid = score_mid > tau_mid
+        error = (self.out(h * keep_mid) - self.y).pow(2).sum() / self.y_norm
+        skip_mid = 1.0 - keep_mid.float().mean()
+        saved = (skip_in * self.bytes_in + skip_mid * self.bytes_mid) / (self.bytes_in + self.bytes_mid)
+        return float(error), float(saved)
+
+    def error(self, q_in: float, q_mid: float) -> float:
+        return self.measure(q_in, self.thresholds(q_in, q_mid)[1])[0]
+
+    def table(self, q_in: torch.Tensor, q_mid: torch.Tensor) -> LayerTable:
+        """Error and skipped bytes over the grid ``q_in`` x ``q_mid``."""
+        tau_in = torch.zeros(len(q_in))
+        tau_mid = torch.zeros(len(q_in), len(q_mid))
+        error = torch.zeros(len(q_in), len(q_mid))
+        saved = torch.zeros(len(q_in), len(q_mid))
+        for i, qi in enumerate(q_in.tolist()):
+            tau_in[i] = self._input_side(qi)[0]
+            tau_mid[i] = self.mid_taus(qi, q_mid)
+            for j, tj in enumerate(tau_mid[i].tolist()):
+                error[i, j], saved[i, j] = self.measure(qi, tj)
+        return LayerTable(tau_in, tau_mid, error, saved)
 
 
-def build_tables(model: nn.Module, adapter: MLPAdapter, inputs: list[torch.Tensor], scale_in: torch.Tensor,
-                 scale_mid: torch.Tensor, q_in: torch.Tensor, q_mid: torch.Tensor,
+def build_tables(model: nn.Module, adapter: MLPAdapter, inputs: list[torch.Tensor], weight_in: torch.Tensor,
+                 weight_mid: torch.Tensor, q_in: torch.Tensor, q_mid: torch.Tensor,
                  progress: bool = True) -> list[LayerTable]:
-    """``layer_table`` for every layer, with a progress bar."""
+    """``LayerErrorModel.table`` for every layer (scores and quantiles as the grid search uses them), with a progress bar."""
     parts = adapter.mlp_parts(model)
-    return [layer_table(adapter, part, inputs[l], scale_in[l], scale_mid[l], q_in, q_mid)
+    return [LayerErrorModel(adapter, part, inputs[l], weight_in[l], weight_mid[l]).table(q_in, q_mid)
             for l, part in enumerate(tqdm(parts, desc="per-layer error tables", unit="layer", disable=not progress))]
 
 
@@ -187,6 +241,6 @@ def allocate(tables: list[LayerTable], budgets: torch.Tensor, error_weights: tor
             ok[0, 0] = True
             flat = torch.where(ok, table.saved, torch.full_like(table.saved, -1.0)).flatten()
         i, j = divmod(int(flat.argmax()), table.saved.shape[1])
-        tau_in.append(float(table.t_in[i]))
-        tau_mid.append(float(table.t_mid[i, j]))
+        tau_in.append(float(table.tau_in[i]))
+        tau_mid.append(float(table.tau_mid[i, j]))
     return torch.tensor(tau_in, dtype=torch.float32), torch.tensor(tau_mid, dtype=torch.float32)

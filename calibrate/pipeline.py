@@ -6,21 +6,22 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from clada import __version__, runtime
-from clada.artifacts import Artifact, save_artifact
-from clada.calibrate.data import load_documents, split_documents
-from clada.calibrate.evaluate import ProxyEvaluator, generation_eval, tokenize_documents
-from clada.calibrate.measure import build_tables, channel_scales, collect_mlp_inputs, residual_ratios
-from clada.calibrate.models import load_model
-from clada.calibrate.recipe import Recipe
-from clada.calibrate.report import HEADLINE_KEYS, write_reports
-from clada.calibrate.search import (SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch,
-                                    feasible_trials, pareto_front, run_search, validated_choice)
-from clada.calibrate.storage import is_shared, open_storage, redact
+from .. import __version__, runtime
+from ..artifacts import Artifact, save_artifact
+from .data import load_documents, split_documents
+from .evaluate import ProxyEvaluator, generation_eval, tokenize_documents
+from .measure import build_tables, channel_weights, collect_mlp_inputs, residual_ratios
+from .models import load_model
+from .recipe import Recipe
+from .report import HEADLINE_KEYS, write_reports
+from .search import (POINT_ATTRS, SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch, feasible_trials,
+                     pareto_front, run_search, validated_choice)
+from .storage import is_shared, open_storage, redact
 
 ARTIFACT_NAME = "clada.safetensors"
 REGIME = "dense prefill of {p} prompt tokens, then {s} tokens fed one at a time with KV cache and adaptive sparse MLPs"
@@ -70,30 +71,30 @@ def token_splits(recipe: Recipe, tokenizer, documents: list[str]) -> TokenSplits
 class Measurements:
     """Channel score weights (L, D) and (L, I), per-layer error tables and residual ratios (L,)."""
 
-    scale_in: torch.Tensor
-    scale_mid: torch.Tensor
+    weight_in: torch.Tensor
+    weight_mid: torch.Tensor
     tables: list
     ratios: torch.Tensor
 
 
 def measure(recipe: Recipe, model, adapter, act_tokens: torch.Tensor, progress: bool = True) -> Measurements:
     """The offline measurements on the dense model that the search allocates thresholds from."""
-    scale_in, scale_mid = channel_scales(model, adapter, recipe.calibration.score)
+    weight_in, weight_mid = channel_weights(model, adapter, recipe.calibration.score)
     inputs = collect_mlp_inputs(model, adapter, act_tokens, recipe.prompt_tokens, recipe.calibration.activation_tokens)
-    tables = build_tables(model, adapter, inputs, scale_in, scale_mid, torch.tensor(recipe.calibration.q_in),
+    tables = build_tables(model, adapter, inputs, weight_in, weight_mid, torch.tensor(recipe.calibration.q_in),
                           torch.tensor(recipe.calibration.q_mid), progress=progress)
     del inputs
     ratios = residual_ratios(model, adapter, act_tokens[:8], recipe.prompt_tokens)
-    return Measurements(scale_in, scale_mid, tables, ratios)
+    return Measurements(weight_in, weight_mid, tables, ratios)
 
 
-def point_artifact(point: Point, scale_in: torch.Tensor, scale_mid: torch.Tensor, fingerprint: torch.Tensor,
+def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tensor, fingerprint: torch.Tensor,
                    **metadata) -> Artifact:
     """The artifact of a search point (``metadata``: Artifact's model, recipe, data, signals dicts)."""
     return Artifact(
         tau_base_in=torch.tensor(point.tau_in, dtype=torch.float32),
         tau_base_mid=torch.tensor(point.tau_mid, dtype=torch.float32),
-        channel_scale_in=scale_in, channel_scale_mid=scale_mid, fingerprint=fingerprint,
+        channel_weight_in=weight_in, channel_weight_mid=weight_mid, fingerprint=fingerprint, rule={"name": "threshold"},
         lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H, **metadata)
 
 
@@ -129,22 +130,19 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     t = time.time()
     _log(f"[2/6] measuring dense MLP activations ({recipe.calibration.activation_tokens} tokens per layer)")
     measured = measure(recipe, model, adapter, splits.act, progress)
-    scale_in, scale_mid, tables, ratios = measured.scale_in, measured.scale_mid, measured.tables, measured.ratios
+    weight_in, weight_mid, tables, ratios = measured.weight_in, measured.weight_mid, measured.tables, measured.ratios
     timings["measure"] = time.time() - t
 
     identity = runtime.model_identity(model, adapter)
-    L = identity["num_layers"]
-    dense_artifact = Artifact(torch.zeros(L), torch.zeros(L), scale_in, scale_mid, runtime.mlp_fingerprint(model, adapter))
-    runtime.apply(model, dense_artifact)
+    fingerprint = runtime.mlp_fingerprint(model, adapter)
+    artifact_of = partial(point_artifact, weight_in=weight_in, weight_mid=weight_mid, fingerprint=fingerprint)
 
     t = time.time()
     _log(f"[3/6] dense reference on {search_tokens.shape[0]} search documents")
     evaluator = ProxyEvaluator(model, search_tokens, recipe.prompt_tokens, recipe.eval.batch_size)
-    settings = SearchSettings(trials=recipe.search.trials, max_ppl_increase=recipe.search.max_ppl_increase,
-                              adapt=recipe.search.adapt, allocation=recipe.search.allocation, seed=recipe.seed,
-                              storage=recipe.search.storage or f"sqlite:///{(out / 'study.db').resolve()}",
-                              study_name=study_name(recipe))
-    search = ThresholdSearch(tables, ratios, evaluator, settings)
+    settings = SearchSettings.from_recipe(recipe, recipe.search.storage or f"sqlite:///{(out / 'study.db').resolve()}",
+                                          study_name(recipe))
+    search = ThresholdSearch(tables, ratios, evaluator, settings, artifact_of)
     _log(f"[4/6] Optuna search: {settings.trials} trials, maximise mlp_reads_saved s.t. "
          f"ppl_increase <= {settings.max_ppl_increase} (study {settings.study_name} in {redact(settings.storage)})")
     study = run_search(search, progress=progress)
@@ -168,16 +166,15 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     if best is None:
         best = min((tr for tr in study.trials if tr.state.name == "COMPLETE"), key=lambda tr: tr.user_attrs["ppl_increase"])
         _log("      warning: no trial met the quality constraint; using the one with the smallest ppl_increase")
-    point = search.point(best.params)
+    point = search.point_of(best)
     artifact = point_artifact(
-        point, scale_in, scale_mid, dense_artifact.fingerprint,
+        point, weight_in, weight_mid, fingerprint,
         model={**identity, "spec": recipe.model, "checkpoint": str(checkpoint)},
         recipe=recipe.to_dict(),
         data={**docs.identity, "heldout_fraction": recipe.heldout_fraction, "split_seed": recipe.seed},
         signals={"surprisal": "-ln p(token fed) / ln|V|", "entropy": "-sum p ln p / ln|V|",
                  "multiplier": "max(0, 1 + lam*[s > tau_s] + gam*[H > tau_H])", "score": recipe.calibration.score},
     )
-    runtime.remove(model)
     runtime.apply(model, artifact)
 
     t = time.time()
@@ -186,7 +183,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     timings["heldout_eval"] = time.time() - t
     runtime.remove(model)
 
-    proxy = {k: v for k, v in best.user_attrs.items() if k not in (SLOT_ATTR, WORKER_ATTR)}  # figures only
+    proxy = {k: v for k, v in best.user_attrs.items() if k not in (SLOT_ATTR, WORKER_ATTR, *POINT_ATTRS)}  # figures only
     artifact.figures = {"heldout": {k: heldout[k] for k in HEADLINE_KEYS}, "calibration_proxy": proxy}
     _log(f"[6/6] writing {out / ARTIFACT_NAME} and reports")
     save_artifact(artifact, out / ARTIFACT_NAME)

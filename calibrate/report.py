@@ -7,7 +7,7 @@ from pathlib import Path
 
 from clada.artifacts import atomic_path, write_atomic
 
-HEADLINE_KEYS = ("dense_ppl", "clada_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
+HEADLINE_KEYS = ("dense_ppl", "sparse_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
                  "mlp_reads_saved", "relaxed_share", "tokens")
 
 

@@ -14,11 +14,13 @@ entropy that become ``tau_s, tau_H``. The objective maximises ``mlp_reads_saved`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import optuna
@@ -26,10 +28,12 @@ import torch
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # as study.optimize; ask/tell has none
 from tqdm.auto import tqdm
 
-from clada.calibrate.evaluate import ProxyEvaluator
-from clada.calibrate.measure import LayerTable, allocate
-from clada.calibrate.storage import is_shared, open_storage, study_lock
+from ..artifacts import Artifact
+from .evaluate import ProxyEvaluator
+from .measure import LayerTable, allocate
+from .storage import is_shared, open_storage, study_lock
 
+POINT_ATTRS = ("tau_in", "tau_mid", "tau_s", "tau_H")  # trial user attributes: the thresholds the trial chose
 FIGURE_KEYS = ("mlp_reads_saved", "mlp_sparsity", "input_sparsity", "ppl_increase", "kl", "relaxed_share")
 
 
@@ -44,6 +48,14 @@ class SearchSettings:
     seed: int = 0
     storage: str | None = None
     study_name: str = "clada"
+
+    @classmethod
+    def from_recipe(cls, recipe, storage: str, study_name: str) -> SearchSettings:
+        """The settings of a recipe's ``search`` section (every key this class shares with it), its seed, and
+        the study's storage URL and name."""
+        section = dataclasses.asdict(recipe.search)
+        shared = {f.name: section[f.name] for f in dataclasses.fields(cls) if f.name in section}
+        return cls(**{**shared, "seed": recipe.seed, "storage": storage, "study_name": study_name})
 
 
 @dataclass
@@ -62,11 +74,13 @@ class Point:
 
 
 class ThresholdSearch:
-    """Turns trial parameters into thresholds and scores them with a ProxyEvaluator."""
+    """Turns trial parameters into thresholds, and scores the artifact of each point (``artifact_of``) with a
+    ProxyEvaluator."""
 
     def __init__(self, tables: list[LayerTable], residual_ratio: torch.Tensor, evaluator: ProxyEvaluator,
-                 settings: SearchSettings):
+                 settings: SearchSettings, artifact_of: Callable[[Point], Artifact]):
         self.tables, self.residual_ratio, self.evaluator, self.settings = tables, residual_ratio, evaluator, settings
+        self.artifact_of = artifact_of
         self.surprisal, self.entropy = evaluator.signals()
 
     def point(self, params: dict) -> Point:
@@ -85,10 +99,20 @@ class ThresholdSearch:
             tau_H=float(torch.quantile(self.entropy, q_H)) if q_H < 1 else 1.0,
         )
 
+    def point_of(self, trial: optuna.trial.FrozenTrial) -> Point:
+        """The point a completed trial evaluated: its stored thresholds (``POINT_ATTRS``), or, for trials of
+        studies from before they were stored, recomputed from its parameters."""
+        if all(key in trial.user_attrs for key in POINT_ATTRS):
+            attrs = {key: trial.user_attrs[key] for key in POINT_ATTRS}
+            return Point(params=dict(trial.params), lam=trial.params.get("lam", 0.0),
+                         gam=trial.params.get("gam", 0.0), number=trial.number, **attrs)
+        point = self.point(trial.params)
+        point.number = trial.number
+        return point
+
     def score(self, point: Point, evaluator: ProxyEvaluator | None = None) -> dict:
-        """Proxy figures of ``point`` on ``evaluator``'s documents (default: the search documents)."""
-        return (evaluator or self.evaluator)(torch.tensor(point.tau_in), torch.tensor(point.tau_mid),
-                                             point.lam, point.gam, point.tau_s, point.tau_H)
+        """Proxy figures of ``point``'s artifact on ``evaluator``'s documents (default: the search documents)."""
+        return (evaluator or self.evaluator)(self.artifact_of(point))
 
     def evaluate(self, point: Point) -> Point:
         figures = self.score(point)
@@ -114,6 +138,8 @@ class ThresholdSearch:
         point = self.evaluate(self.point(self.suggest(trial)))
         for key, value in point.figures.items():
             trial.set_user_attr(key, value)
+        for key in POINT_ATTRS:  # so that a report or benchmark rebuilds the trial without the error tables
+            trial.set_user_attr(key, getattr(point, key))
         violation = point.figures["ppl_increase"] - self.settings.max_ppl_increase
         trial.set_user_attr("constraint", violation)
         if _NATIVE_CONSTRAINTS:
@@ -300,7 +326,7 @@ def validated_choice(study: optuna.Study, search: ThresholdSearch, validator: Pr
     checks: list[dict] = []
     for i in order[:candidates]:
         trial = feasible[i]
-        figures = search.score(search.point(trial.params), validator)
+        figures = search.score(search.point_of(trial), validator)
         averaged = (1 - validation_weight) * trial.user_attrs["ppl_increase"] + validation_weight * figures["ppl_increase"]
         checks.append({"trial": trial.number, "mlp_reads_saved": trial.value,
                        "search_ppl_increase": trial.user_attrs["ppl_increase"],

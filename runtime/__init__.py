@@ -3,28 +3,27 @@
 Imports only torch, safetensors and transformers-compatible modules (no optuna, datasets, click, yaml)::
 
     from clada import runtime
-    runtime.apply(model, "out/clada.safetensors")
+    runtime.apply(model, "out/clada.safetensors")   # backend="auto" | "native" | "embedding_bag" | "masked" | "triton"
     model.generate(input_ids, max_new_tokens=64)
     runtime.stats(model)
     runtime.remove(model)
+
+Driving a patched model (what calibration and the benchmarks use): ``is_patched``, ``set_thresholds``,
+``dense(model)`` and ``fixed_multiplier(model, m)`` (context managers), ``multiplier``, ``applied_artifact``.
 """
 
-from clada.artifacts import Artifact, ArtifactError, load_artifact
-from clada.runtime.adapters import UnsupportedModelError, adapter_for, supported_model_types
-from clada.runtime.patch import (
-    apply,
-    declare_in_checkpoint,
-    from_pretrained,
-    mlp_fingerprint,
-    model_identity,
-    remove,
-    reset_stats,
-    state,
-    stats,
-    tracker,
-)
+from ..artifacts import Artifact, ArtifactError, load_artifact
+from .adapters import UnsupportedModelError, adapter_for, supported_model_types
+from .backends import BACKEND_NAMES, BackendError
+from .checkpoint import declare_in_checkpoint, from_pretrained
+from .identity import mlp_fingerprint, model_identity
+from .patch import (applied_artifact, apply, dense, fixed_multiplier, is_patched, multiplier, remove, reset_stats,
+                    set_thresholds, stats)
+from .rules import RULES
 
 __all__ = [
-    "Artifact", "ArtifactError", "UnsupportedModelError", "adapter_for", "apply", "declare_in_checkpoint", "from_pretrained", "load_artifact",
-    "mlp_fingerprint", "model_identity", "remove", "reset_stats", "state", "stats", "supported_model_types", "tracker",
+    "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "RULES", "UnsupportedModelError", "adapter_for",
+    "applied_artifact", "apply", "declare_in_checkpoint", "dense", "fixed_multiplier", "from_pretrained",
+    "is_patched", "load_artifact", "mlp_fingerprint", "model_identity", "multiplier", "remove", "reset_stats",
+    "set_thresholds", "stats", "supported_model_types",
 ]

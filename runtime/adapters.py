@@ -68,6 +68,14 @@ class MLPAdapter:
     def weight_of(self, proj: nn.Module) -> torch.Tensor:
         return proj.weight
 
+    def projection_bytes(self, part: MLPParts) -> tuple[float, float]:
+        """Weight bytes a decode step reads in the input projections (together) and in the output projection:
+        the one count of MLP bytes that ``mlp_reads_saved`` and the error tables' skipped shares use."""
+        def size(name: str) -> float:
+            w = self.weight(getattr(part.owner, name))
+            return float(w.numel() * w.element_size())
+        return sum(size(n) for n in part.in_names), size(part.out_name)
+
     def intermediate(self, part: MLPParts, x: torch.Tensor) -> torch.Tensor:
         """h, the input of the output projection, computed from the MLP input x: (..., D) -> (..., I)."""
         act = getattr(part.owner, self.act_name)

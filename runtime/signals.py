@@ -35,10 +35,11 @@ def relax_multiplier(surprisal: torch.Tensor, entropy: torch.Tensor, lam: float,
 
 
 class SignalTracker:
-    """Forward hooks on a causal LM that set ``state.scale`` for each decode step from the previous step.
+    """Forward hooks on a causal LM that set ``state.multiplier`` for each decode step from the previous step.
 
     Prefill (more than one new token) runs dense. A decode step (one new token per row) gets the
     multiplier computed from the previous call's last-position distribution and the token now fed.
+    ``enabled = False`` leaves ``state.multiplier`` to the caller (``runtime.dense``, ``runtime.fixed_multiplier``).
     """
 
     def __init__(self, state, lam: float, gam: float, tau_s: float, tau_H: float):
@@ -48,22 +49,23 @@ class SignalTracker:
         self.enabled = True
 
     def pre_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self.state.batch = int(ids.shape[0])
         if not self.enabled:
             return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or ids.dim() != 2 or ids.shape[1] != 1:
-            self.state.scale = None  # prefill or embeddings input: dense
+            self.state.multiplier = None  # prefill or embeddings input: dense
             self.prev_logits = None
             return None
         prev = self.prev_logits
         if prev is None or prev.shape[0] != ids.shape[0]:
-            self.state.scale = torch.ones(ids.shape[0], 1, device=ids.device)
+            self.state.multiplier = torch.ones(ids.shape[0], 1, device=ids.device)
             return None
         surprisal, entropy = load_signals(prev, ids[:, 0])
         m = relax_multiplier(surprisal, entropy, self.lam, self.gam, self.tau_s, self.tau_H)
-        self.state.relaxed[0] += m.numel()
-        self.state.relaxed[1] += (m < 1).sum()
-        self.state.scale = m.unsqueeze(1)
+        self.state.record_multiplier(m)
+        self.state.multiplier = m.unsqueeze(1)
         return None
 
     def post_forward(self, module, args, kwargs, output):

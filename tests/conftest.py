@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from clada import runtime
 from clada.artifacts import Artifact
-from clada.calibrate.measure import channel_scales
+from clada.calibrate.measure import channel_weights
 
 WORDS = [f"w{i}" for i in range(90)]
 VOCAB = 128
@@ -81,10 +81,10 @@ def make_artifact(model, tau_in: float | torch.Tensor = 0.0, tau_mid: float | to
                   score: str = "wina") -> Artifact:
     """An artifact for ``model`` with the given thresholds (scalars broadcast over layers)."""
     adapter = runtime.adapter_for(model)
-    scale_in, scale_mid = channel_scales(model, adapter, score)
-    L = scale_in.shape[0]
+    weight_in, weight_mid = channel_weights(model, adapter, score)
+    L = weight_in.shape[0]
     as_layers = lambda v: (v if isinstance(v, torch.Tensor) else torch.full((L,), float(v))).float()
-    return Artifact(as_layers(tau_in), as_layers(tau_mid), scale_in, scale_mid,
+    return Artifact(as_layers(tau_in), as_layers(tau_mid), weight_in, weight_mid,
                     runtime.mlp_fingerprint(model, adapter), lam=lam, gam=gam, tau_s=tau_s, tau_H=tau_H,
                     model=runtime.model_identity(model, adapter))
 
@@ -122,17 +122,17 @@ class MaskRecorder:
         self.adapter = runtime.adapter_for(model)
         self.calls: list[list[dict]] = []
         self.hooks = []
-        state = runtime.state(model)
         for part in self.adapter.mlp_parts(model):
             calls: list[dict] = []
             self.calls.append(calls)
 
             def grab_x(module, args, calls=calls):
-                if state.scale is not None:
-                    calls.append({"x": args[0].detach().clone(), "scale": state.scale.detach().clone()})
+                m = runtime.multiplier(model)
+                if m is not None:
+                    calls.append({"x": args[0].detach().clone(), "multiplier": m.detach().clone()})
 
             def grab_h(module, args, calls=calls):
-                if state.scale is not None:
+                if runtime.multiplier(model) is not None:
                     calls[-1]["h"] = args[0].detach().clone()
 
             self.hooks.append(getattr(part.owner, part.in_names[0]).register_forward_pre_hook(grab_x))
@@ -153,12 +153,12 @@ class MaskRecorder:
             keep_in, keep_mid = [], []
             for call in calls:
                 x, h = call["x"], call["h"]
-                scale = call["scale"].reshape(x.shape[:-1] + (1,))
-                k_in = x.abs() * artifact.channel_scale_in[l] > artifact.tau_base_in[l] * scale
+                m = call["multiplier"].reshape(x.shape[:-1] + (1,))
+                k_in = x.abs() * artifact.channel_weight_in[l] > artifact.tau_base_in[l] * m
                 with torch.no_grad():
                     torch.testing.assert_close(h, self.adapter.intermediate(part, x * k_in), rtol=1e-4, atol=1e-5)
                 keep_in.append(k_in.reshape(-1, x.shape[-1]))
-                keep_mid.append((h.abs() * artifact.channel_scale_mid[l] > artifact.tau_base_mid[l] * scale)
+                keep_mid.append((h.abs() * artifact.channel_weight_mid[l] > artifact.tau_base_mid[l] * m)
                                 .reshape(-1, h.shape[-1]))
             skipped_in.append(1 - torch.cat(keep_in).float().mean().item())
             skipped_mid.append(1 - torch.cat(keep_mid).float().mean().item())

@@ -13,7 +13,7 @@ from clada.calibrate.search import SearchSettings, warm_start_points
 def _table(errors: list[float]) -> LayerTable:
     """One input quantile, len(errors) intermediate cells skipping 0, 0.1, 0.2, ... of the bytes; tau_mid = cell."""
     n = len(errors)
-    return LayerTable(t_in=torch.zeros(1), t_mid=torch.arange(n, dtype=torch.float32).view(1, n),
+    return LayerTable(tau_in=torch.zeros(1), tau_mid=torch.arange(n, dtype=torch.float32).view(1, n),
                       error=torch.tensor([errors]), saved=torch.arange(n, dtype=torch.float32).view(1, n) / 10)
 
 

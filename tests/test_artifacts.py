@@ -29,7 +29,7 @@ def saved(model, tmp_path):
 def test_round_trip(saved):
     art, path = saved
     back = load_artifact(path)
-    for name in ("tau_base_in", "tau_base_mid", "channel_scale_in", "channel_scale_mid", "fingerprint"):
+    for name in ("tau_base_in", "tau_base_mid", "channel_weight_in", "channel_weight_mid", "fingerprint"):
         assert torch.equal(getattr(back, name), getattr(art, name))
     assert (back.lam, back.gam) == pytest.approx((-0.3, -0.1))
     assert (back.tau_s, back.tau_H) == pytest.approx((0.4, 0.6))
@@ -72,7 +72,7 @@ def _rewrite(path, mutate_tensors=None, mutate_meta=None):
     (lambda t: t.__setitem__("tau_base_mid", torch.zeros(5)), None, "shape"),
     (lambda t: t.__setitem__("tau_base_mid", torch.full_like(t["tau_base_mid"], float("inf"))), None, "inf"),
     (lambda t: t.__setitem__("fingerprint", t["fingerprint"].float()), None, "fingerprint has dtype"),
-    (lambda t: t.__setitem__("channel_scale_in", t["channel_scale_in"][0]), None, "channel_scale_in has shape"),
+    (lambda t: t.__setitem__("channel_weight_in", t["channel_weight_in"][0]), None, "channel_weight_in has shape"),
     (lambda t: t.__setitem__("lam", torch.zeros(1)), None, "0-dim"),
     (lambda t: t.__setitem__("gam", torch.tensor(0.5)), None, "gam=0.5 is outside"),
     (lambda t: t.__setitem__("tau_H", torch.tensor(float("nan"))), None, "tau_H=nan"),
@@ -124,7 +124,7 @@ def test_apply_refuses_other_weights_unless_forced(saved):
     other = tiny_model("llama", seed=1)
     with pytest.raises(ArtifactError, match="fingerprint"):
         runtime.apply(other, path)
-    assert not hasattr(other, "_clada_patch")
+    assert not runtime.is_patched(other)
     runtime.apply(other, path, force=True)
     runtime.remove(other)
 
@@ -175,7 +175,7 @@ def test_export_declares_artifact_beside_checkpoint(model, saved, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((ckpt / "config.json").read_text())["clada"]["file"] == "clada.safetensors"
     loaded = runtime.from_pretrained(ckpt)
-    assert runtime.state(loaded).tau["in"].tolist() == pytest.approx([0.05, 0.05])
+    assert runtime.applied_artifact(loaded).tau_base_in.tolist() == pytest.approx([0.05, 0.05])
     runtime.remove(loaded)
     runtime.apply(loaded)  # no path: finds the declared artifact next to the checkpoint
     runtime.remove(loaded)

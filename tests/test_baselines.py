@@ -12,15 +12,18 @@ import torch
 from click.testing import CliRunner
 
 from clada import runtime
-from clada.calibrate.baselines import (ABLATIONS, METHODS, CalibrationActivations, LayerProbe, MethodError, ablation,
-                                       baseline_artifacts, build_method, cats_thresholds, teal_greedy_path)
+from clada.calibrate.baselines import (CalibrationActivations, MethodError, baseline_artifacts, cats_artifact,
+                                       magnitude_error_model, teal_greedy_path)
 from clada.calibrate.cli import main
 from clada.calibrate.compare import threshold_sensitivity
 from clada.calibrate.evaluate import TeacherForcedEvaluator, generation_eval, greedy_agreement
-from clada.calibrate.masked_methods import CatsMethod, DenseMethod, GriffinMethod
+from clada.calibrate.measure import LayerErrorModel
+from clada.calibrate.methods import METHODS, build_method, method_artifact
+from clada.runtime.rules import threshold_keep
 from clada.calibrate.multiple_choice import (bigbench_questions, jsonl_questions, load_questions,
                                              multiple_choice_eval, score_question)
 from clada.runtime.compat import cache_kwargs, output_cache
+from clada.runtime.patch import _patch_of
 from clada.runtime.signals import load_signals
 from tests.conftest import calibrate_tiny, make_artifact, tiny_model, word_tokenizer
 
@@ -56,7 +59,7 @@ def test_teal_quantile_zeroes_that_share_of_entries_per_layer(family):
         with torch.no_grad():
             h = adapter.intermediate(part, x * (x.abs() > art.tau_base_in[layer]))
         assert is_quantile(h.abs(), art.tau_base_mid[layer]) and art.tau_base_mid[layer] >= 0
-    assert torch.equal(art.channel_scale_in, torch.ones_like(art.channel_scale_in)) and art.lam == art.gam == 0
+    assert torch.equal(art.channel_weight_in, torch.ones_like(art.channel_weight_in)) and art.lam == art.gam == 0
     method = build_method("teal", model, sparsity=q, calibration=calib)
     figures = TeacherForcedEvaluator(model, CALIB_TOKENS, PROMPT)(method)
     assert figures["per_layer"]["input_sparsity"][0] == pytest.approx(q, abs=0.01)
@@ -87,7 +90,7 @@ def test_teal_greedy_steps_where_error_grows_least_until_target():
     model = tiny_model("llama")
     adapter = runtime.adapter_for(model)
     part = adapter.mlp_parts(model)[1]
-    probe = LayerProbe(adapter, part, calibration(model).inputs[1])
+    probe = magnitude_error_model(adapter, part, calibration(model).inputs[1])
     frac_in = 2 / 3
     path = teal_greedy_path(probe, frac_in, target=0.4)
     assert path[0] == (0.0, 0.0)
@@ -101,12 +104,34 @@ def test_teal_greedy_steps_where_error_grows_least_until_target():
     assert (arts[1].tau_base_in >= arts[0].tau_base_in).all() and (arts[1].tau_base_mid >= arts[0].tau_base_mid).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_grid_tables_and_the_greedy_walk_share_one_layer_error_model(family):
+    """The grid search's table (sampled quantiles) and TEAL-greedy's probe (exact quantiles) agree cell for cell
+    below the subsampling limit, and the table's thresholds keep what the runtime's rule keeps."""
+    model = tiny_model(family)
+    adapter = runtime.adapter_for(model)
+    part = adapter.mlp_parts(model)[0]
+    x = calibration(model).inputs[0]
+    probe = magnitude_error_model(adapter, part, x)
+    ones_in, ones_mid = probe.weight_in, probe.weight_mid
+    q_in, q_mid = torch.tensor([0.0, 0.2, 0.5]), torch.tensor([0.0, 0.3, 0.6])
+    table = LayerErrorModel(adapter, part, x, ones_in, ones_mid, quantiles="sampled").table(q_in, q_mid)
+    for i, qi in enumerate(q_in.tolist()):
+        for j, qj in enumerate(q_mid.tolist()):
+            tau_in, tau_mid = probe.thresholds(qi, qj)
+            assert table.tau_in[i].item() == pytest.approx(tau_in, rel=1e-6)
+            assert table.tau_mid[i, j].item() == pytest.approx(tau_mid, rel=1e-5, abs=1e-9)
+            assert table.error[i, j].item() == pytest.approx(probe.error(qi, qj), rel=1e-4, abs=1e-9)
+    keep = threshold_keep(x, ones_in, table.tau_in[1].item())
+    assert (1 - keep.float().mean()).item() == pytest.approx(0.2, abs=0.01)
+
+
 def test_cats_masks_act_gate_and_skips_up_rows_and_down_columns():
     """On a decode step: the MLP output is down((act(gate x) * [|act(gate x)| > t]) * up x), it does not change
     when the weights of the skipped neurons' up rows and down columns are zeroed, and reads count them."""
     model = tiny_model("llama")
     calib = calibration(model)
-    t = cats_thresholds(model, calib, 0.5)
+    t = cats_artifact(model, calib, 0.5).tau_base_mid
     mlp = model.model.layers[1].mlp
     with torch.no_grad():
         a = mlp.act_fn(mlp.gate_proj(calib.inputs[1]))
@@ -114,7 +139,7 @@ def test_cats_masks_act_gate_and_skips_up_rows_and_down_columns():
     seen = {}
     hooks = [mlp.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].detach().clone())),
              mlp.register_forward_hook(lambda m, args, out: seen.update(y=out.detach().clone()))]
-    method = CatsMethod(model, t)
+    method = build_method("cats", model, sparsity=0.5, calibration=calib)
     with torch.no_grad():
         cache = output_cache(model(input_ids=TOKENS[:1, :PROMPT], use_cache=True))
         model(input_ids=TOKENS[:1, PROMPT : PROMPT + 1], **cache_kwargs(model, cache))
@@ -122,15 +147,14 @@ def test_cats_masks_act_gate_and_skips_up_rows_and_down_columns():
         h.remove()
     x, y = seen["x"], seen["y"]
     stats = method.stats()
-    method.phase = "dense"  # compute the reference with the hooks idle
-    with torch.no_grad():
+    with torch.no_grad(), runtime.dense(model):  # the reference, nothing skipped
         a = mlp.act_fn(mlp.gate_proj(x))
         keep = a.abs() > t[1]
         torch.testing.assert_close(y, mlp.down_proj(a * keep * mlp.up_proj(x)))
         skipped = ~keep.flatten()
         assert 0 < skipped.sum() < skipped.numel()
         assert stats["tokens"] == 1 and stats["per_layer"]["mlp_sparsity"][1] == pytest.approx(skipped.float().mean().item(), abs=1e-5)
-        method.phase = "sparse"
+    with torch.no_grad(), runtime.fixed_multiplier(model, 1.0):  # a sparse step again
         mlp.up_proj.weight[skipped] = 0.0
         mlp.down_proj.weight[:, skipped] = 0.0
         torch.testing.assert_close(mlp(x), y)
@@ -148,12 +172,11 @@ def test_griffin_neurons_are_the_prompt_top_k_and_fixed_while_decoding():
         model(input_ids=TOKENS[:2, :PROMPT])
     for h in hooks:
         h.remove()
-    method = GriffinMethod(model, sparsity=0.75)
-    k = method.k
-    assert k == 16  # 25% of 64 neurons
+    method = build_method("griffin", model, sparsity=0.75)
+    k = 16  # 25% of 64 neurons
     fed = {l: [] for l in range(len(parts))}
-    hooks = [p.owner.down_proj.register_forward_pre_hook(lambda m, args, l=l: fed[l].append(args[0].detach().clone()))
-             for l, p in enumerate(parts)]
+    hooks = [p.owner.down_proj.inner.register_forward_pre_hook(lambda m, args, l=l: fed[l].append(args[0].detach().clone()))
+             for l, p in enumerate(parts)]  # what the original down projection computes with, after the gate
     out = model.generate(TOKENS[:2, :PROMPT], attention_mask=torch.ones(2, PROMPT, dtype=torch.long), max_new_tokens=5,
                          do_sample=False, pad_token_id=0)
     for h in hooks:
@@ -162,7 +185,7 @@ def test_griffin_neurons_are_the_prompt_top_k_and_fixed_while_decoding():
     for layer, calls in fed.items():
         z = prompt_h[layer] / prompt_h[layer].norm(dim=-1, keepdim=True)
         expected = torch.zeros(2, 64, dtype=torch.bool).scatter_(1, z.norm(dim=1).topk(k, dim=-1).indices, True)
-        assert torch.equal(method.masks[layer], expected)
+        assert torch.equal(_patch_of(model).state.rule.masks[layer], expected)
         assert len(calls) == 5 and calls[0].shape[1] == PROMPT  # prefill dense, then 4 decode steps
         for h in calls[1:]:
             assert not (h[:, 0] * ~expected).any()  # nothing outside the prompt's neurons
@@ -213,9 +236,9 @@ def test_ablations_set_lam_and_gam():
     art = make_artifact(model, tau_in=0.05, tau_mid=0.05, lam=-0.3, gam=-0.4, tau_s=0.5, tau_H=0.5)
     expected = {"clada": (-0.3, -0.4), "clada-surprisal": (-0.3, 0.0), "clada-entropy": (0.0, -0.4),
                 "clada-noadapt": (0.0, 0.0)}
-    assert set(ABLATIONS) == set(expected)
+    assert {n for n in METHODS if n.startswith("clada")} == set(expected)
     for name, (lam, gam) in expected.items():
-        variant = ablation(art, name)
+        variant = method_artifact(name, model, artifact=art)
         assert (variant.lam, variant.gam) == pytest.approx((lam, gam))
         assert torch.equal(variant.tau_base_in, art.tau_base_in) and variant.tau_s == art.tau_s
         method = build_method(name, model, artifact=art)
@@ -243,8 +266,10 @@ def test_method_errors():
 def test_greedy_agreement():
     model = tiny_model("llama")
     prompts = TOKENS[:4, :PROMPT]
-    assert greedy_agreement(model, prompts, DenseMethod(model), new_tokens=16) == 1.0
-    method = GriffinMethod(model, sparsity=0.9)
+    dense = build_method("dense", model)
+    assert greedy_agreement(model, prompts, dense, new_tokens=16) == 1.0
+    dense.remove()
+    method = build_method("griffin", model, sparsity=0.9)
     agreement = greedy_agreement(model, prompts, method, new_tokens=16)
     assert 0.0 <= agreement < 1.0
 
@@ -266,7 +291,7 @@ def test_threshold_sensitivity_moves_tau_s_and_tau_H():
     # lower thresholds relax more tokens (or as many): fewer reads saved
     assert rows[1]["relaxed_share"] >= rows[0]["relaxed_share"] >= rows[2]["relaxed_share"]
     assert rows[1]["d_mlp_reads_saved"] <= 0 <= rows[2]["d_mlp_reads_saved"]
-    assert getattr(model, "_clada_patch", None) is None
+    assert not runtime.is_patched(model)
 
 
 # ---- multiple choice ---------------------------------------------------------------------------------------
@@ -283,18 +308,20 @@ def test_multiple_choice_picks_the_higher_likelihood_choice(tmp_path):
     model, tokenizer = tiny_model("llama"), word_tokenizer()
     rows = [("w1 w2 w3 w4", ["w5 w6", "w7", "w8 w9 w10"]), ("w11 w12", ["w13", "w14 w15"])]
     best = []
+    dense_method = build_method("dense", model)
     for context, choices in rows:
-        scores = [brute_force_loglik(model, tokenizer, context, c) for c in choices]
+        with runtime.dense(model):
+            scores = [brute_force_loglik(model, tokenizer, context, c) for c in choices]
         best.append(max(range(len(choices)), key=scores.__getitem__))
         ctx, conts = tokenizer(context)["input_ids"], [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
-        dense, sparse = score_question(model, DenseMethod(model), ctx, conts)
+        dense, sparse = score_question(model, dense_method, ctx, conts)
         torch.testing.assert_close(dense, torch.tensor(scores), rtol=1e-4, atol=1e-4)
         assert torch.equal(dense, sparse)
     path = tmp_path / "mc.jsonl"
     labels = [best[0], 1 - best[1]]  # first labelled with its best choice, second with the other one
     path.write_text("\n".join(json.dumps({"context": c, "choices": ch, "label": l}) for (c, ch), l in zip(rows, labels)))
     questions = load_questions(str(path))
-    result = multiple_choice_eval(model, tokenizer, questions, DenseMethod(model), progress=False)
+    result = multiple_choice_eval(model, tokenizer, questions, dense_method, progress=False)
     assert result == {"questions": 2, "accuracy_dense": 0.5, "accuracy_sparse": 0.5, "chance": pytest.approx((1 / 3 + 1 / 2) / 2),
                       "same_choice": 1.0}
 
@@ -399,7 +426,7 @@ def test_eval_cli_multiple_choice_and_errors(job, tmp_path):
     result = CliRunner().invoke(main, base + ["--method", "dense", "--mc", str(mc)])
     assert result.exit_code == 0, result.output
     assert "accuracy_dense" in result.output and "chance           0.5000" in result.output
-    for args, message in [(["--method", "clada"], "needs an artifact"), (["--method", "nope"], "unknown method"),
+    for args, message in [(["--method", "clada"], "needs an artifact"), (["--method", "nope"], "is not one of"),
                           (["--method", "teal"], "needs a sparsity"), ([], "needs an artifact")]:
         result = CliRunner().invoke(main, base + args)
         assert result.exit_code == 2 and message in result.output, result.output

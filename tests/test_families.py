@@ -54,9 +54,10 @@ def test_sizes_and_weight_bytes_follow_the_config(family):
     ident = runtime.model_identity(model)
     assert (ident["num_layers"], ident["hidden_size"], ident["intermediate_size"]) == (L, D, I)
     runtime.apply(model, make_artifact(model))
-    st = runtime.state(model)
     in_width = 2 if ident["gated"] else 1  # gate and up (fused or not) vs a single fc1
-    assert st.bytes["in"].tolist() == [in_width * I * D * 4] * L and st.bytes["mid"].tolist() == [I * D * 4] * L
+    adapter = runtime.adapter_for(model)
+    sizes = [adapter.projection_bytes(part) for part in adapter.mlp_parts(model)]
+    assert sizes == [(in_width * I * D * 4, I * D * 4)] * L
 
 
 @pytest.mark.parametrize("family", runtime.supported_model_types())
@@ -98,7 +99,7 @@ def test_zero_thresholds_equal_dense(calibrated):
     dense = decode_logits(model, PROMPT)
     zero = dataclasses.replace(art, tau_base_in=torch.zeros_like(art.tau_base_in),
                                tau_base_mid=torch.zeros_like(art.tau_base_mid))
-    runtime.apply(model, zero, fast=False)  # masked reference: bit for bit
+    runtime.apply(model, zero, backend="masked")  # masked reference: bit for bit
     assert torch.equal(decode_logits(model, PROMPT), dense)
     runtime.remove(model)
     runtime.apply(model, zero)  # gathering fast path: the same sums in another order

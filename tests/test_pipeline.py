@@ -14,7 +14,7 @@ from clada.artifacts import load_artifact
 from clada.calibrate.cli import calibrate_main, main
 from tests.conftest import calibrate_tiny, tiny_model
 
-REPORT_KEYS = {"dense_ppl", "clada_ppl", "ppl_increase", "mlp_sparsity", "mlp_reads_saved", "relaxed_share", "tokens"}
+REPORT_KEYS = {"dense_ppl", "sparse_ppl", "ppl_increase", "mlp_sparsity", "mlp_reads_saved", "relaxed_share", "tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,24 @@ def test_artifact_applies_and_generates(workspace):
     runtime.apply(model, art)
     out = model.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 11)
+
+
+def test_trials_store_the_thresholds_they_chose(workspace):
+    """Each completed trial keeps its per-layer thresholds as user attributes: the chosen trial's are the
+    artifact's, readable without the error tables."""
+    import optuna
+
+    root, _ = workspace
+    out = root / "out"
+    report = json.loads((out / "report.json").read_text())
+    study = optuna.load_study(study_name=report["search"]["study"], storage=f"sqlite:///{out / 'study.db'}")
+    chosen = next(t for t in study.trials if t.number == report["chosen"]["trial"])
+    art = load_artifact(out / "clada.safetensors")
+    assert chosen.user_attrs["tau_in"] == pytest.approx(art.tau_base_in.tolist())
+    assert chosen.user_attrs["tau_mid"] == pytest.approx(art.tau_base_mid.tolist())
+    assert (chosen.user_attrs["tau_s"], chosen.user_attrs["tau_H"]) == pytest.approx((art.tau_s, art.tau_H))
+    assert art.rule == {"name": "threshold"}
+    assert all(len(t.user_attrs["tau_in"]) == 2 for t in study.trials if t.state.name == "COMPLETE")
 
 
 def test_resume_keeps_trials(workspace):

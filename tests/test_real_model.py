@@ -32,7 +32,7 @@ def test_report_has_real_figures(calibrated):
     report = json.loads((calibrated / "report.json").read_text())
     assert report["tokens"] == 4 * 128
     assert report["mlp_reads_saved"] > 0 and report["mlp_sparsity"] > 0
-    assert math.isfinite(report["clada_ppl"]) and math.isfinite(report["dense_ppl"])
+    assert math.isfinite(report["sparse_ppl"]) and math.isfinite(report["dense_ppl"])
     assert report["model"]["num_layers"] == 30 and report["model"]["model_type"] == "llama"
 
 

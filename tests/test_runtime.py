@@ -10,6 +10,7 @@ import torch
 from clada import runtime
 from clada.runtime import native
 from clada.runtime.compat import cache_kwargs, output_cache
+from clada.runtime.patch import _patch_of
 from clada.runtime.signals import load_signals, relax_multiplier
 from tests.conftest import MaskRecorder, make_artifact, tiny_model
 
@@ -35,7 +36,7 @@ def decode_logits(model, ids, steps=6):
 def test_zero_thresholds_equal_dense_exactly(family_model):
     """The masked reference with nothing skipped is the dense model, bit for bit."""
     dense = decode_logits(family_model, PROMPT)
-    runtime.apply(family_model, make_artifact(family_model), fast=False)
+    runtime.apply(family_model, make_artifact(family_model), backend="masked")
     sparse = decode_logits(family_model, PROMPT)
     assert torch.equal(dense, sparse)
 
@@ -47,18 +48,18 @@ def test_fast_path_with_zero_thresholds_equals_dense(family_model):
     torch.testing.assert_close(decode_logits(family_model, PROMPT), dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["compiled", "embedding_bag"])
+@pytest.mark.parametrize("path", ["native", "embedding_bag"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 def test_fast_path_matches_masked_reference(family_model, dtype, tol, path):
     """Gathered rows (fast: the compiled kernel, or embedding_bag) and zeroed channels (reference) give the same
     logits and the same realised sparsity."""
-    if path == "compiled" and dtype not in getattr(native.gather_kernel(), "dtypes", ()):
+    if path == "native" and dtype not in getattr(native.gather_kernel(), "dtypes", ()):
         pytest.skip(f"no compiled kernel for {dtype} on this machine (tests/test_native.py says why)")
     model = family_model.to(dtype)
     art = make_artifact(model, tau_in=0.05, tau_mid=0.02, lam=-0.5, tau_s=0.5)
     figures = {}
     for fast in (False, True):
-        runtime.apply(model, art, fast=fast).native = path == "compiled"
+        runtime.apply(model, art, backend=path if fast else "masked")
         figures[fast] = (decode_logits(model, PROMPT).float(), runtime.stats(model))
         runtime.remove(model)
     (ref, ref_stats), (got, got_stats) = figures[False], figures[True]
@@ -66,8 +67,11 @@ def test_fast_path_matches_masked_reference(family_model, dtype, tol, path):
     assert got_stats["tokens"] == ref_stats["tokens"] > 0
     assert ref_stats["path_calls"]["masked"] > 0 and got_stats["path_calls"][path] > 0
     assert sum(got_stats["path_calls"].values()) == got_stats["path_calls"][path]  # every decode step took it
+    # one implementation of the keep rule: layer 0's input (computed identically on both paths) keeps exactly the
+    # same channels in every dtype; later layers see inputs rounded differently in half precision (summation order)
+    assert got_stats["per_layer"]["input_sparsity"][0] == ref_stats["per_layer"]["input_sparsity"][0]
     for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "relaxed_share"):
-        assert got_stats[key] == pytest.approx(ref_stats[key], abs=0.02 if dtype != torch.float32 else 1e-9)
+        assert got_stats[key] == pytest.approx(ref_stats[key], abs=0.005 if dtype != torch.float32 else 1e-9)
 
 
 def test_fast_path_reads_transposed_storage_without_copies(family_model):
@@ -98,7 +102,7 @@ def test_shared_rows_fall_back_when_the_buffer_is_no_longer_shared():
     the masked reference: first each member's own contiguous rows, then the reference for non-contiguous ones."""
     model = tiny_model("llama")
     art = make_artifact(model, tau_in=0.05, tau_mid=0.05)
-    runtime.apply(model, art, fast=False)
+    runtime.apply(model, art, backend="masked")
     ref, ref_stats = decode_logits(model, PROMPT), runtime.stats(model)
     runtime.remove(model)
     runtime.apply(model, art)
@@ -166,7 +170,7 @@ def test_realised_sparsity_matches_masks(family_model):
 
 def test_full_relaxation_gives_dense_and_counts_relaxed_tokens(family_model):
     dense = decode_logits(family_model, PROMPT)
-    runtime.apply(family_model, make_artifact(family_model, tau_in=0.2, tau_mid=0.2, lam=-1.0, tau_s=0.0), fast=False)
+    runtime.apply(family_model, make_artifact(family_model, tau_in=0.2, tau_mid=0.2, lam=-1.0, tau_s=0.0), backend="masked")
     assert torch.equal(decode_logits(family_model, PROMPT), dense)
     st = runtime.stats(family_model)
     assert st["relaxed_share"] == 1.0 and st["input_sparsity"] == 0.0  # (ReLU zeros still count as skipped)
@@ -204,7 +208,7 @@ def test_relax_multiplier_formula():
 def test_rows_have_independent_multipliers():
     model = tiny_model("llama")
     runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05, lam=-1.0, tau_s=0.0))
-    trk = runtime.tracker(model)
+    trk = _patch_of(model).tracker
     with torch.no_grad():
         out = model(input_ids=PROMPT, use_cache=True)
         # make row 0's fed token certain (surprisal 0, not relaxed) and row 1's surprising (relaxed)
@@ -212,8 +216,8 @@ def test_rows_have_independent_multipliers():
         trk.prev_logits[0, 4] = 0.0
         trk.prev_logits[1, 4] = 0.0
         model(input_ids=torch.tensor([[4], [9]]), **cache_kwargs(model, output_cache(out)))
-    scale = runtime.state(model).scale
-    assert scale.shape == (2, 1) and scale[0, 0] == 1.0 and scale[1, 0] == 0.0
+        m = runtime.multiplier(model)
+    assert m.shape == (2, 1) and m[0, 0] == 1.0 and m[1, 0] == 0.0
 
 
 def test_batched_decode_matches_single_rows():

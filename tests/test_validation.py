@@ -17,11 +17,15 @@ def _study(rows: list[tuple[float, float]]) -> optuna.Study:
 
 
 class _Search:
-    """Stand-in for ThresholdSearch: the point of trial i carries i in tau_in."""
+    """Stand-in for ThresholdSearch: the point of trial i carries i in tau_in; its "artifact" is the point."""
 
     settings = SearchSettings(max_ppl_increase=0.02)
     evaluator = None
     score = ThresholdSearch.score  # the real scoring call, on the validator passed in
+    point_of = ThresholdSearch.point_of  # the real rebuild (no stored thresholds here: from the parameters)
+
+    def artifact_of(self, point: Point) -> Point:
+        return point
 
     def point(self, params: dict) -> Point:
         i = params["budget"]
@@ -29,8 +33,8 @@ class _Search:
 
 
 def _validator(ppl_by_trial: dict[int, float], calls: list[int]):
-    def score(tau_in, tau_mid, lam, gam, tau_s, tau_H):
-        i = int(tau_in[0])
+    def score(point):
+        i = int(point.tau_in[0])
         calls.append(i)
         return {"ppl_increase": ppl_by_trial[i]}
     return score

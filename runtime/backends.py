@@ -1,0 +1,155 @@
+"""Kernel backends: how a decode step's thresholded product is computed, behind one interface.
+
+A backend computes, for token rows ``x`` (N, C), per-channel weights ``w`` (C,) float32, per-row thresholds
+``tau`` (N, 1) float32 and weight rows ``rows`` (C, out) (the projection's weight stored as contiguous
+input-channel rows, see ``runtime.layout``)::
+
+    out[r, :] = sum over channels c with threshold_keep(x[r, c], w[c], tau[r]) of x[r, c] * rows[c, :]
+
+returning ``(out (N, out) in x's dtype, kept)`` where ``kept`` is the number of kept (row, channel) pairs
+(an int, or a 0-dim tensor on the device where counting must not synchronise). Skipped rows are never read.
+
+Backends, in the order ``backend="auto"`` tries them: ``triton`` (GPU kernels; CPU only under Triton's
+interpreter), ``native`` (the compiled CPU kernel), ``embedding_bag`` (any device), and ``masked``: the
+reference, which does not gather at all -- the projection's own product on the zeroed input, reading every
+weight. The choice is made once per (device, dtype, token rows) by :class:`BackendChooser`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch.nn import functional as F
+
+from . import native
+from .rules import threshold_keep
+
+MAX_GATHER_ROWS = 8  # token rows per call (batch x new tokens) up to which ``auto`` gathers; more run masked
+
+
+class BackendError(ValueError):
+    """A backend name is unknown or the backend cannot run on this device and dtype."""
+
+
+class KernelBackend:
+    """One way to compute the thresholded product (see the module doc)."""
+
+    name: ClassVar[str] = ""
+    gathers: ClassVar[bool] = True  # False: the masked reference (the projection's own product)
+
+    def accepts(self, device: torch.device, dtype: torch.dtype, rows: int) -> bool:
+        raise NotImplementedError
+
+    def gather(self, x: torch.Tensor, weight: torch.Tensor, tau: torch.Tensor,
+               rows: torch.Tensor) -> tuple[torch.Tensor, int | torch.Tensor]:
+        raise NotImplementedError
+
+
+class NativeBackend(KernelBackend):
+    """The compiled CPU kernel of ``runtime.native`` (selection and weighted row sum in one C call)."""
+
+    name = "native"
+
+    def accepts(self, device, dtype, rows):
+        kernel = native.gather_kernel() if device.type == "cpu" else None
+        return kernel is not None and dtype in kernel.dtypes and rows <= native.MAX_ROWS
+
+    def gather(self, x, weight, tau, rows):
+        if tau.numel() != x.shape[0]:
+            tau = torch.broadcast_to(tau, (x.shape[0], 1))
+        return native.gather_kernel()(x, weight, tau.contiguous(), rows)
+
+
+class EmbeddingBagBackend(KernelBackend):
+    """``embedding_bag`` over the kept channels: one bag per token row; a single row is cut into one bag per
+    CPU thread (summed afterwards) so that every thread streams weights."""
+
+    name = "embedding_bag"
+
+    def accepts(self, device, dtype, rows):
+        return True
+
+    def gather(self, x, weight, tau, rows):
+        n, channels = x.shape
+        where = threshold_keep(x, weight, tau).view(-1).nonzero().squeeze(1)  # flat row * C + channel, ascending
+        values = x.view(-1).index_select(0, where)
+        if n == 1:
+            split = max(1, torch.get_num_threads())
+            offsets = torch.arange(split, dtype=torch.long, device=x.device) * -(-where.numel() // split)
+            out = F.embedding_bag(where, rows, offsets, mode="sum", per_sample_weights=values).sum(0, keepdim=True)
+        else:
+            starts = torch.arange(n, device=x.device) * channels
+            out = F.embedding_bag(where % channels, rows, torch.searchsorted(where, starts), mode="sum",
+                                  per_sample_weights=values)
+        return out, where.numel()
+
+
+class MaskedBackend(KernelBackend):
+    """The masked reference: zero the skipped channels, then the projection's own product (every weight read)."""
+
+    name = "masked"
+    gathers = False
+
+    def accepts(self, device, dtype, rows):
+        return True
+
+
+def _triton_backend() -> KernelBackend | None:
+    try:
+        from .triton_kernels import TritonBackend
+    except ImportError:
+        return None
+    return TritonBackend()
+
+
+BACKENDS: dict[str, KernelBackend] = {}  # name -> backend, in the order ``auto`` tries them
+for _backend in (_triton_backend(), NativeBackend(), EmbeddingBagBackend(), MaskedBackend()):
+    if _backend is not None:
+        BACKENDS[_backend.name] = _backend
+MASKED = BACKENDS["masked"]
+BACKEND_NAMES = ("triton", "native", "embedding_bag", "masked")  # every name a user may ask for
+
+
+class BackendChooser:
+    """The backend of each (device, dtype, token rows), chosen on first use and kept.
+
+    ``requested``: ``"auto"`` (the first backend in ``BACKENDS`` order that accepts, gathering only up to
+    ``MAX_GATHER_ROWS`` rows) or a backend name, used wherever it accepts the call (masked elsewhere, e.g.
+    for prefill-shaped sparse calls).
+    """
+
+    def __init__(self, requested: str = "auto"):
+        if requested != "auto" and requested not in BACKEND_NAMES:
+            raise BackendError(f"unknown backend {requested!r}; expected auto or one of {', '.join(BACKEND_NAMES)}")
+        self.requested = requested
+        self.chosen: dict[tuple, KernelBackend] = {}
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        """BackendError unless the requested backend can run a one-row call of ``dtype`` on ``device``."""
+        backend = BACKENDS.get(self.requested)
+        if self.requested == "auto":
+            return
+        if backend is None or not backend.accepts(device, dtype, 1):
+            why = "is not installed" if backend is None else f"cannot run {str(dtype).removeprefix('torch.')} on {device.type}"
+            raise BackendError(f"backend {self.requested!r} {why} on this machine; use backend='auto'")
+
+    def choose(self, device: torch.device, dtype: torch.dtype, rows: int) -> KernelBackend:
+        key = (device.type, device.index, dtype, rows)
+        backend = self.chosen.get(key)
+        if backend is None:
+            backend = self.chosen[key] = self._pick(device, dtype, rows)
+        return backend
+
+    def _pick(self, device, dtype, rows) -> KernelBackend:
+        if self.requested != "auto":
+            backend = BACKENDS.get(self.requested, MASKED)
+            return backend if backend.accepts(device, dtype, rows) else MASKED
+        if rows > MAX_GATHER_ROWS:
+            return MASKED
+        return next(b for b in BACKENDS.values() if b.accepts(device, dtype, rows))
+
+    def summary(self) -> dict[str, str]:
+        """``"device dtype rows" -> backend name`` of every choice made so far."""
+        return {f"{d}{'' if i is None else ':' + str(i)} {str(t).removeprefix('torch.')} {r}": b.name
+                for (d, i, t, r), b in self.chosen.items()}

@@ -1,0 +1,157 @@
+"""Sparsity rules: which channels of an MLP activation a decode step keeps, one registry of them.
+
+A rule answers, for a decoder layer ``l``, a side and a call's activations ``x`` (..., C) with the step's
+threshold multiplier ``m`` (one per token row, 1 = base, < 1 = relaxed), a boolean keep mask (..., C):
+
+- side ``"in"``: the MLP input x (columns of gate/up, fc1); a skipped channel saves its column of every
+  input projection;
+- side ``"mid"``: the intermediate neurons (columns of down, fc2); ``mid_at`` says where the rule looks at
+  them: ``"down_input"`` (h, the input of the output projection) or ``"activation"`` (act(gate(x)), CATS).
+
+The threshold rule ``|x|·w > tau·m`` is written once, in :func:`threshold_keep`; the masked reference, every
+kernel backend (``runtime.backends``; the compiled and Triton kernels make the same float32 comparison) and the
+calibration's error tables use it. Rules that need the dense prefill (GRIFFIN) observe it through
+``observe_prefill``. Rules are named in the artifact (metadata ``rule``) and built by :func:`build_rule`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+SIDES = ("in", "mid")
+
+
+def channel_scores(x: torch.Tensor, channel_weight: torch.Tensor) -> torch.Tensor:
+    """(..., C) float32 scores |x| * w of activations ``x`` (..., C) under per-channel weights ``w`` (C,)."""
+    return x.abs().float() * channel_weight
+
+
+def threshold_keep(x: torch.Tensor, channel_weight: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """(..., C) bool: True where |x| * w > tau (``tau`` broadcastable to (..., 1), float32)."""
+    return channel_scores(x, channel_weight) > tau
+
+
+class SparsityRule:
+    """Base rule. Subclasses set ``name``, ``sides``, ``mid_at`` and implement ``keep``.
+
+    ``in_bytes_saved_by_mid``: share of the input projections' bytes a skipped neuron also saves (CATS:
+    up's half of a gated MLP; GRIFFIN: all of gate and up, whose output rows it never computes).
+    ``threshold_form``: ``keep`` is exactly ``threshold_keep(x, channel_weight(l, side), step_tau(l, side, m))``,
+    so the kernel backends can compute it inside their kernels.
+    """
+
+    name: ClassVar[str] = ""
+    sides: ClassVar[tuple[str, ...]] = SIDES
+    mid_at: ClassVar[str] = "down_input"
+    threshold_form: ClassVar[bool] = False
+    observes_prefill: ClassVar[bool] = False
+
+    def __init__(self, artifact, device: torch.device | str = "cpu"):
+        self.params = dict(artifact.rule)
+        self.tau = {"in": artifact.tau_base_in.float().to(device), "mid": artifact.tau_base_mid.float().to(device)}
+        self.weight = {"in": artifact.channel_weight_in.float().to(device),
+                       "mid": artifact.channel_weight_mid.float().to(device)}
+
+    def in_bytes_saved_by_mid(self, gated: bool) -> float:
+        return 0.0
+
+    def to(self, device: torch.device) -> None:
+        self.tau = {k: v.to(device) for k, v in self.tau.items()}
+        self.weight = {k: v.to(device) for k, v in self.weight.items()}
+
+    def channel_weight(self, layer: int, side: str) -> torch.Tensor:
+        return self.weight[side][layer]
+
+    def step_tau(self, layer: int, side: str, multiplier: torch.Tensor) -> torch.Tensor:
+        """Thresholds tau_base[layer] * m, float32, of the shape of ``multiplier`` (..., 1)."""
+        return self.tau[side][layer] * multiplier
+
+    def keep(self, layer: int, side: str, x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+        """(..., C) bool keep mask of ``x`` (..., C); ``multiplier`` (..., 1) float32, one per token row."""
+        raise NotImplementedError
+
+    def observe_prefill(self, layer: int, side: str, x: torch.Tensor, batch: int) -> None:
+        """See the dense prefill's activations ``x`` ((B, T, C), or flattened (B*T, C)) of a batch of ``batch``."""
+
+
+class ThresholdRule(SparsityRule):
+    """CLADA and the threshold baselines: keep iff |x|·w > tau_base[l]·m (both sides)."""
+
+    name = "threshold"
+    threshold_form = True
+
+    def keep(self, layer, side, x, multiplier):
+        return threshold_keep(x, self.weight[side][layer], self.step_tau(layer, side, multiplier))
+
+
+class DenseRule(SparsityRule):
+    """Nothing skipped: the dense model itself, through the same runtime."""
+
+    name = "dense"
+    sides = ()
+
+
+class CatsRule(ThresholdRule):
+    """CATS: neuron j kept iff |act(gate(x))_j| > tau_base_mid[l]·m (channel weights of the artifact, ones)."""
+
+    name = "cats"
+    sides = ("mid",)
+    mid_at = "activation"
+
+    def in_bytes_saved_by_mid(self, gated: bool) -> float:
+        return 0.5 if gated else 0.0  # up's rows (half of the input projections' bytes); gate is always computed
+
+
+class GriffinRule(SparsityRule):
+    """GRIFFIN: per sequence and layer, the k = (1 - sparsity)·I neurons whose prompt statistic
+    ``prompt_scores`` is largest, chosen at the dense prefill and fixed while decoding (params: sparsity)."""
+
+    name = "griffin"
+    sides = ("mid",)
+    observes_prefill = True
+
+    def __init__(self, artifact, device="cpu"):
+        super().__init__(artifact, device)
+        sparsity = float(self.params.get("sparsity", -1.0))
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"griffin rule: sparsity {sparsity} is outside [0, 1)")
+        self.sparsity = sparsity
+        self.masks: dict[int, torch.Tensor] = {}  # layer -> (B, I) bool of the last prefill
+
+    def in_bytes_saved_by_mid(self, gated: bool) -> float:
+        return 1.0
+
+    @staticmethod
+    def prompt_scores(h: torch.Tensor) -> torch.Tensor:
+        """(B, I) GRIFFIN statistic of prompt activations h (B, T, I): column norms of row-normalised h."""
+        z = h.float() / h.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return z.norm(dim=1)
+
+    def observe_prefill(self, layer, side, x, batch):
+        rows = x.reshape(batch, -1, x.shape[-1])
+        k = max(1, round((1.0 - self.sparsity) * x.shape[-1]))
+        top = self.prompt_scores(rows).topk(k, dim=-1).indices
+        self.masks[layer] = torch.zeros(batch, x.shape[-1], dtype=torch.bool, device=x.device).scatter_(1, top, True)
+
+    def keep(self, layer, side, x, multiplier):
+        mask = self.masks.get(layer)
+        rows = x.reshape(-1, x.shape[-1])
+        if mask is None or rows.shape[0] % mask.shape[0]:
+            raise RuntimeError("griffin: a decode step without the dense prefill of its prompt (same batch) first")
+        per_row = rows.shape[0] // mask.shape[0]
+        return mask.repeat_interleave(per_row, 0).view(x.shape)
+
+
+RULES: dict[str, type[SparsityRule]] = {cls.name: cls for cls in (ThresholdRule, DenseRule, CatsRule, GriffinRule)}
+
+
+def build_rule(artifact, device: torch.device | str = "cpu") -> SparsityRule:
+    """The rule the artifact names (metadata ``rule.name``; format-1 artifacts: ``threshold``)."""
+    name = artifact.rule.get("name", "threshold")
+    if name not in RULES:
+        from ..artifacts import ArtifactError
+
+        raise ArtifactError(f"{artifact.source}: unknown sparsity rule {name!r}; known: {', '.join(RULES)}")
+    return RULES[name](artifact, device)
