@@ -17,6 +17,7 @@ weight. The choice is made once per (device, dtype, token rows) by :class:`Backe
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -26,6 +27,8 @@ from . import native
 from .rules import threshold_keep
 
 MAX_GATHER_ROWS = 8  # token rows per call (batch x new tokens) up to which ``auto`` gathers; more run masked
+_log = logging.getLogger("clada.runtime")
+_warned: set[str] = set()
 
 
 class BackendError(ValueError):
@@ -147,7 +150,12 @@ class BackendChooser:
             return backend if backend.accepts(device, dtype, rows) else MASKED
         if rows > MAX_GATHER_ROWS:
             return MASKED
-        return next(b for b in BACKENDS.values() if b.accepts(device, dtype, rows))
+        backend = next(b for b in BACKENDS.values() if b.accepts(device, dtype, rows))
+        if device.type == "cuda" and backend.name == "embedding_bag" and "cuda" not in _warned:
+            _warned.add("cuda")
+            _log.warning("clada: Triton is not installed (pip install 'clada[gpu]'); CUDA decode steps use "
+                         "embedding_bag, which synchronises with the host once per gate")
+        return backend
 
     def summary(self) -> dict[str, str]:
         """``"device dtype rows" -> backend name`` of every choice made so far."""
