@@ -41,7 +41,7 @@ from clada.calibrate.methods import METHODS, build_method, method_artifact
 from clada.calibrate.cache import cache_dir
 from clada.calibrate.compare import threshold_sensitivity
 from clada.calibrate.data import load_documents
-from clada.calibrate.evaluate import (ProxyEvaluator, Sparsifier, TeacherForcedEvaluator, generation_eval, greedy_agreement,
+from clada.calibrate.evaluate import (QUALITY_BACKEND, ProxyEvaluator, Sparsifier, TeacherForcedEvaluator, generation_eval, greedy_agreement,
                                       greedy_tokens, tokenize_documents)
 from clada.calibrate.measure import LayerTable
 from clada.calibrate.models import load_model
@@ -140,7 +140,7 @@ def run_baselines(bench: Bench, levels: dict) -> list[dict]:
     for name, qs in levels.items():
         if name in THRESHOLD_BASELINES:  # all levels from one greedy walk per layer
             for q, art in zip(qs, baseline_artifacts(name, bench.model, calib, qs)):
-                runtime.apply(bench.model, art)
+                runtime.apply(bench.model, art, backend=QUALITY_BACKEND)
                 rows.append(bench.evaluate(Sparsifier(bench.model), name, q))
         else:
             for q in qs:

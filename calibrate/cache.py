@@ -17,15 +17,16 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..runtime.machine import cache_root
+
 
 class FetchError(RuntimeError):
     """A wheel or one of its members could not be fetched."""
 
 
 def cache_dir() -> Path:
-    """Root of clada's cache: ``$CLADA_CACHE`` or ``~/.cache/clada``."""
-    root = os.environ.get("CLADA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clada")
-    path = Path(root)
+    """Root of clada's cache: ``$CLADA_CACHE`` or ``~/.cache/clada`` (created)."""
+    path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -11,7 +11,7 @@ from .. import runtime
 from ..artifacts import Artifact
 from .baselines import CalibrationActivations
 from .data import load_documents
-from .evaluate import Sparsifier, TeacherForcedEvaluator, generation_eval
+from .evaluate import QUALITY_BACKEND, Sparsifier, TeacherForcedEvaluator, generation_eval
 from .methods import build_method, check_method, method_artifact
 from .pipeline import token_splits
 from .recipe import Recipe, parse_recipe
@@ -46,7 +46,8 @@ def calibrated_method_artifact(name: str, model: nn.Module, tokenizer, artifact:
 def attach_method(name: str, model: nn.Module, tokenizer, artifact: Artifact | None = None,
                   sparsity: float | None = None, force: bool = False) -> Sparsifier:
     """Apply method ``name`` to ``model`` (see ``calibrated_method_artifact``)."""
-    runtime.apply(model, calibrated_method_artifact(name, model, tokenizer, artifact, sparsity), force=force)
+    runtime.apply(model, calibrated_method_artifact(name, model, tokenizer, artifact, sparsity), force=force,
+                  backend=QUALITY_BACKEND)
     return Sparsifier(model)
 
 

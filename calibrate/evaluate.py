@@ -22,6 +22,11 @@ from ..artifacts import Artifact
 from ..runtime.compat import cache_kwargs, output_cache
 from ..runtime.signals import load_signals, relax_multiplier
 
+# Quality figures are the sparsity rule's own: evaluations apply artifacts with the masked reference (every
+# gathering backend keeps exactly its channels), never with ``auto``, which may run dense where the dense
+# product is faster on this machine (runtime.selection).
+QUALITY_BACKEND = "masked"
+
 
 def tokenize_documents(tokenizer, documents: list[str], length: int, max_docs: int | None = None) -> torch.Tensor:
     """(N, length) int64 token ids of the documents that have at least ``length`` tokens, truncated."""
@@ -218,7 +223,7 @@ class ProxyEvaluator(_DenseReference):
     @torch.no_grad()
     def __call__(self, artifact: Artifact) -> dict:
         """Proxy figures of ``artifact`` on the reference tokens: the keys of ``generation_eval``."""
-        runtime.apply(self.model, artifact, backend="masked")
+        runtime.apply(self.model, artifact, backend=QUALITY_BACKEND)
         nll_s, nll_d, kls = [], [], []
         try:
             for b in self.batches:

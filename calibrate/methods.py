@@ -18,7 +18,7 @@ from .. import runtime
 from ..artifacts import Artifact
 from .baselines import (CalibrationActivations, MethodError, baseline_artifacts, cats_artifact, check_levels,
                         griffin_artifact, rule_artifact)
-from .evaluate import Sparsifier
+from .evaluate import QUALITY_BACKEND, Sparsifier
 
 Build = Callable[[nn.Module, "float | None", "Artifact | None", "CalibrationActivations | None"], Artifact]
 
@@ -112,7 +112,7 @@ def method_artifact(name: str, model: nn.Module, sparsity: float | None = None, 
 
 def build_method(name: str, model: nn.Module, sparsity: float | None = None, artifact: Artifact | None = None,
                  calibration: CalibrationActivations | None = None, force: bool = False,
-                 backend: str = "auto") -> Sparsifier:
+                 backend: str = QUALITY_BACKEND) -> Sparsifier:
     """Apply method ``name`` to ``model`` through ``runtime.apply``; ``.remove()`` detaches it."""
     runtime.apply(model, method_artifact(name, model, sparsity, artifact, calibration), force=force, backend=backend)
     return Sparsifier(model)

@@ -14,7 +14,7 @@ import torch
 from .. import __version__, runtime
 from ..artifacts import Artifact, save_artifact
 from .data import load_documents, split_documents
-from .evaluate import ProxyEvaluator, generation_eval, tokenize_documents
+from .evaluate import QUALITY_BACKEND, ProxyEvaluator, generation_eval, tokenize_documents
 from .measure import build_tables, channel_weights, collect_mlp_inputs, residual_ratios
 from .models import load_model
 from .recipe import Recipe
@@ -175,7 +175,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
         signals={"surprisal": "-ln p(token fed) / ln|V|", "entropy": "-sum p ln p / ln|V|",
                  "multiplier": "max(0, 1 + lam*[s > tau_s] + gam*[H > tau_H])", "score": recipe.calibration.score},
     )
-    runtime.apply(model, artifact)
+    runtime.apply(model, artifact, backend=QUALITY_BACKEND)
 
     t = time.time()
     _log(f"[5/6] held-out evaluation, generation regime ({held.shape[0]} docs x {recipe.scored_tokens} tokens)")

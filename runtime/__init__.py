@@ -4,6 +4,8 @@ Imports only torch, safetensors and transformers-compatible modules (no optuna, 
 
     from clada import runtime
     runtime.apply(model, "out/clada.safetensors")   # backend="auto" | "native" | "embedding_bag" | "masked" | "triton"
+    # auto: per projection shape, the dense product or the first gathering backend, whichever this machine runs
+    # faster at the prompt's density (measured at the first decode call, cached per machine; runtime.selection)
     model.generate(input_ids, max_new_tokens=64)
     runtime.stats(model)
     runtime.remove(model)
@@ -14,7 +16,7 @@ Driving a patched model (what calibration and the benchmarks use): ``is_patched`
 
 from ..artifacts import Artifact, ArtifactError, load_artifact
 from .adapters import UnsupportedModelError, adapter_for, supported_model_types
-from .backends import BACKEND_NAMES, BackendError
+from .backends import BACKEND_NAMES, BackendError, first_gathering
 from .checkpoint import declare_in_checkpoint, from_pretrained
 from .identity import mlp_fingerprint, model_identity
 from .patch import (applied_artifact, apply, dense, fixed_multiplier, is_patched, multiplier, remove, reset_stats,
@@ -23,7 +25,8 @@ from .rules import RULES
 
 __all__ = [
     "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "RULES", "UnsupportedModelError", "adapter_for",
-    "applied_artifact", "apply", "declare_in_checkpoint", "dense", "fixed_multiplier", "from_pretrained",
+    "applied_artifact", "apply", "declare_in_checkpoint", "dense", "first_gathering", "fixed_multiplier",
+    "from_pretrained",
     "is_patched", "load_artifact", "mlp_fingerprint", "model_identity", "multiplier", "remove", "reset_stats",
     "set_thresholds", "stats", "supported_model_types",
 ]

@@ -12,12 +12,16 @@ returning ``(out (N, out) in x's dtype, kept)`` where ``kept`` is the number of 
 Backends, in the order ``backend="auto"`` tries them: ``triton`` (GPU kernels; CPU only under Triton's
 interpreter), ``native`` (the compiled CPU kernel), ``embedding_bag`` (any device), and ``masked``: the
 reference, which does not gather at all -- the projection's own product on the zeroed input, reading every
-weight. The choice is made once per (device, dtype, token rows) by :class:`BackendChooser`.
+weight. ``dense`` is no backend a user asks for but what ``auto`` runs where measurement shows that the
+projection's own product on the whole input (nothing skipped) is faster on this machine than gathering
+(``runtime.selection``). The choice is made once per (device, dtype, token rows, projection shape) by
+:class:`BackendChooser`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -88,6 +92,17 @@ class EmbeddingBagBackend(KernelBackend):
         return out, where.numel()
 
 
+class DenseBackend(KernelBackend):
+    """Nothing skipped: the projection's own product on the whole input (``auto``'s measured choice where
+    gathering does not pay on this machine)."""
+
+    name = "dense"
+    gathers = False
+
+    def accepts(self, device, dtype, rows):
+        return True
+
+
 class MaskedBackend(KernelBackend):
     """The masked reference: zero the skipped channels, then the projection's own product (every weight read)."""
 
@@ -111,22 +126,36 @@ for _backend in (_triton_backend(), NativeBackend(), EmbeddingBagBackend(), Mask
     if _backend is not None:
         BACKENDS[_backend.name] = _backend
 MASKED = BACKENDS["masked"]
+DENSE = DenseBackend()
 BACKEND_NAMES = ("triton", "native", "embedding_bag", "masked")  # every name a user may ask for
+PATH_NAMES = BACKEND_NAMES + (DENSE.name,)  # what can compute a gated call: the keys of stats()["path_calls"]
+
+
+def first_gathering(device: torch.device, dtype: torch.dtype, rows: int) -> KernelBackend | None:
+    """The first gathering backend, in ``BACKENDS`` order, that runs ``rows`` token rows of ``dtype`` on ``device``."""
+    return next((b for b in BACKENDS.values() if b.gathers and b.accepts(device, dtype, rows)), None)
+
+
+Selector = Callable[[torch.device, torch.dtype], dict]  # (device, dtype) -> {shape: selection.ShapeDecision}
 
 
 class BackendChooser:
-    """The backend of each (device, dtype, token rows), chosen on first use and kept.
+    """The backend of each (device, dtype, token rows, projection shape), chosen on first use and kept.
 
-    ``requested``: ``"auto"`` (the first backend in ``BACKENDS`` order that accepts, gathering only up to
-    ``MAX_GATHER_ROWS`` rows) or a backend name, used wherever it accepts the call (masked elsewhere, e.g.
-    for prefill-shaped sparse calls).
+    ``requested``: ``"auto"`` or a backend name, used wherever it accepts the call (masked elsewhere, e.g. for
+    prefill-shaped sparse calls). ``auto`` gathers only up to ``MAX_GATHER_ROWS`` rows; with a ``selector``
+    (``runtime.apply`` gives one for threshold rules) it follows the measured decision of the call's shape
+    (``runtime.selection``: dense or the first gathering backend), made once per (device, dtype) at the first
+    decode call; without one it takes the first backend in ``BACKENDS`` order that accepts.
     """
 
-    def __init__(self, requested: str = "auto"):
+    def __init__(self, requested: str = "auto", selector: Selector | None = None):
         if requested != "auto" and requested not in BACKEND_NAMES:
             raise BackendError(f"unknown backend {requested!r}; expected auto or one of {', '.join(BACKEND_NAMES)}")
         self.requested = requested
+        self.selector = selector if requested == "auto" else None
         self.chosen: dict[tuple, KernelBackend] = {}
+        self.decisions: dict[tuple, dict] = {}  # (device type, index, dtype) -> {shape: ShapeDecision}
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """BackendError unless the requested backend can run a one-row call of ``dtype`` on ``device``."""
@@ -137,27 +166,45 @@ class BackendChooser:
             why = "is not installed" if backend is None else f"cannot run {str(dtype).removeprefix('torch.')} on {device.type}"
             raise BackendError(f"backend {self.requested!r} {why} on this machine; use backend='auto'")
 
-    def choose(self, device: torch.device, dtype: torch.dtype, rows: int) -> KernelBackend:
-        key = (device.type, device.index, dtype, rows)
+    def choose(self, device: torch.device, dtype: torch.dtype, rows: int, shape=None) -> KernelBackend:
+        """The backend of a call of ``rows`` token rows of ``dtype`` on ``device`` by a projection of ``shape``."""
+        key = (device.type, device.index, dtype, rows, shape if self.selector is not None else None)
         backend = self.chosen.get(key)
         if backend is None:
-            backend = self.chosen[key] = self._pick(device, dtype, rows)
+            backend = self.chosen[key] = self._pick(device, dtype, rows, key[-1])
         return backend
 
-    def _pick(self, device, dtype, rows) -> KernelBackend:
+    def _pick(self, device, dtype, rows, shape) -> KernelBackend:
         if self.requested != "auto":
             backend = BACKENDS.get(self.requested, MASKED)
             return backend if backend.accepts(device, dtype, rows) else MASKED
         if rows > MAX_GATHER_ROWS:
             return MASKED
-        backend = next(b for b in BACKENDS.values() if b.accepts(device, dtype, rows))
+        if shape is None:
+            backend = next(b for b in BACKENDS.values() if b.accepts(device, dtype, rows))
+        else:
+            name = self.decisions_for(device, dtype)[shape].choice(rows)
+            backend = DENSE if name == DENSE.name else BACKENDS[name]
         if device.type == "cuda" and backend.name == "embedding_bag" and "cuda" not in _warned:
             _warned.add("cuda")
             _log.warning("clada: Triton is not installed (pip install 'clada[gpu]'); CUDA decode steps use "
                          "embedding_bag, which synchronises with the host once per gate")
         return backend
 
+    def decisions_for(self, device: torch.device, dtype: torch.dtype) -> dict:
+        """The selector's decisions for (device, dtype), measured (or read from the cache) on first use."""
+        key = (device.type, device.index, dtype)
+        if key not in self.decisions:
+            self.decisions[key] = self.selector(device, dtype)
+        return self.decisions[key]
+
     def summary(self) -> dict[str, str]:
-        """``"device dtype rows" -> backend name`` of every choice made so far."""
-        return {f"{d}{'' if i is None else ':' + str(i)} {str(t).removeprefix('torch.')} {r}": b.name
-                for (d, i, t, r), b in self.chosen.items()}
+        """``"device dtype rows[ shape]" -> backend name`` of every choice made so far."""
+        return {f"{d}{'' if i is None else ':' + str(i)} {str(t).removeprefix('torch.')} {r}"
+                + ("" if s is None else f" {s}"): b.name for (d, i, t, r, s), b in self.chosen.items()}
+
+    def selection(self) -> list[dict]:
+        """Every measured decision so far: device, dtype, shape, layout, backend per row count and why."""
+        return [{"device": f"{d}{'' if i is None else ':' + str(i)}", "dtype": str(t).removeprefix("torch."),
+                 **decision.summary()}
+                for (d, i, t), decisions in self.decisions.items() for decision in decisions.values()]

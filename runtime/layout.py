@@ -25,17 +25,22 @@ def store_rows_contiguous(adapter: MLPAdapter, proj: nn.Module) -> bool:
     return adapter.weight_of(proj).t().is_contiguous()
 
 
-def store_rows_shared(adapter: MLPAdapter, projs: list[nn.Module]) -> bool:
-    """Lay the (in, out) rows of input projections that read the same input side by side in one buffer
-    (in_features, sum of out_features): each parameter becomes a transposed view of its column block.
-    Returns False, changing nothing, where the weights are not plain Linear weights."""
+def can_share_rows(adapter: MLPAdapter, projs: list[nn.Module]) -> bool:
+    """Whether several input projections reading the same input are plain Linear weights of one input size,
+    dtype and device, so that their rows can be laid side by side in one buffer."""
     params = [getattr(p, "weight", None) for p in projs]
     if len(projs) < 2 or not all(isinstance(q, nn.Parameter) and adapter.weight_of(p) is q and q.dim() == 2
                                  for p, q in zip(projs, params)):
         return False
     first = params[0]
-    if any(q.shape[1] != first.shape[1] or q.dtype != first.dtype or q.device != first.device for q in params):
-        return False
+    return all(q.shape[1] == first.shape[1] and q.dtype == first.dtype and q.device == first.device for q in params)
+
+
+def store_rows_shared(projs: list[nn.Module]) -> None:
+    """Lay the (in, out) rows of input projections that ``can_share_rows`` side by side in one buffer
+    (in_features, sum of out_features): each parameter becomes a transposed view of its column block."""
+    params = [p.weight for p in projs]
+    first = params[0]
     buffer = torch.empty(first.shape[1], sum(q.shape[0] for q in params), dtype=first.dtype, device=first.device)
     start = 0
     for q in params:
@@ -43,7 +48,15 @@ def store_rows_shared(adapter: MLPAdapter, projs: list[nn.Module]) -> bool:
         block.copy_(q.data.t())
         q.data = block.t()
         start += q.shape[0]
-    return True
+
+
+def store_rows(adapter: MLPAdapter, projs: list[nn.Module]) -> None:
+    """Gathering layout of projections reading one input: one shared row buffer for several (gate and up, which
+    must ``can_share_rows``), contiguous rows for one."""
+    if len(projs) > 1:
+        store_rows_shared(projs)
+    else:
+        store_rows_contiguous(adapter, projs[0])
 
 
 def rows_view(adapter: MLPAdapter) -> Callable[[nn.Module], torch.Tensor]:

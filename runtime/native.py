@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .machine import cache_root, cpu_identity
+
 SOURCE = Path(__file__).with_name("native_gather.c")
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))
 MAX_ROWS = 64  # token rows per call the kernel accepts (one bit each in a 64-bit mask)
@@ -76,18 +78,7 @@ class GatherKernel:
 
 def cache_dir() -> Path:
     """Where built kernels are kept: ``$CLADA_CACHE/native`` or ``~/.cache/clada/native``."""
-    root = os.environ.get("CLADA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clada")
-    return Path(root) / "native"
-
-
-def _cpu_identity() -> str:
-    """The CPU's model and feature flags (what ``-march=native`` compiles for)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
-    return "\n".join(dict.fromkeys(keep))  # one CPU's lines (all cores are alike)
+    return cache_root() / "native"
 
 
 def _compiler_identity(cc: str) -> str:
@@ -124,7 +115,7 @@ def _load() -> GatherKernel | None:
         _log.warning("clada: no C compiler (%s) found; decode steps use embedding_bag", os.environ.get("CC") or "cc")
         return None
     source = SOURCE.read_bytes()
-    ident = _compiler_identity(cc) + _cpu_identity() + platform.machine() + torch.__version__
+    ident = _compiler_identity(cc) + cpu_identity() + platform.machine() + torch.__version__
     problems = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(source + repr(flags).encode() + ident.encode()).hexdigest()[:16]

@@ -7,7 +7,7 @@ The public API (re-exported by ``clada.runtime``): ``apply``, ``remove``, ``is_p
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,8 +19,9 @@ from .adapters import MLPParts, adapter_for
 from .backends import BackendChooser
 from .checkpoint import find_declared_artifact
 from .identity import check_compatible
-from .layout import restore_layout, rows_view, store_rows_contiguous, store_rows_shared
+from .layout import can_share_rows, restore_layout, rows_view, store_rows
 from .rules import build_rule
+from .selection import MeasuredLayout, Shape
 from .signals import SignalTracker
 from .sparse import ChannelGate, GatedActivation, GatedProjection, RowGroup, SparsityState
 
@@ -68,28 +69,47 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     state = SparsityState(rule, chooser, [s[0] for s in sizes], [s[1] for s in sizes], adapter.gated)
     gathering = backend != "masked" and rule.threshold_form
     rows_of = rows_view(adapter) if gathering else None
+    # auto re-lays a shape's weights only where measurement shows that gathering pays (runtime.selection)
+    layout = MeasuredLayout(adapter, state, artifact) if gathering and backend == "auto" else None
     for layer, part in enumerate(parts):
-        gate_in = ChannelGate(state, layer, "in") if "in" in rule.sides else None
-        gate_mid = ChannelGate(state, layer, "mid") if "mid" in rule.sides else None
-        ins = [getattr(part.owner, n) for n in part.in_names]
-        group = RowGroup(ins, rows_of) if gathering and gate_in is not None and store_rows_shared(adapter, ins) else None
-        for member, name in enumerate(part.in_names if gate_in is not None else ()):
-            if gathering and group is None:
-                store_rows_contiguous(adapter, ins[member])
-            setattr(part.owner, name, GatedProjection(ins[member], gate_in, rows_of, group, member))
-        if gate_mid is not None and rule.mid_at == "down_input":
-            out_proj = getattr(part.owner, part.out_name)
-            if gathering:
-                store_rows_contiguous(adapter, out_proj)
-            setattr(part.owner, part.out_name, GatedProjection(out_proj, gate_mid, rows_of))
-        if gate_mid is not None and rule.mid_at == "activation":
+        if "in" in rule.sides:
+            _gate(adapter, part.owner, part.in_names, ChannelGate(state, layer, "in"), rows_of, layout)
+        if "mid" in rule.sides and rule.mid_at == "down_input":
+            _gate(adapter, part.owner, (part.out_name,), ChannelGate(state, layer, "mid"), rows_of, layout)
+        if "mid" in rule.sides and rule.mid_at == "activation":
+            gate_mid = ChannelGate(state, layer, "mid")
             setattr(part.owner, adapter.act_name, GatedActivation(getattr(part.owner, adapter.act_name), gate_mid))
+    if layout is not None:
+        chooser.selector = layout.select
+        state.density_wanted = True
     tracker = SignalTracker(state, artifact.lam, artifact.gam, artifact.tau_s, artifact.tau_H)
     hooks = [
         model.register_forward_pre_hook(tracker.pre_forward, with_kwargs=True),
         model.register_forward_hook(tracker.post_forward, with_kwargs=True),
     ]
     setattr(model, PATCH_ATTR, Patch(state, tracker, parts, adapter.act_name, hooks, artifact))
+
+
+def _gate(adapter, owner: nn.Module, names: tuple[str, ...], gate: ChannelGate,
+          rows_of: Callable[[nn.Module], torch.Tensor] | None, layout: MeasuredLayout | None) -> None:
+    """Wrap the projections ``owner.<name>`` that read one input in GatedProjections behind ``gate``.
+
+    Gathering (``rows_of`` given): projections that can share one row buffer (gate and up) form a RowGroup of
+    one shape; their weights are re-laid now for a named backend, or registered with the measured ``layout``
+    (auto), which re-lays them where gathering pays.
+    """
+    projs = [getattr(owner, n) for n in names]
+    shared = rows_of is not None and can_share_rows(adapter, projs)
+    group = RowGroup(projs, rows_of) if shared else None
+    for members in ([projs] if shared else [[p] for p in projs]):
+        weights = [adapter.weight_of(p) for p in members]
+        shape = Shape(weights[0].shape[1], sum(w.shape[0] for w in weights), len(members))
+        if layout is not None:
+            layout.add(shape, gate.side, members)
+        elif rows_of is not None:
+            store_rows(adapter, members)
+        for p in members:
+            setattr(owner, names[projs.index(p)], GatedProjection(p, gate, rows_of, group, projs.index(p), shape))
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -21,8 +21,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .backends import MASKED, BackendChooser
-from .rules import SIDES, SparsityRule
+from .backends import DENSE, MASKED, PATH_NAMES, BackendChooser
+from .rules import SIDES, SparsityRule, threshold_keep
+
+DENSITY_ROWS = 16  # token rows at the end of a dense call whose keep shares estimate a side's density
 
 
 def row_multipliers(multiplier: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +60,8 @@ class SparsityState:
         self.multiplier: torch.Tensor | None = None
         self.observing = True  # dense calls show their activations to rules that observe the prefill
         self.batch = 1  # rows of the current model call (set by the signal tracker)
+        self.density_wanted = False  # dense calls estimate each side's density for the measured backend choice
+        self.density = {side: [0.0, 0] for side in SIDES}  # side -> [sum of per-layer keep shares, layers seen]
         self.reset_stats()
 
     def to(self, device: torch.device) -> None:
@@ -70,7 +74,7 @@ class SparsityState:
         self.skipped = {side: torch.zeros(self.num_layers, 2, dtype=torch.float64, device=device) for side in SIDES}
         self.skipped_host = {side: [[0, 0.0] for _ in range(self.num_layers)] for side in SIDES}
         self.relaxed = torch.zeros(2, dtype=torch.float64, device=device)  # [decode tokens, relaxed tokens]
-        self.path_calls = dict.fromkeys(("triton", "native", "embedding_bag", "masked"), 0)
+        self.path_calls = dict.fromkeys(PATH_NAMES, 0)
 
     def record_mask(self, side: str, layer: int, keep: torch.Tensor) -> None:
         """Accumulate one call's keep mask (..., C) without synchronising with the host."""
@@ -89,6 +93,21 @@ class SparsityState:
             acc = self.skipped_host[side][layer]
             acc[0] += rows
             acc[1] += rows - kept / channels
+
+    def observe_density(self, side: str, layer: int, x: torch.Tensor) -> None:
+        """Add the share of channels the last ``DENSITY_ROWS`` token rows of a dense call's ``x`` (..., C) keep at
+        the base thresholds (multiplier 1) to ``density`` (a float; on CUDA this synchronises, during prefill)."""
+        rows = x.reshape(-1, x.shape[-1])[-DENSITY_ROWS:]
+        keep = threshold_keep(rows, self.rule.channel_weight(layer, side), self.rule.step_tau(layer, side, torch.ones(
+            (), device=rows.device)))
+        acc = self.density[side]
+        acc[0] += float(keep.float().mean())
+        acc[1] += 1
+
+    def expected_density(self, side: str, default: float) -> float:
+        """Mean keep share of ``side`` seen in dense calls since apply, or ``default`` if none was seen."""
+        total, seen = self.density[side]
+        return total / seen if seen else default
 
     def record_multiplier(self, multiplier: torch.Tensor) -> None:
         """Count the tokens of a multiplier and those relaxed (m < 1), on the device."""
@@ -115,6 +134,7 @@ class SparsityState:
             "relaxed_share": float(relaxed[1] / relaxed[0]) if relaxed[0] > 0 else 0.0,
             "path_calls": dict(self.path_calls),
             "backends": self.chooser.summary(),
+            "selection": self.chooser.selection(),
             "per_layer": {
                 "input_sparsity": [round(float(v), 5) for v in share["in"]],
                 "mlp_sparsity": [round(float(v), 5) for v in share["mid"]],
@@ -135,11 +155,25 @@ class ChannelGate(nn.Module):
         self._last_counted: torch.Tensor | None = None  # gathering: last input whose kept count was recorded
 
     def observe(self, x: torch.Tensor) -> None:
-        """A dense call: show the rule the activations if it watches the prefill."""
+        """A dense call: show the rule the activations if it watches the prefill, and estimate the side's
+        density while the backend choice waits for it."""
         st = self.state
-        if st.observing and st.rule.observes_prefill and x is not self._last_input:
+        if x is self._last_input or not (st.observing or st.density_wanted):
+            return
+        if st.observing and st.rule.observes_prefill:
             st.rule.observe_prefill(self.layer, self.side, x, st.batch)
-            self.__dict__["_last_input"], self.__dict__["_last_output"] = x, x
+        if st.density_wanted and st.rule.threshold_form:
+            st.observe_density(self.side, self.layer, x)
+        self.__dict__["_last_input"], self.__dict__["_last_output"] = x, x
+
+    def record_dense(self, x: torch.Tensor) -> None:
+        """A decode call that the backend choice runs dense: nothing skipped (counted once per input)."""
+        if x is not self._last_counted:
+            st = self.state
+            rows = x.numel() // x.shape[-1]
+            st.record_kept(self.side, self.layer, rows, rows * x.shape[-1], x.shape[-1])
+            st.path_calls[DENSE.name] += 1
+            self.__dict__["_last_counted"] = x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.state
@@ -222,12 +256,13 @@ class GatedProjection(nn.Module):
 
     def __init__(self, inner: nn.Module, gate: ChannelGate,
                  rows_of: Callable[[nn.Module], torch.Tensor] | None = None,
-                 group: RowGroup | None = None, member: int = 0):
+                 group: RowGroup | None = None, member: int = 0, shape=None):
         super().__init__()
         self.inner = inner
         self.gate = gate
         self.rows_of = rows_of
         self.group, self.member = group, member  # plain attributes: the group is shared, not a submodule
+        self.shape = shape  # runtime.selection.Shape of the call's row buffer (the measured choice is per shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate
@@ -237,7 +272,10 @@ class GatedProjection(nn.Module):
             return self.inner(x)
         backend = MASKED
         if self.rows_of is not None and st.rule.threshold_form:
-            backend = st.chooser.choose(x.device, x.dtype, x.numel() // x.shape[-1])
+            backend = st.chooser.choose(x.device, x.dtype, x.numel() // x.shape[-1], self.shape)
+        if backend is DENSE:
+            gate.record_dense(x)
+            return self.inner(x)
         if not backend.gathers:
             return self.inner(gate(x))
         out = self.group.output(backend, x, gate, self.member) if self.group is not None else None

@@ -11,8 +11,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from clada import runtime
 from clada.artifacts import Artifact
 from clada.calibrate.measure import channel_weights
+from clada.runtime import selection
+from clada.runtime.backends import first_gathering
 
 WORDS = [f"w{i}" for i in range(90)]
+GATHER = first_gathering(torch.device("cpu"), torch.float32, 8).name  # what a named gathering backend runs here
 VOCAB = 128
 
 
@@ -40,6 +43,23 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "phi": ("PhiConfig", _NEOX_LIKE),
     "falcon": ("FalconConfig", dict(hidden_size=32, ffn_hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
 }
+
+
+def fixed_timing(sparse_ms: float, dense_ms: float = 1.0, dense_rows_ms: float | None = None):
+    """A stand-in for ``selection.measure`` reporting the same milliseconds per call for every case."""
+    def measure(workload, gather, rows, density, dtype, device, clock=None, reps=None):
+        return selection.Timing(rows, density, dense_ms, dense_ms if dense_rows_ms is None else dense_rows_ms,
+                                sparse_ms)
+    return measure
+
+
+@pytest.fixture(autouse=True)
+def gathering_pays(monkeypatch, tmp_path):
+    """``backend="auto"`` times dense against gathering per machine (runtime.selection), and a tiny random
+    model's timings are noise: every test runs as on a machine where gathering pays, with its own timing cache.
+    tests/test_selection.py tests the measurement and the decisions themselves."""
+    monkeypatch.setattr(selection, "measure", fixed_timing(0.5))
+    monkeypatch.setattr(selection, "_cache_file", lambda device: tmp_path / "selection-cache.json")
 
 
 def tiny_config(family: str):

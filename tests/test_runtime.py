@@ -12,7 +12,7 @@ from clada.runtime import native
 from clada.runtime.compat import cache_kwargs, output_cache
 from clada.runtime.patch import _patch_of
 from clada.runtime.signals import load_signals, relax_multiplier
-from tests.conftest import MaskRecorder, make_artifact, tiny_model
+from tests.conftest import GATHER, MaskRecorder, make_artifact, tiny_model
 
 PROMPT = torch.tensor([[5, 9, 17, 33, 8, 21, 40, 11], [7, 7, 19, 50, 61, 3, 12, 90]])
 
@@ -75,10 +75,12 @@ def test_fast_path_matches_masked_reference(family_model, dtype, tol, path):
 
 
 def test_fast_path_reads_transposed_storage_without_copies(family_model):
-    """apply re-lays weights in place (rows contiguous, no second copy); remove restores the layout."""
+    """apply with a gathering backend re-lays weights in place (rows contiguous, no second copy); remove restores
+    the layout. (``auto`` re-lays them at the first decode call, where measurement says gathering pays:
+    tests/test_selection.py.)"""
     adapter = runtime.adapter_for(family_model)
     params_before = sum(p.numel() for p in family_model.parameters())
-    runtime.apply(family_model, make_artifact(family_model, tau_in=0.05, tau_mid=0.05))
+    runtime.apply(family_model, make_artifact(family_model, tau_in=0.05, tau_mid=0.05), backend=GATHER)
     for part in adapter.mlp_parts(family_model):
         ins = [getattr(part.owner, n) for n in part.in_names]
         group = ins[0].group
@@ -105,7 +107,7 @@ def test_shared_rows_fall_back_when_the_buffer_is_no_longer_shared():
     runtime.apply(model, art, backend="masked")
     ref, ref_stats = decode_logits(model, PROMPT), runtime.stats(model)
     runtime.remove(model)
-    runtime.apply(model, art)
+    runtime.apply(model, art, backend=GATHER)
     part = runtime.adapter_for(model).mlp_parts(model)[0]
     gate, up = (getattr(part.owner, n) for n in part.in_names)
     assert gate.group.full_rows() is not None

@@ -1,0 +1,300 @@
+"""Measured choice, per machine, between a projection's dense product and a gathering kernel backend.
+
+Skipping weight reads pays only where the gathering kernel, at the density a model's activations keep, is
+faster than the dense product on this machine: torch's dense GEMV is much faster on some CPUs than on others.
+``backend="auto"`` therefore times both before the first decode step of a (device, dtype) and follows the
+measurement. For each projection shape of the model and each token-row count in ``ROW_COUNTS`` it times, over
+the model's own weights of that shape (enough layers that they stream from memory, as decoding does):
+
+- ``dense``: the projections' own products in their original layout (``F.linear``, what the unpatched model does);
+- ``dense_rows``: the same products with the weights stored as input-channel rows (the gathering layout);
+- ``sparse``: the gathering backend on synthetic activations keeping ``density`` of the channels of each row
+  (independent random masks per row, so at several rows the union of the masks is what it is for independent
+  rows).
+
+Per shape, the gathering layout is taken only if, at every row count, the faster of ``sparse`` and
+``dense_rows`` is within ``TOLERANCE`` of ``dense`` and, over the row counts, faster on average; then each row
+count runs the faster of the two. Otherwise the shape keeps its original layout and runs ``dense`` at every
+row count. Timings are cached in ``$CLADA_CACHE/selection/`` keyed by the CPU (model and flags) or GPU name,
+torch version, thread count, dtype, shape, rows and density (rounded to ``DENSITY_STEP``), so a machine
+measures each case once. Units: milliseconds per call (all layers of the shape divided by their number).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from .machine import cache_root, cpu_identity, last_level_cache_bytes
+
+ROW_COUNTS = (1, 2, 4, 8)  # token rows per call that are timed; a call of n rows follows the next count up
+TOLERANCE = 0.02  # a gathering layout may cost at most 2% at any row count
+DENSITY_STEP = 0.05
+REPS = 5  # timed passes per candidate (after one warm-up pass), median
+MIN_STREAM_BYTES = 64 << 20  # bytes each timed pass reads at least (or every layer of the shape)
+CANDIDATES = ("dense", "dense_rows", "sparse")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One kind of gated projection: ``members`` dense products (gate and up: 2) of ``channels`` inputs whose
+    row buffer is (channels, width), where width is the members' outputs together."""
+
+    channels: int
+    width: int
+    members: int
+
+    def __str__(self) -> str:
+        return f"{self.channels}x{self.width}" + (f"/{self.members}" if self.members > 1 else "")
+
+
+@dataclass
+class Timing:
+    """Milliseconds per call of each candidate for one shape at ``rows`` token rows keeping ``density``."""
+
+    rows: int
+    density: float
+    dense: float
+    dense_rows: float
+    sparse: float
+    cached: bool = False
+
+
+@dataclass
+class ShapeDecision:
+    """What a shape runs: its layout, the backend name per row count, and the timings behind them."""
+
+    shape: Shape
+    backend: str  # the gathering backend that was timed
+    gathering_layout: bool
+    per_rows: dict[int, str]  # rows -> "dense" or ``backend``
+    timings: list[Timing]
+
+    def choice(self, rows: int) -> str:
+        """Backend name (or "dense") for a call of ``rows`` token rows: that of the next timed count up."""
+        for n in ROW_COUNTS:
+            if rows <= n:
+                return self.per_rows[n]
+        return "dense"
+
+    def reason(self) -> str:
+        parts = [f"{t.rows} rows: {self.backend} {t.sparse:.3f} / dense {t.dense:.3f}"
+                 + (f" / dense_rows {t.dense_rows:.3f}" if self.gathering_layout else "") + " ms" for t in self.timings]
+        density = self.timings[0].density if self.timings else float("nan")
+        layout = "gathering layout" if self.gathering_layout else "original layout (dense wins)"
+        cached = " (cached)" if self.timings and all(t.cached for t in self.timings) else ""
+        return f"{layout} at {density:.2f} kept{cached}; " + "; ".join(parts)
+
+    def summary(self) -> dict:
+        return {"shape": str(self.shape), "backend": self.backend, "gathering_layout": self.gathering_layout,
+                "per_rows": {str(k): v for k, v in self.per_rows.items()}, "reason": self.reason(),
+                "timings": [asdict(t) for t in self.timings]}
+
+
+def decide(shape: Shape, backend: str, timings: Sequence[Timing]) -> ShapeDecision:
+    """The layout and per-row-count choice from ``timings`` (one per row count), as the module doc says."""
+    best = [min(t.sparse, t.dense_rows) for t in timings]
+    ok = all(b <= t.dense * (1 + TOLERANCE) for b, t in zip(best, timings))
+    gathering = ok and statistics.fmean(b / t.dense for b, t in zip(best, timings)) < 1.0
+    per_rows = {t.rows: (backend if gathering and t.sparse <= t.dense_rows else "dense") for t in timings}
+    return ShapeDecision(shape, backend, gathering, per_rows, list(timings))
+
+
+# --- measurement -----------------------------------------------------------------------------------------------
+
+Clock = Callable[[torch.device], float]
+
+
+def wall_clock(device: torch.device) -> float:
+    """Seconds, after the device finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@dataclass
+class Workload:
+    """The weights of every layer of one shape: per layer, the members' (out, in) weights as the model holds
+    them in its original layout."""
+
+    shape: Shape
+    weights: list[list[torch.Tensor]]  # layer -> members' (out_i, channels) weights
+
+
+def _sampled(workload: Workload, device: torch.device) -> list[list[torch.Tensor]]:
+    """Enough layers that one pass streams at least ``MIN_STREAM_BYTES`` (or four last-level caches), or all."""
+    need = max(MIN_STREAM_BYTES, 4 * cache_in_front(device))
+    layers, total = [], 0
+    for members in workload.weights:
+        layers.append(members)
+        total += sum(w.numel() * w.element_size() for w in members)
+        if total >= need:
+            break
+    return layers
+
+
+def measure(workload: Workload, gather: Callable, rows: int, density: float, dtype: torch.dtype,
+            device: torch.device, clock: Clock = wall_clock, reps: int = REPS) -> Timing:
+    """Time the three candidates of ``workload`` at ``rows`` token rows keeping ``density`` of the channels."""
+    layers = _sampled(workload, device)
+    channels = workload.shape.channels
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, channels, generator=gen).to(device=device, dtype=dtype)
+    weight = torch.ones(channels, device=device)
+    scores = x.float().abs()
+    if density >= 1.0:
+        tau = torch.full((rows, 1), -1.0, device=device)
+    else:
+        tau = torch.quantile(scores, 1.0 - density, dim=1, keepdim=True)
+    row_buffers = [torch.cat([w.t() for w in members], dim=1).contiguous() for members in layers]
+    transposed = [[buf[:, a:b].t() for a, b in _bounds(members)] for buf, members in zip(row_buffers, layers)]
+
+    def dense_pass(weights):
+        for members in weights:
+            for w in members:
+                F.linear(x, w)
+
+    def sparse_pass():
+        for buf in row_buffers:
+            gather(x, weight, tau, buf)
+
+    passes = {"dense": lambda: dense_pass(layers), "dense_rows": lambda: dense_pass(transposed), "sparse": sparse_pass}
+    times: dict[str, list[float]] = {name: [] for name in CANDIDATES}
+    with torch.no_grad():
+        for rep in range(reps + 1):
+            for name in CANDIDATES:  # alternating, so that a disturbance hits every candidate alike
+                t0 = clock(device)
+                passes[name]()
+                elapsed = clock(device) - t0
+                if rep:
+                    times[name].append(elapsed)
+    ms = {name: statistics.median(v) / len(layers) * 1e3 for name, v in times.items()}
+    return Timing(rows, density, ms["dense"], ms["dense_rows"], ms["sparse"])
+
+
+def _bounds(members: list[torch.Tensor]) -> list[tuple[int, int]]:
+    starts = [0]
+    for w in members:
+        starts.append(starts[-1] + w.shape[0])
+    return list(zip(starts[:-1], starts[1:]))
+
+
+def cache_in_front(device: torch.device) -> int:
+    """Bytes of the largest cache in front of ``device``'s memory: a GPU's L2, else the CPU's last level."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 32 << 20))
+    return last_level_cache_bytes()
+
+
+# --- the cache of timings ---------------------------------------------------------------------------------------
+
+def machine_key(device: torch.device) -> str:
+    """What timings depend on besides the case: processor (or GPU), torch version and thread count."""
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_identity()
+    text = f"{hw}|{platform.machine()}|{torch.__version__}|{torch.get_num_threads()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cache_file(device: torch.device) -> Path:
+    return cache_root() / "selection" / f"{device.type}-{machine_key(device)}.json"
+
+
+def case_key(backend: str, dtype: torch.dtype, shape: Shape, rows: int, density: float) -> str:
+    return f"{backend}|{str(dtype).removeprefix('torch.')}|{shape}|{rows}|{density:.2f}"
+
+
+def load_cache(device: torch.device) -> dict[str, dict]:
+    try:
+        data = json.loads(_cache_file(device).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def store_cache(device: torch.device, entries: dict[str, dict]) -> None:
+    """Merge ``entries`` into the machine's cache file (written to a temporary file, then renamed)."""
+    from ..artifacts import write_atomic
+
+    path = _cache_file(device)
+    merged = {**load_cache(device), **entries}
+    try:
+        write_atomic(path, (json.dumps(merged, indent=0, sort_keys=True) + "\n").encode())
+    except OSError:
+        pass  # a read-only cache only costs the measurement again
+
+
+def round_density(density: float) -> float:
+    return min(1.0, max(DENSITY_STEP, round(density / DENSITY_STEP) * DENSITY_STEP))
+
+
+def select(workloads: Sequence[Workload], densities: Sequence[float], backend: str, gather: Callable,
+           dtype: torch.dtype, device: torch.device, clock: Clock = wall_clock) -> list[ShapeDecision]:
+    """A decision per workload (shape), measuring what the cache does not have yet."""
+    cache = load_cache(device)
+    fresh: dict[str, dict] = {}
+    decisions = []
+    for workload, density in zip(workloads, densities):
+        density = round_density(density)
+        timings = []
+        for rows in ROW_COUNTS:
+            key = case_key(backend, dtype, workload.shape, rows, density)
+            if key in cache:
+                timings.append(Timing(**{**cache[key], "cached": True}))
+                continue
+            timing = measure(workload, gather, rows, density, dtype, device, clock)
+            fresh[key] = {k: v for k, v in asdict(timing).items() if k != "cached"}
+            timings.append(timing)
+        decisions.append(decide(workload.shape, backend, timings))
+    if fresh:
+        store_cache(device, fresh)
+    return decisions
+
+
+# --- applying the decisions to a patched model -------------------------------------------------------------------
+
+class MeasuredLayout:
+    """``backend="auto"``'s selector for one patched model: the projections of each shape, measured and re-laid
+    at the first decode call of a (device, dtype).
+
+    ``add(shape, side, members)`` registers one layer's projections of ``shape`` (gate and up together) reading
+    side ``side``; ``select(device, dtype)`` measures (or reads cached timings), re-lays the shapes for which
+    gathering pays (``runtime.layout.store_rows``) and returns ``{shape: ShapeDecision}``. The density of each
+    side is what the dense calls so far showed (``SparsityState.expected_density``: the prompt's prefill), else
+    the artifact's held-out figure, else 1 (nothing skipped).
+    """
+
+    def __init__(self, adapter, state, artifact):
+        self.adapter, self.state = adapter, state
+        self.layers: dict[Shape, tuple[str, list[list]]] = {}  # shape -> (side, per layer: its projections)
+        heldout = (artifact.figures or {}).get("heldout", {})
+        self.fallback = {"in": 1.0 - float(heldout.get("input_sparsity", 0.0)),
+                         "mid": 1.0 - float(heldout.get("mlp_sparsity", 0.0))}
+
+    def add(self, shape: Shape, side: str, members: list) -> None:
+        self.layers.setdefault(shape, (side, []))[1].append(list(members))
+
+    def select(self, device: torch.device, dtype: torch.dtype) -> dict[Shape, ShapeDecision]:
+        from .backends import first_gathering
+        from .layout import store_rows
+
+        backend = first_gathering(device, dtype, max(ROW_COUNTS))
+        shapes = list(self.layers)
+        workloads = [Workload(s, [[self.adapter.weight_of(p) for p in members] for members in self.layers[s][1]])
+                     for s in shapes]
+        densities = [self.state.expected_density(self.layers[s][0], self.fallback[self.layers[s][0]]) for s in shapes]
+        decisions = select(workloads, densities, backend.name, backend.gather, dtype, device)
+        for shape, decision in zip(shapes, decisions):
+            if decision.gathering_layout:
+                for members in self.layers[shape][1]:
+                    store_rows(self.adapter, members)
+        self.state.density_wanted = False
+        return dict(zip(shapes, decisions))

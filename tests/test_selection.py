@@ -1,0 +1,218 @@
+"""The measured choice between the dense product and gathering (runtime/selection.py): the decision rule, the
+timing, the cache, and what a patched model does with each outcome."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clada import runtime
+from clada.runtime import selection
+from clada.runtime.selection import ROW_COUNTS, Shape, Timing, decide
+from tests.conftest import GATHER, fixed_timing, make_artifact, tiny_model
+
+MEASURE = selection.measure  # the real one (conftest's autouse fixture replaces it during each test)
+PROMPT = torch.tensor([[5, 9, 17, 33, 8, 21, 40, 11], [7, 7, 19, 50, 61, 3, 12, 90]])
+SHAPE = Shape(576, 3072, 2)
+
+
+def timings(sparse, dense=1.0, dense_rows=None):
+    """One Timing per row count from per-row-count lists (or one value for all)."""
+    pick = lambda v, i: v[i] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return [Timing(n, 0.7, pick(dense, i), pick(dense if dense_rows is None else dense_rows, i), pick(sparse, i))
+            for i, n in enumerate(ROW_COUNTS)]
+
+
+def test_dense_faster_everywhere_keeps_the_original_layout():
+    d = decide(SHAPE, "native", timings(sparse=1.2))
+    assert not d.gathering_layout and set(d.per_rows.values()) == {"dense"}
+    assert d.choice(1) == d.choice(8) == "dense" and "original layout" in d.reason()
+
+
+def test_gathering_layout_takes_the_faster_per_row_count():
+    # sparse wins at 1 and 2 rows; at 4 and 8 the dense product on the gathering layout wins, within tolerance
+    d = decide(SHAPE, "native", timings(sparse=[0.7, 0.8, 1.1, 1.3], dense_rows=[1.0, 1.0, 1.01, 1.01]))
+    assert d.gathering_layout
+    assert d.per_rows == {1: "native", 2: "native", 4: "dense", 8: "dense"}
+    assert [d.choice(n) for n in (1, 2, 3, 4, 5, 8, 9)] == ["native", "native", "dense", "dense", "dense", "dense",
+                                                            "dense"]
+
+
+def test_a_layout_that_costs_any_row_count_more_than_tolerance_is_refused():
+    # gathering pays a lot at 1 row, but at 8 rows both products on the gathering layout are 10% slower
+    d = decide(SHAPE, "native", timings(sparse=[0.5, 0.9, 1.2, 1.2], dense_rows=1.1))
+    assert not d.gathering_layout and set(d.per_rows.values()) == {"dense"}
+
+
+def test_measure_times_each_candidate_with_the_clock():
+    """``measure`` alternates the three candidates over the sampled layers: with a clock that advances by the
+    number of products run, each candidate's milliseconds per call are exact."""
+    weights = [[torch.randn(6, 4), torch.randn(5, 4)] for _ in range(3)]
+    workload = selection.Workload(Shape(4, 11, 2), weights)
+    calls = {"n": 0}
+    real_linear = torch.nn.functional.linear
+
+    def counting_linear(x, w, *a):
+        calls["n"] += 1
+        return real_linear(x, w, *a)
+
+    def gather(x, weight, tau, rows):
+        calls["n"] += 3  # a gathering call counted as three products' time
+        return torch.zeros(x.shape[0], rows.shape[1]), 0
+
+    def clock(device):  # one "second" per product run so far
+        return float(calls["n"])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(selection.F, "linear", counting_linear)
+        t = MEASURE(workload, gather, rows=2, density=0.5, dtype=torch.float32,
+                              device=torch.device("cpu"), clock=clock, reps=3)
+    # per pass: 3 layers x 2 members dense products; 3 layers x 1 gather (3 units each)
+    assert t.dense == pytest.approx(2 * 1e3) and t.dense_rows == pytest.approx(2 * 1e3)
+    assert t.sparse == pytest.approx(3 * 1e3) and t.rows == 2 and t.density == 0.5
+
+
+def test_measure_runs_the_real_backend_on_real_weights():
+    """Without stand-ins: every figure is a positive time, on a real backend and the model's weight shapes."""
+    model = tiny_model("llama")
+    adapter = runtime.adapter_for(model)
+    part = adapter.mlp_parts(model)[0]
+    members = [[adapter.weight_of(getattr(part.owner, n)) for n in part.in_names]]
+    workload = selection.Workload(Shape(32, 128, 2), members)
+    backend = runtime.backends.BACKENDS[GATHER]
+    t = MEASURE(workload, backend.gather, 4, 0.6, torch.float32, torch.device("cpu"), reps=2)
+    assert min(t.dense, t.dense_rows, t.sparse) > 0
+
+
+def greedy(model, n=8):
+    with torch.no_grad():
+        return model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_where_dense_wins_auto_keeps_the_dense_layout_and_exact_outputs(family, monkeypatch):
+    model = tiny_model(family)
+    want = greedy(model)
+    with torch.no_grad():
+        want_logits = model(input_ids=PROMPT).logits
+    monkeypatch.setattr(selection, "measure", fixed_timing(sparse_ms=2.0))  # gathering twice as slow
+    runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05))
+    got = greedy(model)
+    st = runtime.stats(model)
+    assert torch.equal(got, want)  # exactly the dense model
+    assert all(p.is_contiguous() for p in model.parameters())  # never re-laid
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=PROMPT).logits, want_logits)
+    assert st["path_calls"]["dense"] > 0 and sum(st["path_calls"].values()) == st["path_calls"]["dense"]
+    assert st["mlp_reads_saved"] == 0.0 and st["tokens"] > 0
+    assert st["selection"] and all(not d["gathering_layout"] and "dense wins" in d["reason"]
+                                   for d in st["selection"])
+    assert set(st["backends"].values()) == {"dense"}
+    runtime.remove(model)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_where_gathering_pays_auto_re_lays_and_gathers(family, monkeypatch):
+    model = tiny_model(family)
+    art = make_artifact(model, tau_in=0.05, tau_mid=0.05)
+    runtime.apply(model, art, backend=GATHER)
+    want = greedy(model)
+    runtime.remove(model)
+    monkeypatch.setattr(selection, "measure", fixed_timing(sparse_ms=0.5))
+    runtime.apply(model, art)
+    layouts_before_decode = [p.is_contiguous() for p in model.parameters()]
+    got = greedy(model)
+    st = runtime.stats(model)
+    assert all(layouts_before_decode)  # apply itself re-lays nothing: the first decode call decides
+    assert torch.equal(got, want)
+    assert st["path_calls"][GATHER] > 0 and st["path_calls"]["dense"] == 0 and st["mlp_reads_saved"] > 0
+    assert all(d["gathering_layout"] and d["backend"] == GATHER for d in st["selection"])
+    if family == "llama":  # plain Linear weights: gate and up now share one row buffer
+        assert not all(p.is_contiguous() for p in model.parameters())
+    runtime.remove(model)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_named_backend_overrides_the_measurement(monkeypatch):
+    model = tiny_model("llama")
+    measured = []
+    monkeypatch.setattr(selection, "measure", lambda *a, **k: measured.append(a) or fixed_timing(2.0)(*a, **k))
+    runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05), backend=GATHER)
+    greedy(model, 3)
+    st = runtime.stats(model)
+    runtime.remove(model)
+    assert not measured and st["selection"] == [] and st["path_calls"][GATHER] > 0
+
+
+def test_timings_are_measured_once_per_machine_and_case(monkeypatch, tmp_path):
+    """The second apply (another process, in effect) reads the cached timings; another density measures anew."""
+    cache = tmp_path / "sel.json"
+    monkeypatch.setattr(selection, "_cache_file", lambda device: cache)
+    measured = []
+
+    def counting(workload, gather, rows, density, dtype, device, clock=None, reps=None):
+        measured.append((workload.shape, rows, density))
+        return Timing(rows, density, 1.0, 1.0, 0.5)
+
+    monkeypatch.setattr(selection, "measure", counting)
+    model = tiny_model("llama")
+    art = make_artifact(model, tau_in=0.05, tau_mid=0.05)
+    runtime.apply(model, art)
+    greedy(model, 3)
+    first = runtime.stats(model)["selection"]
+    runtime.remove(model)
+    assert len(measured) == 2 * len(ROW_COUNTS)  # two shapes: gate+up, down
+    entries = json.loads(cache.read_text())
+    assert len(entries) == len(measured) and all(key.startswith(f"{GATHER}|float32|") for key in entries)
+    runtime.apply(model, art)
+    greedy(model, 3)
+    second = runtime.stats(model)["selection"]
+    runtime.remove(model)
+    assert len(measured) == 2 * len(ROW_COUNTS)  # nothing measured again
+    assert [d["per_rows"] for d in second] == [d["per_rows"] for d in first]
+    assert all("(cached)" in d["reason"] for d in second)
+    runtime.apply(model, make_artifact(model, tau_in=0.0, tau_mid=0.0))  # keeps everything: density 1
+    greedy(model, 3)
+    runtime.remove(model)
+    assert len(measured) == 4 * len(ROW_COUNTS) and {m[2] for m in measured[-len(ROW_COUNTS):]} == {1.0}
+    cache.write_text("{not json")  # a damaged cache is measured over, not an error
+    runtime.apply(model, art)
+    greedy(model, 3)
+    runtime.remove(model)
+    assert len(measured) == 6 * len(ROW_COUNTS)
+
+
+def test_density_comes_from_the_prompt(monkeypatch):
+    """The density timed is the share of channels the prompt's last rows keep at the base thresholds."""
+    seen = []
+    monkeypatch.setattr(selection, "measure", lambda workload, gather, rows, density, *a, **k:
+                        seen.append((workload.shape.members, density)) or Timing(rows, density, 1.0, 1.0, 0.5))
+    model = tiny_model("llama")
+    art = make_artifact(model, tau_in=0.05, tau_mid=0.05)
+    adapter = runtime.adapter_for(model)
+    keep = {"in": [], "mid": []}
+    hooks = []
+    for l, part in enumerate(adapter.mlp_parts(model)):
+        def grab(side, l):
+            def hook(module, args):
+                x = args[0].reshape(-1, args[0].shape[-1])[-16:]
+                w = art.channel_weight_in[l] if side == "in" else art.channel_weight_mid[l]
+                tau = art.tau_base_in[l] if side == "in" else art.tau_base_mid[l]
+                keep[side].append(float((x.abs() * w > tau).float().mean()))
+            return hook
+        hooks.append(getattr(part.owner, part.in_names[0]).register_forward_pre_hook(grab("in", l)))
+        hooks.append(getattr(part.owner, part.out_name).register_forward_pre_hook(grab("mid", l)))
+    with torch.no_grad():
+        model(input_ids=PROMPT)  # what the prefill will show
+    for h in hooks:
+        h.remove()
+    runtime.apply(model, art)
+    greedy(model, 2)
+    runtime.remove(model)
+    want = {2: selection.round_density(sum(keep["in"]) / len(keep["in"])),
+            1: selection.round_density(sum(keep["mid"]) / len(keep["mid"]))}
+    assert {m: d for m, d in seen} == want
