@@ -48,6 +48,10 @@ class KernelBackend:
     def accepts(self, device: torch.device, dtype: torch.dtype, rows: int) -> bool:
         raise NotImplementedError
 
+    def identity(self) -> str:
+        """What its speed depends on besides the machine (e.g. the built kernel): keys measured timings."""
+        return self.name
+
     def gather(self, x: torch.Tensor, weight: torch.Tensor, tau: torch.Tensor,
                rows: torch.Tensor) -> tuple[torch.Tensor, int | torch.Tensor]:
         raise NotImplementedError
@@ -61,6 +65,9 @@ class NativeBackend(KernelBackend):
     def accepts(self, device, dtype, rows):
         kernel = native.gather_kernel() if device.type == "cpu" else None
         return kernel is not None and dtype in kernel.dtypes and rows <= native.MAX_ROWS
+
+    def identity(self):
+        return f"{self.name}:{native.gather_kernel().path.stem}"  # the library's name hashes source and flags
 
     def gather(self, x, weight, tau, rows):
         if tau.numel() != x.shape[0]:

@@ -209,6 +209,7 @@ def _cache_file(device: torch.device) -> Path:
 
 
 def case_key(backend: str, dtype: torch.dtype, shape: Shape, rows: int, density: float) -> str:
+    """``backend``: its identity (name and, e.g., the built kernel's hash)."""
     return f"{backend}|{str(dtype).removeprefix('torch.')}|{shape}|{rows}|{density:.2f}"
 
 
@@ -236,9 +237,10 @@ def round_density(density: float) -> float:
     return min(1.0, max(DENSITY_STEP, round(density / DENSITY_STEP) * DENSITY_STEP))
 
 
-def select(workloads: Sequence[Workload], densities: Sequence[float], backend: str, gather: Callable,
-           dtype: torch.dtype, device: torch.device, clock: Clock = wall_clock) -> list[ShapeDecision]:
-    """A decision per workload (shape), measuring what the cache does not have yet."""
+def select(workloads: Sequence[Workload], densities: Sequence[float], backend, dtype: torch.dtype,
+           device: torch.device, clock: Clock = wall_clock) -> list[ShapeDecision]:
+    """A decision per workload (shape) between the dense product and ``backend`` (a gathering KernelBackend),
+    measuring what the cache does not have yet."""
     cache = load_cache(device)
     fresh: dict[str, dict] = {}
     decisions = []
@@ -246,14 +248,14 @@ def select(workloads: Sequence[Workload], densities: Sequence[float], backend: s
         density = round_density(density)
         timings = []
         for rows in ROW_COUNTS:
-            key = case_key(backend, dtype, workload.shape, rows, density)
+            key = case_key(backend.identity(), dtype, workload.shape, rows, density)
             if key in cache:
                 timings.append(Timing(**{**cache[key], "cached": True}))
                 continue
-            timing = measure(workload, gather, rows, density, dtype, device, clock)
+            timing = measure(workload, backend.gather, rows, density, dtype, device, clock)
             fresh[key] = {k: v for k, v in asdict(timing).items() if k != "cached"}
             timings.append(timing)
-        decisions.append(decide(workload.shape, backend, timings))
+        decisions.append(decide(workload.shape, backend.name, timings))
     if fresh:
         store_cache(device, fresh)
     return decisions
@@ -291,7 +293,7 @@ class MeasuredLayout:
         workloads = [Workload(s, [[self.adapter.weight_of(p) for p in members] for members in self.layers[s][1]])
                      for s in shapes]
         densities = [self.state.expected_density(self.layers[s][0], self.fallback[self.layers[s][0]]) for s in shapes]
-        decisions = select(workloads, densities, backend.name, backend.gather, dtype, device)
+        decisions = select(workloads, densities, backend, dtype, device)
         for shape, decision in zip(shapes, decisions):
             if decision.gathering_layout:
                 for members in self.layers[shape][1]:

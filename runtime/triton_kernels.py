@@ -153,6 +153,10 @@ class TritonBackend:
     name = "triton"
     gathers = True  # as runtime.backends.KernelBackend: reads only the kept channels' rows
 
+    def identity(self) -> str:
+        """The backend with Triton's version (keys measured timings)."""
+        return f"{self.name}:{triton.__version__ if _import_triton() else 'absent'}"
+
     def accepts(self, device: torch.device, dtype: torch.dtype, rows: int) -> bool:
         """Whether a call with ``rows`` token rows of ``dtype`` on ``device`` can run here."""
         if dtype not in DTYPES or not 1 <= rows <= MAX_ROWS:

@@ -68,6 +68,33 @@ def test_kernel_equals_masked_product(kernel, dtype, n, channels, threads):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_rows_result_depends_on_nothing_but_the_row(kernel, dtype):
+    """Batch invariance: a token row's output is bitwise the same alone, beside any other rows (which keep other
+    channels), and at 1 or 2 threads: the summation order is fixed by channel index alone."""
+    if dtype not in kernel.dtypes:
+        pytest.skip(f"this compiler has no {dtype} type")
+    gen = torch.Generator().manual_seed(7)
+    channels, width = 700, 300  # several channel blocks, a width that is no multiple of the vector width
+    rows = torch.randn(channels, width, generator=gen).to(dtype)
+    scale = torch.rand(channels, generator=gen) + 0.5
+    x = torch.randn(1, channels, generator=gen).to(dtype)
+    thr = torch.tensor([0.6])
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(kernel(x, scale, thr, rows)[0][0])
+            for seed in (1, 2):
+                others = torch.randn(5, channels, generator=torch.Generator().manual_seed(seed)).to(dtype)
+                batch = torch.cat([others[:2], x, others[2:]])
+                outs.append(kernel(batch, scale, torch.tensor([0.0, 1.5, 0.6, 0.3, 2.0, 0.9]), rows)[0][2])
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
 def test_kernel_skipping_everything_returns_zeros(kernel):
     x = torch.randn(4, 40)
     got, kept = kernel(x, torch.ones(40), torch.full((4,), 1e9), torch.randn(40, 16))
