@@ -5,18 +5,27 @@ Method (all figures come from one run):
   default), so activations, hence realised sparsity, are those of natural language.
 - Modes, timed alternately within each repetition after ``warmup`` untimed repetitions:
   ``dense`` (the unpatched model, original weight layout), ``clada`` (the artifact applied -- CLADA's, or any
-  registered method's -- with the chosen kernel backend), ``layout`` (the same backend with every threshold at
-  zero: nothing skipped; threshold rules only). ``layout`` separates what the transposed weight layout and
-  gathering kernel gain by themselves from what skipping gains.
+  registered method's -- with the requested kernel backend; ``auto`` measures dense against gathering per
+  projection shape and runs the faster, see runtime/selection.py), ``layout`` (the gathering backend -- the named
+  one, or for ``auto`` the one auto measured -- with every threshold at zero: nothing skipped; threshold rules
+  only). ``layout`` separates what the transposed weight layout and gathering kernel gain by themselves from
+  what skipping gains.
 - A step is timed with ``model.generate`` (greedy, exactly ``new_tokens`` tokens). Prefill is the first
   forward call; decode time is the rest of the generate wall time, so it includes generate's own overhead.
-  tok/s = batch * (new_tokens - 1) / decode seconds. Medians over repetitions.
+  tok/s = batch * (new_tokens - 1) / decode seconds. Medians over repetitions; ``spread`` per mode is
+  (max - min) / median of the repetitions' tok/s, and ``noisy`` is set (and the CLI warns) above ``NOISY``.
+- ``threads``: torch's thread count during the run (the compiled kernel uses the same), set by ``--threads``.
 - ``mlp_share`` f: share of dense decode time spent inside the MLPs (first input projection called to
   output projection returned, every layer), from an extra profiled dense run in the same process.
 - ``bound`` = 1 / (1 - r * f) with r = ``mlp_reads_saved``: the best ratio if time were proportional to
   bytes read; ``gain_of_bound`` = (ratio - 1) / (bound - 1). It can exceed 1 when the layout alone is faster.
 - ``signal_overhead``: share of CLADA decode time spent computing surprisal, entropy and the threshold
   multiplier (the runtime's model-level hooks), from an extra profiled CLADA run.
+- ``skip_bound`` = 1 / (1 - r * f_layout), f_layout = ``layout_mlp_share`` (the MLPs' share of the layout
+  mode's decode time, from an extra profiled run): the best ``sparsity_ratio`` (CLADA / layout) if skipping
+  saved MLP time in proportion to the bytes it saves on that path; ``skip_gain_of_bound`` = (sparsity_ratio - 1)
+  / (skip_bound - 1): how much of it skipping realises.
+- ``profile=False`` (the long-context sweep) skips the profiled runs: the figures they give are NaN.
 """
 
 from __future__ import annotations
@@ -31,8 +40,10 @@ from torch import nn
 
 from .. import runtime
 from ..artifacts import Artifact
+from ..runtime.machine import cpu_info
 
 MODES = ("dense", "clada", "layout")
+NOISY = 0.10  # rep-to-rep spread of decode tok/s above which a run is flagged as noisy
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class BenchConfig:
     layout: bool = True  # also time the layout-only mode (fast path, nothing skipped)
     mlp_time: bool = False  # also time the MLPs inside the timed runs (adds ~2 timer calls per layer)
     cache: str = "dynamic"  # KV cache of generate: "dynamic" (default of transformers) or "static"
+    threads: int | None = None  # torch threads during the run (None: as set)
 
 
 def text_prompts(tokenizer, documents: list[str], batch: int, prompt_tokens: int) -> torch.Tensor:
@@ -159,7 +171,23 @@ def _set_mode(model: nn.Module, mode: str, artifacts: dict[str, Artifact], confi
     if runtime.is_patched(model):
         runtime.remove(model)
     if mode != "dense":
-        runtime.apply(model, artifacts[mode], force=config.force, backend=config.backend)
+        runtime.apply(model, artifacts[mode], force=config.force, backend=layout_backend(model, config.backend)
+                      if mode == "layout" else config.backend)
+
+
+def layout_backend(model: nn.Module, backend: str) -> str:
+    """The gathering backend the ``layout`` mode runs: ``backend``, or for ``auto`` the first gathering backend
+    for the model's device and dtype (the one auto measures against dense)."""
+    if backend != "auto":
+        return backend
+    param = next(model.parameters())
+    return runtime.first_gathering(param.device, param.dtype, 1).name
+
+
+def spread(seconds: list[float]) -> float:
+    """(max - min) / median of the rates 1 / seconds: the rep-to-rep spread of a mode's tok/s."""
+    rates = [1.0 / s for s in seconds]
+    return (max(rates) - min(rates)) / statistics.median(rates)
 
 
 def _profiled(model: nn.Module, ids: torch.Tensor, new_tokens: int,
@@ -187,6 +215,17 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
     """Dense vs CLADA decode throughput on prompts ``ids`` (B, P) of an unpatched ``model``."""
     if runtime.is_patched(model):
         raise ValueError("run_bench needs the unpatched model (it applies and removes the artifact itself)")
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run_bench(model, artifact, ids, config, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: BenchConfig,
+               progress: Callable[[str], None] | None) -> dict:
     say = progress or (lambda _msg: None)
     artifacts = {"clada": artifact, "layout": zero_artifact(artifact)}
     decode_tokens = ids.shape[0] * (config.new_tokens - 1)
@@ -216,11 +255,17 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
         timed = rep - config.warmup + 1
         say(f"rep {rep + 1}/{config.warmup + config.reps}" + (" (warm-up)" if timed <= 0 else
             f": dense {decode_tokens / times['dense'][-1]:.1f} tok/s, clada {decode_tokens / times['clada'][-1]:.1f} tok/s"))
-    _set_mode(model, "dense", artifacts, config)
-    mlp_share = _profiled(model, ids, config.new_tokens, _mlp_watch, config.cache)
-    _set_mode(model, "clada", artifacts, config)
-    signal_overhead = _profiled(model, ids, config.new_tokens, _signal_watch, config.cache)
-    runtime.remove(model)
+    mlp_share = layout_mlp_share = signal_overhead = float("nan")
+    if config.profile:
+        _set_mode(model, "dense", artifacts, config)
+        mlp_share = _profiled(model, ids, config.new_tokens, _mlp_watch, config.cache)
+        if layout:
+            _set_mode(model, "layout", artifacts, config)
+            layout_mlp_share = _profiled(model, ids, config.new_tokens, _mlp_watch, config.cache)
+        _set_mode(model, "clada", artifacts, config)
+        signal_overhead = _profiled(model, ids, config.new_tokens, _signal_watch, config.cache)
+    if runtime.is_patched(model):
+        runtime.remove(model)
 
     tok_s = {m: decode_tokens / statistics.median(times[m]) for m in modes}
     tok_s.setdefault("layout", float("nan"))
@@ -230,6 +275,8 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
     reads = mean_stat("mlp_reads_saved")
     ratio = tok_s["clada"] / tok_s["dense"]
     bound = 1.0 / (1.0 - reads * mlp_share)
+    skip_bound = 1.0 / (1.0 - reads * layout_mlp_share)
+    sparsity_ratio = tok_s["clada"] / tok_s["layout"]
     return {
         "dense_tok_s": tok_s["dense"], "clada_tok_s": tok_s["clada"], "ratio": ratio,
         "mlp_sparsity": mean_stat("mlp_sparsity"), "input_sparsity": mean_stat("input_sparsity"),
@@ -238,9 +285,14 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
         "gain_of_bound": (ratio - 1.0) / (bound - 1.0) if bound > 1.0 else float("nan"),  # nan: not profiled
         "signal_overhead": signal_overhead,
         "layout_tok_s": tok_s["layout"], "layout_ratio": tok_s["layout"] / tok_s["dense"],
-        "sparsity_ratio": tok_s["clada"] / tok_s["layout"],
+        "sparsity_ratio": sparsity_ratio, "layout_mlp_share": layout_mlp_share, "skip_bound": skip_bound,
+        "skip_gain_of_bound": (sparsity_ratio - 1.0) / (skip_bound - 1.0) if skip_bound > 1.0 else float("nan"),
         "fast_path": _fast_path(stats), "rule": artifact.rule.get("name", "threshold"), "backend": config.backend,
+        "layout_backend": layout_backend(model, config.backend) if layout else None,
         "backends": stats[-1]["backends"] if stats else {},
+        "selection": stats[-1]["selection"] if stats else [],
+        "spread": {m: spread(times[m]) for m in modes},
+        "noisy": any(spread(times[m]) > NOISY for m in modes),
         "dense_prefill_s": statistics.median(prefill["dense"]),
         "clada_prefill_s": statistics.median(prefill["clada"]),
         "prefill_overhead": statistics.median(prefill["clada"]) / statistics.median(prefill["dense"]) - 1.0,
@@ -248,6 +300,7 @@ def run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: B
         "reps": config.reps, "warmup": config.warmup, "cache": config.cache,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(ids.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": cpu_info(),
         "decode_s": {m: times[m] for m in modes},
         "step_ms": {m: statistics.median(times[m]) / (config.new_tokens - 1) * 1e3 for m in modes},
         "mlp_step_ms": {m: statistics.median(v) / (config.new_tokens - 1) * 1e3 for m, v in mlp.items() if v},

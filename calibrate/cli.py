@@ -196,9 +196,21 @@ def _print_bench(r: dict) -> None:
     click.echo(f"  clada_tok_s      {r['clada_tok_s']:.2f}")
     click.echo(f"  ratio            {r['ratio']:.3f}")
     for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "mlp_share", "bound", "gain_of_bound",
-                "signal_overhead", "layout_ratio", "sparsity_ratio", "prefill_overhead"):
+                "signal_overhead", "layout_ratio", "sparsity_ratio", "layout_mlp_share", "skip_bound",
+                "skip_gain_of_bound", "prefill_overhead"):
         click.echo(f"  {key:16s} {r[key]:.3f}")
-    click.echo("  fast_path        " + ", ".join(f"{path} {share:.0%}" for path, share in r["fast_path"].items()))
+    click.echo("  fast_path        " + ", ".join(f"{path} {share:.0%}" for path, share in r["fast_path"].items()
+                                             if share))
+    click.echo("  spread           " + ", ".join(f"{mode} {s:.1%}" for mode, s in r["spread"].items()))
+    for decision in r["selection"]:
+        click.echo(f"  selection        {decision['dtype']} {decision['shape']}: {decision['reason']}")
+    cpu = r["cpu"]
+    click.echo(f"  cpu              {cpu['model_name']} (family {cpu['family']} model {cpu['model']}), "
+               + " ".join(f for f, on in cpu["flags"].items() if on))
+    if r["noisy"]:
+        worst = max(r["spread"], key=r["spread"].get)
+        click.echo(f"clada: warning: decode tok/s varied by {r['spread'][worst]:.0%} between repetitions ({worst}): "
+                   f"the machine was not quiet; treat the ratios as noise", err=True)
 
 
 @main.command("bench")
@@ -225,9 +237,10 @@ def _print_bench(r: dict) -> None:
               help="Timed repetitions per mode and prompt length in the sweep (after one warm-up).")
 @click.option("--cache", default="dynamic", show_default=True, type=click.Choice(["dynamic", "static"]),
               help="KV cache of generate: transformers' default (grows each step) or preallocated.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch threads (default: torch's own).")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 def bench_cmd(model_spec, artifact, method, sparsity, backend, batch, prompt_tokens, new_tokens, reps, warmup, data,
-              dtype, device, force, sweep, sweep_new_tokens, sweep_reps, cache, json_out):
+              dtype, device, force, sweep, sweep_new_tokens, sweep_reps, cache, threads, json_out):
     """Decode tokens/s of dense vs a sparse method (default: the CLADA artifact), alternating in one process,
     with the bound the savings allow."""
     from clada import runtime
@@ -250,7 +263,8 @@ def bench_cmd(model_spec, artifact, method, sparsity, backend, batch, prompt_tok
     except (_input_errors() + (ValueError,)) as exc:
         _fail(exc)
     model.eval()
-    config = BenchConfig(batch, prompt_tokens, new_tokens, reps, warmup, force, backend=backend, cache=cache)
+    config = BenchConfig(batch, prompt_tokens, new_tokens, reps, warmup, force, backend=backend, cache=cache,
+                         threads=threads)
     result = run_bench(model, art, prompts[prompt_tokens], config, progress=lambda msg: click.echo(msg, err=True))
     result.update({"model": model_spec, "artifact": str(artifact), "method": method, "sparsity": sparsity})
     _print_bench(result)
@@ -263,7 +277,7 @@ def bench_cmd(model_spec, artifact, method, sparsity, backend, batch, prompt_tok
         for p in lengths:
             r = run_bench(model, art, prompts[p], BenchConfig(batch, p, sweep_new_tokens, sweep_reps, 1, force,
                                                               backend=backend, profile=False, layout=False,
-                                                              mlp_time=True, cache=cache),
+                                                              mlp_time=True, cache=cache, threads=threads),
                           progress=lambda msg: click.echo(f"[prompt {p}] {msg}", err=True))
             row = {k: r[k] for k in ("prompt_tokens", "dense_prefill_s", "clada_prefill_s", "prefill_overhead",
                                      "dense_tok_s", "clada_tok_s", "ratio", "mlp_reads_saved", "step_ms",
