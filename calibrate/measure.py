@@ -150,15 +150,23 @@ class LayerErrorModel:
                  weight_mid: torch.Tensor, quantiles: str = "sampled"):
         self.adapter, self.part, self.quantiles = adapter, part, quantiles
         self.out = getattr(part.owner, part.out_name)
-        device = adapter.weight(self.out).device
+        device, self.dtype = adapter.weight(self.out).device, adapter.weight(self.out).dtype
         self.x = x.to(device).float()
         self.weight_in, self.weight_mid = weight_in.to(device).float(), weight_mid.to(device).float()
         self.bytes_in, self.bytes_mid = adapter.projection_bytes(part)
         with torch.no_grad():
-            self.y = self.out(adapter.intermediate(part, self.x))
+            self.y = self._output(self._intermediate(self.x))
         self.y_norm = self.y.pow(2).sum()
         self.score_in = channel_scores(self.x, self.weight_in)
         self._by_q_in: dict[float, tuple] = {}
+
+    def _intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        """h (float32) of MLP inputs x (float32), computed by the layer in its own dtype."""
+        return self.adapter.intermediate(self.part, x.to(self.dtype)).float()
+
+    def _output(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP output (float32) of intermediates h (float32), computed in the layer's dtype."""
+        return self.out(h.to(self.dtype)).float()
 
     @torch.no_grad()
     def _input_side(self, q_in: float) -> tuple[float, float, torch.Tensor, torch.Tensor]:
@@ -167,7 +175,7 @@ class LayerErrorModel:
         if key not in self._by_q_in:
             tau_in = float(score_quantiles(self.score_in, [key], self.quantiles)[0])
             keep_in = self.score_in > tau_in
-            h = self.adapter.intermediate(self.part, self.x * keep_in)
+            h = self._intermediate(self.x * keep_in)
             self._by_q_in[key] = (tau_in, 1.0 - keep_in.float().mean(), h, channel_scores(h, self.weight_mid))
         return self._by_q_in[key]
 
@@ -184,7 +192,7 @@ class LayerErrorModel:
         """(error, saved byte share) with the input quantile ``q_in`` and intermediate threshold ``tau_mid``."""
         _, skip_in, h, score_mid = self._input_side(q_in)
         keep_mid = score_mid > tau_mid
-        error = (self.out(h * keep_mid) - self.y).pow(2).sum() / self.y_norm
+        error = (self._output(h * keep_mid) - self.y).pow(2).sum() / self.y_norm
         skip_mid = 1.0 - keep_mid.float().mean()
         saved = (skip_in * self.bytes_in + skip_mid * self.bytes_mid) / (self.bytes_in + self.bytes_mid)
         return float(error), float(saved)
