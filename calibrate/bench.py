@@ -100,7 +100,7 @@ class _Stopwatch:
             self._t0 = None
 
 
-def _timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int,
+def timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int,
                     watch: _Stopwatch | None = None, cache: str = "dynamic") -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one greedy generate of exactly ``new_tokens`` tokens.
 
@@ -196,7 +196,7 @@ def _profiled(model: nn.Module, ids: torch.Tensor, new_tokens: int,
     watch = _Stopwatch(ids.device)
     hooks = install(model, watch)
     try:
-        _, decode = _timed_generate(model, ids, new_tokens, watch, cache)
+        _, decode = timed_generate(model, ids, new_tokens, watch, cache)
     finally:
         for h in hooks:
             h.remove()
@@ -241,7 +241,7 @@ def _run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: 
             watch = _Stopwatch(ids.device) if config.mlp_time else None
             hooks = _mlp_watch(model, watch) if watch is not None else []
             try:
-                p, d = _timed_generate(model, ids, config.new_tokens, watch, config.cache)
+                p, d = timed_generate(model, ids, config.new_tokens, watch, config.cache)
             finally:
                 for h in hooks:
                     h.remove()

@@ -108,6 +108,15 @@ def read_member(requirement: str, pattern: str) -> bytes:
         return zf.read(_member_name(zf, wheel, pattern))
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def stated_sha256(requirement: str, pattern: str, filename: str) -> str:
     """The sha256 a wheel's checksum member (``sha256sum`` format: "<hex>  <name>" lines) states for ``filename``."""
     for line in read_member(requirement, pattern).decode("utf-8", "replace").splitlines():

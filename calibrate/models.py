@@ -6,7 +6,6 @@ Specs: a built-in name (``smollm2-135m``, ``gemma3-270m``), a local checkpoint f
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from clada.calibrate.cache import cache_dir, concatenate_members, extract_member, stated_sha256
+from .cache import cache_dir, concatenate_members, extract_member, file_sha256, stated_sha256
 
 
 class ModelSpecError(ValueError):
@@ -73,14 +72,6 @@ BUILTIN_MODELS = {
 }
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog 1234 times.\n"
 
 
@@ -111,7 +102,7 @@ def convert_gguf(gguf: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "checkpoints" / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
+    target = cache_dir() / "checkpoints" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
     print(f"clada: converting {gguf.name} to a safetensors checkpoint (once; ~1 min) ...", flush=True)
