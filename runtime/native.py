@@ -1,14 +1,14 @@
 """Optional compiled CPU kernel for the decode-step gather: selection and weighted row sum in one call.
 
 ``gather_kernel()`` builds ``native_gather.c`` (beside this file) once per machine with the system C compiler
-(``$CC``, else ``cc``; flags ``-O3 -march=native``, with OpenMP where the compiler has it), caches the shared
+(``$CC``, else ``cc``; flags ``-O3 -march=native -pthread``, else without ``-march=native``), caches the shared
 library under ``$CLADA_CACHE/native`` (default ``~/.cache/clada/native``; the name hashes the source, flags,
 compiler and CPU, so a new CPU or compiler builds anew), and loads it with ``ctypes``. It returns None -- and
 the runtime keeps using ``embedding_bag`` -- where that is not possible (no compiler, a failed build, an
 unloadable library) or where ``CLADA_NATIVE=0``; a one-line warning says why, once per process.
 
-OpenMP: the library links ``libgomp.so.1``; torch's CPU wheels ship their own copy under that name, which the
-dynamic loader, finding it already loaded, reuses, so the kernel's threads are torch's threads.
+Threads: the kernel runs its own small pool of ``torch.get_num_threads() - 1`` workers (see native_gather.c);
+the calling thread never waits for a worker to wake up, so a busy machine slows a call down to one thread at worst.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from .machine import cache_root, cpu_identity
 
 SOURCE = Path(__file__).with_name("native_gather.c")
-FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))
+FLAG_SETS = (("-O3", "-march=native", "-pthread"), ("-O3", "-pthread"))
 MAX_ROWS = 64  # token rows per call the kernel accepts (one bit each in a 64-bit mask)
 SYMBOLS = {torch.float32: "clada_gather_f32", torch.bfloat16: "clada_gather_bf16", torch.float16: "clada_gather_f16"}
 _log = logging.getLogger("clada.runtime")

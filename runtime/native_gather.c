@@ -16,19 +16,25 @@
  * Summation order, fixed so that a token row's result depends on nothing but its own inputs (not on the other
  * rows of the call, nor on the thread count): channels are cut into blocks of BLOCK by index; within a block a
  * row's kept channels are added in ascending order into a partial sum (channels another row keeps add an exact
- * zero), and the partials are added in block order. Threads take contiguous ranges of blocks.
+ * zero), and the partials are added in block order.
+ *
+ * Threads: a small pool of its own (not OpenMP). The calling thread posts the blocks as work items and takes
+ * items itself at once; idle workers (woken, or spinning briefly after their last item) take the others. The
+ * caller waits only for items a worker has started, never for a worker to wake up: on a busy machine, where a
+ * worker may not get a core for milliseconds, a call runs on the calling thread alone instead of stalling (an
+ * OpenMP team's barriers made a call 30 times slower there).
  * The comparison is the one the masked reference makes (the activation widened to float32 exactly, a float32
  * product, then '>'), so both keep exactly the same channels.
  *
  * Returns the number of kept (row, channel) pairs, -1 if rows > 64, -2 if scratch memory is unavailable.
  */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_F16 1
@@ -144,33 +150,169 @@ static void *scratch(size_t bytes) {
     return scratch_mem;
 }
 
-/* Thread t of nt: the partial sums of its blocks (those whose first active channel falls in its share of the
- * union of active channels), each zeroed, then its channels added four at a time in ascending order. */
-INLINE void sum_blocks(enum kind kind, size_t elem, const void *x, int64_t rows, int64_t channels, const void *w,
-                       int64_t ld, int64_t width, const int32_t *idx, const uint64_t *who, const int64_t *start,
-                       const int64_t *used, int64_t nused, int64_t n, float *part, int64_t t, int64_t nt) {
-    const int64_t size = rows * width;
-    for (int64_t u = 0; u < nused; u++) {
-        const int64_t b = used[u], k0 = start[b], k1 = start[b + 1];
-        if (k0 * nt / n != t) continue;
-        float *acc = part + u * size;
-        memset(acc, 0, (size_t)size * sizeof(float));
-        for (int64_t k = k0; k < k1; k += 4) {
-            const void *r4[4];
-            float v[64][4];
-            uint8_t live[64];
-            for (int i = 0; i < 4; i++)  /* past the block's end: its last row again, with weight 0 */
-                r4[i] = (const char *)w + (size_t)idx[k + i < k1 ? k + i : k1 - 1] * (size_t)ld * elem;
-            for (int64_t r = 0; r < rows; r++) {
-                live[r] = 0;
-                for (int i = 0; i < 4; i++) {
-                    const int keeps = k + i < k1 && (who[k + i] >> r & 1);
-                    v[r][i] = keeps ? load(kind, x, r * channels + idx[k + i]) : 0.0f;
-                    live[r] |= keeps;
-                }
-            }
-            axpy4(kind, acc, rows, live, (const float (*)[4])v, r4, width);
+/* --- the thread pool -------------------------------------------------------------------------------------------
+ * One job at a time: ``word`` packs the job's generation (24 bits), item count (20) and next unclaimed item (20);
+ * a thread claims an item by compare-and-swap, so a worker that wakes after its job is over claims nothing. Items
+ * claimed are finished before ``done`` counts them, and the caller returns once ``done`` reaches the count. */
+typedef void (*item_fn)(void *arg, int64_t item);
+
+#define MAX_WORKERS 63
+#define SPIN 4000                /* pause instructions a worker spins for the next job before sleeping */
+#define CHUNK 1024               /* floats per reduction item */
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;  /* one caller at a time uses the pool */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static _Atomic uint64_t word;
+static _Atomic int64_t done;
+static item_fn job_fn;
+static void *job_arg;
+static int workers, sleepers;
+
+static inline void pause_cpu(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static int claim(uint64_t gen, int64_t *item) {
+    uint64_t cur = atomic_load(&word);
+    for (;;) {
+        const uint64_t items = cur >> 20 & 0xFFFFF, next = cur & 0xFFFFF;
+        if (cur >> 40 != gen || next >= items) return 0;
+        if (atomic_compare_exchange_weak(&word, &cur, cur + 1)) { *item = (int64_t)next; return 1; }
+    }
+}
+
+static void work(uint64_t gen) {
+    int64_t item;
+    while (claim(gen, &item)) {
+        job_fn(job_arg, item);
+        atomic_fetch_add(&done, 1);
+    }
+}
+
+static void *worker_main(void *unused) {
+    (void)unused;
+    uint64_t seen = atomic_load(&word) >> 40;
+    for (;;) {
+        for (int i = 0; i < SPIN && atomic_load(&word) >> 40 == seen; i++) pause_cpu();
+        if (atomic_load(&word) >> 40 == seen) {
+            pthread_mutex_lock(&wake_lock);
+            sleepers++;
+            while (atomic_load(&word) >> 40 == seen) pthread_cond_wait(&wake, &wake_lock);
+            sleepers--;
+            pthread_mutex_unlock(&wake_lock);
         }
+        seen = atomic_load(&word) >> 40;
+        work(seen);
+    }
+    return NULL;
+}
+
+static void forget_workers(void) {  /* in a forked child: the workers are gone */
+    pthread_mutex_init(&job_lock, NULL);
+    pthread_mutex_init(&wake_lock, NULL);
+    pthread_cond_init(&wake, NULL);
+    workers = sleepers = 0;
+}
+
+static void watch_forks(void) { pthread_atfork(NULL, NULL, forget_workers); }
+
+/* Run fn(arg, i) for i in [0, items) on the calling thread and up to threads - 1 workers. */
+static void run(item_fn fn, void *arg, int64_t items, int64_t threads) {
+    if (items <= 0) return;
+    if (threads <= 1 || items == 1 || items > 0xFFFFF || pthread_mutex_trylock(&job_lock) != 0) {
+        for (int64_t i = 0; i < items; i++) fn(arg, i);  /* alone (or the pool is busy with another caller) */
+        return;
+    }
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, watch_forks);
+    while (workers < threads - 1 && workers < MAX_WORKERS) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker_main, NULL) != 0) break;
+        pthread_detach(t);
+        workers++;
+    }
+    job_fn = fn;
+    job_arg = arg;
+    atomic_store(&done, 0);
+    const uint64_t gen = ((atomic_load(&word) >> 40) + 1) & 0xFFFFFF;
+    atomic_store(&word, gen << 40 | (uint64_t)items << 20);
+    pthread_mutex_lock(&wake_lock);
+    if (sleepers) pthread_cond_broadcast(&wake);
+    pthread_mutex_unlock(&wake_lock);
+    work(gen);
+    for (int spins = 0; atomic_load(&done) < items; spins++) {
+        if (spins < SPIN) pause_cpu(); else sched_yield();
+    }
+    pthread_mutex_unlock(&job_lock);
+}
+
+/* What one call's work items need. */
+struct call {
+    enum kind kind;
+    size_t elem;
+    const void *x;
+    int64_t rows, channels;
+    const void *w;
+    int64_t ld, width;
+    const int32_t *idx;
+    const uint64_t *who;
+    const int64_t *start, *used;
+    int64_t n;
+    float *part, *out;
+    int64_t nused, size;
+};
+
+/* Work item u: the partial sum of the u-th block with an active channel, zeroed, then its channels added four at a
+ * time in ascending order. */
+INLINE void sum_block(enum kind kind, const struct call *c, int64_t u) {
+    const int64_t rows = c->rows, b = c->used[u], k0 = c->start[b], k1 = c->start[b + 1];
+    const int32_t *idx = c->idx;
+    float *acc = c->part + u * c->size;
+    memset(acc, 0, (size_t)c->size * sizeof(float));
+    for (int64_t k = k0; k < k1; k += 4) {
+        const void *r4[4];
+        float v[64][4];
+        uint8_t live[64];
+        uint64_t mask[4];
+        int32_t col[4];
+        for (int i = 0; i < 4; i++) {  /* past the block's end: its last row again, with weight 0 */
+            mask[i] = k + i < k1 ? c->who[k + i] : 0;
+            col[i] = idx[k + i < k1 ? k + i : k1 - 1];
+            r4[i] = (const char *)c->w + (size_t)col[i] * (size_t)c->ld * c->elem;
+        }
+        for (int64_t r = 0; r < rows; r++) {  /* branch-free: which rows keep which channel is random */
+            uint8_t any = 0;
+            for (int i = 0; i < 4; i++) {
+                const uint8_t keeps = mask[i] >> r & 1;
+                const float value = load(kind, c->x, r * c->channels + col[i]);
+                v[r][i] = keeps ? value : 0.0f;
+                any |= keeps;
+            }
+            live[r] = any;
+        }
+        axpy4(kind, acc, rows, live, (const float (*)[4])v, r4, c->width);
+    }
+}
+
+/* one entry point per element type, so that each is compiled with its kind a constant */
+static void block_f32(void *c, int64_t u) { sum_block(F32, c, u); }
+static void block_bf16(void *c, int64_t u) { sum_block(BF16, c, u); }
+static void block_f16(void *c, int64_t u) { sum_block(F16, c, u); }
+
+/* Work item i: out[i*CHUNK ...] = the partials added in block order. */
+static void add_partials(void *arg, int64_t i) {
+    const struct call *c = arg;
+    const int64_t a = i * CHUNK, e = a + CHUNK < c->size ? a + CHUNK : c->size;
+    if (c->nused == 0) {
+        memset(c->out + a, 0, (size_t)(e - a) * sizeof(float));
+        return;
+    }
+    memcpy(c->out + a, c->part + a, (size_t)(e - a) * sizeof(float));
+    for (int64_t u = 1; u < c->nused; u++) {
+        const float *src = c->part + u * c->size;
+        for (int64_t j = a; j < e; j++) c->out[j] += src[j];
     }
 }
 
@@ -204,44 +346,12 @@ INLINE int64_t gather(enum kind kind, size_t elem, const void *x, int64_t rows, 
     }
     start[nblocks] = n;
 
-#ifdef _OPENMP
-    int64_t threads = nthreads < 1 ? 1 : nthreads;
-#else
-    int64_t threads = 1;
-#endif
-    if (threads > 1 + n / MIN_CHANNELS_PER_THREAD) threads = 1 + n / MIN_CHANNELS_PER_THREAD;
-
-#ifdef _OPENMP
-#pragma omp parallel num_threads((int)threads)
-#endif
-    {
-#ifdef _OPENMP
-        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int64_t t = 0, nt = 1;
-#endif
-        /* one call per element type, so that each is compiled with its kind a constant */
-        switch (kind) {
-        case BF16: sum_blocks(BF16, elem, x, rows, channels, w, ld, width, idx, who, start, used, nused, n, part, t, nt); break;
-        case F16: sum_blocks(F16, elem, x, rows, channels, w, ld, width, idx, who, start, used, nused, n, part, t, nt); break;
-        default: sum_blocks(F32, elem, x, rows, channels, w, ld, width, idx, who, start, used, nused, n, part, t, nt);
-        }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-        /* out = partials added in block order; each thread a share of the elements */
-        const int64_t per = ((size + nt - 1) / nt + 15) / 16 * 16;
-        const int64_t a = t * per < size ? t * per : size, e = a + per < size ? a + per : size;
-        if (nused == 0) {
-            memset(out + a, 0, (size_t)(e - a) * sizeof(float));
-        } else {
-            memcpy(out + a, part + a, (size_t)(e - a) * sizeof(float));
-            for (int64_t u = 1; u < nused; u++) {
-                const float *src = part + u * size;
-                for (int64_t j = a; j < e; j++) out[j] += src[j];
-            }
-        }
-    }
+    struct call c = {kind, elem, x, rows, channels, w, ld, width, idx, who, start, used, n, part, out, nused, size};
+    static const item_fn blocks[] = {[F32] = block_f32, [BF16] = block_bf16, [F16] = block_f16};
+    const int64_t threads = nthreads < 1 ? 1 : nthreads > 1 + n / MIN_CHANNELS_PER_THREAD ? 1 + n / MIN_CHANNELS_PER_THREAD
+                                                                                         : nthreads;
+    run(blocks[kind], &c, nused, threads);
+    run(add_partials, &c, (size + CHUNK - 1) / CHUNK, threads);
     return kept;
 }
 

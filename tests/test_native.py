@@ -95,6 +95,46 @@ def test_a_rows_result_depends_on_nothing_but_the_row(kernel, dtype):
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
+def test_kernel_calls_from_several_threads_and_after_fork(kernel):
+    """The kernel's own thread pool serves one caller at a time (the others run alone), and a forked child, whose
+    workers are gone, still computes every call."""
+    import multiprocessing
+    import threading
+
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(900, 200, generator=gen)
+    scale = torch.ones(900)
+    xs = [torch.randn(2, 900, generator=gen) for _ in range(4)]
+    thr = torch.tensor([0.3, 0.8])
+    want = [reference(x, scale, thr, rows)[0] for x in xs]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = [None] * len(xs)
+
+        def call(i):
+            for _ in range(20):
+                got[i] = kernel(xs[i], scale, thr, rows)[0]
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            child = pool.apply_async(_kernel_in_child, (xs[0], scale, thr, rows)).get(timeout=60)
+        torch.testing.assert_close(child, want[0], rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _kernel_in_child(x, scale, thr, rows):
+    return native.gather_kernel()(x, scale, thr, rows)[0]
+
+
 def test_kernel_skipping_everything_returns_zeros(kernel):
     x = torch.randn(4, 40)
     got, kept = kernel(x, torch.ones(40), torch.full((4,), 1e9), torch.randn(40, 16))
