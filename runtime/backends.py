@@ -143,7 +143,7 @@ def first_gathering(device: torch.device, dtype: torch.dtype, rows: int) -> Kern
     return next((b for b in BACKENDS.values() if b.gathers and b.accepts(device, dtype, rows)), None)
 
 
-Selector = Callable[[torch.device, torch.dtype], dict]  # (device, dtype) -> {shape: selection.ShapeDecision}
+Selector = Callable[[torch.device, torch.dtype, int], dict]  # (device, dtype, rows) -> {shape: ShapeDecision}
 
 
 class BackendChooser:
@@ -190,7 +190,7 @@ class BackendChooser:
         if shape is None:
             backend = next(b for b in BACKENDS.values() if b.accepts(device, dtype, rows))
         else:
-            name = self.decisions_for(device, dtype)[shape].choice(rows)
+            name = self.decisions_for(device, dtype, rows)[shape].choice(rows)
             backend = DENSE if name == DENSE.name else BACKENDS[name]
         if device.type == "cuda" and backend.name == "embedding_bag" and "cuda" not in _warned:
             _warned.add("cuda")
@@ -198,11 +198,12 @@ class BackendChooser:
                          "embedding_bag, which synchronises with the host once per gate")
         return backend
 
-    def decisions_for(self, device: torch.device, dtype: torch.dtype) -> dict:
-        """The selector's decisions for (device, dtype), measured (or read from the cache) on first use."""
+    def decisions_for(self, device: torch.device, dtype: torch.dtype, rows: int) -> dict:
+        """The selector's decisions for (device, dtype), measured (or read from the cache) on first use, when a call
+        of ``rows`` token rows decides the layout."""
         key = (device.type, device.index, dtype)
         if key not in self.decisions:
-            self.decisions[key] = self.selector(device, dtype)
+            self.decisions[key] = self.selector(device, dtype, rows)
         return self.decisions[key]
 
     def summary(self) -> dict[str, str]:

@@ -12,10 +12,11 @@ the model's own weights of that shape (enough layers that they stream from memor
   (independent random masks per row, so at several rows the union of the masks is what it is for independent
   rows).
 
-Per shape, the gathering layout is taken only if, at every row count, the faster of ``sparse`` and
-``dense_rows`` is within ``TOLERANCE`` of ``dense`` and, over the row counts, faster on average; then each row
-count runs the faster of the two. Otherwise the shape keeps its original layout and runs ``dense`` at every
-row count. Timings are cached in ``$CLADA_CACHE/selection/`` keyed by the CPU (model and flags) or GPU name,
+Per shape, the layout is decided at the row count of the call that triggered the measurement (the batch the user
+decodes; the next timed count up): the gathering layout if there the faster of ``sparse`` and ``dense_rows`` beats
+``dense`` by more than ``TOLERANCE``; then every row count runs the faster of the two. Otherwise the shape keeps
+its original layout and runs ``dense`` at every row count. (One copy of the weights has one layout: a process that
+later decodes at another row count gets the best that layout allows there, which ``reason`` shows.) Timings are cached in ``$CLADA_CACHE/selection/`` keyed by the CPU (model and flags) or GPU name,
 torch version, thread count, dtype, shape, rows and density (rounded to ``DENSITY_STEP``), so a machine
 measures each case once. Units: milliseconds per call (all layers of the shape divided by their number).
 """
@@ -37,7 +38,7 @@ from torch.nn import functional as F
 from .machine import cache_root, cpu_identity, last_level_cache_bytes
 
 ROW_COUNTS = (1, 2, 4, 8)  # token rows per call that are timed; a call of n rows follows the next count up
-TOLERANCE = 0.02  # a gathering layout may cost at most 2% at any row count
+TOLERANCE = 0.02  # the gathering layout must win by more than this at the deciding row count
 DENSITY_STEP = 0.05
 REPS = 5  # timed passes per candidate (after one warm-up pass), median
 MIN_STREAM_BYTES = 64 << 20  # bytes each timed pass reads at least (or every layer of the shape)
@@ -75,38 +76,43 @@ class ShapeDecision:
 
     shape: Shape
     backend: str  # the gathering backend that was timed
+    deciding_rows: int  # the timed row count at which the layout was decided
     gathering_layout: bool
     per_rows: dict[int, str]  # rows -> "dense" or ``backend``
     timings: list[Timing]
 
     def choice(self, rows: int) -> str:
-        """Backend name (or "dense") for a call of ``rows`` token rows: that of the next timed count up."""
-        for n in ROW_COUNTS:
-            if rows <= n:
-                return self.per_rows[n]
-        return "dense"
+        """Backend name (or "dense") for a call of ``rows`` token rows (at most ``backends.MAX_GATHER_ROWS``)."""
+        return self.per_rows[timed_count(rows)]
 
     def reason(self) -> str:
         parts = [f"{t.rows} rows: {self.backend} {t.sparse:.3f} / dense {t.dense:.3f}"
                  + (f" / dense_rows {t.dense_rows:.3f}" if self.gathering_layout else "") + " ms" for t in self.timings]
         density = self.timings[0].density if self.timings else float("nan")
         layout = "gathering layout" if self.gathering_layout else "original layout (dense wins)"
+        layout += f" (decided at {self.deciding_rows} rows)"
         cached = " (cached)" if self.timings and all(t.cached for t in self.timings) else ""
         return f"{layout} at {density:.2f} kept{cached}; " + "; ".join(parts)
 
     def summary(self) -> dict:
         return {"shape": str(self.shape), "backend": self.backend, "gathering_layout": self.gathering_layout,
+                "deciding_rows": self.deciding_rows,
                 "per_rows": {str(k): v for k, v in self.per_rows.items()}, "reason": self.reason(),
                 "timings": [asdict(t) for t in self.timings]}
 
 
-def decide(shape: Shape, backend: str, timings: Sequence[Timing]) -> ShapeDecision:
-    """The layout and per-row-count choice from ``timings`` (one per row count), as the module doc says."""
-    best = [min(t.sparse, t.dense_rows) for t in timings]
-    ok = all(b <= t.dense * (1 + TOLERANCE) for b, t in zip(best, timings))
-    gathering = ok and statistics.fmean(b / t.dense for b, t in zip(best, timings)) < 1.0
+def timed_count(rows: int) -> int:
+    """The timed row count a call of ``rows`` token rows follows: the next one up (the largest beyond)."""
+    return next((n for n in ROW_COUNTS if rows <= n), ROW_COUNTS[-1])
+
+
+def decide(shape: Shape, backend: str, timings: Sequence[Timing], rows: int = 1) -> ShapeDecision:
+    """The layout (decided at ``rows``, the triggering call's token rows) and the choice per row count from
+    ``timings`` (one per ``ROW_COUNTS`` entry), as the module doc says."""
+    at = next(t for t in timings if t.rows == timed_count(rows))
+    gathering = min(at.sparse, at.dense_rows) < at.dense * (1 - TOLERANCE)
     per_rows = {t.rows: (backend if gathering and t.sparse <= t.dense_rows else "dense") for t in timings}
-    return ShapeDecision(shape, backend, gathering, per_rows, list(timings))
+    return ShapeDecision(shape, backend, at.rows, gathering, per_rows, list(timings))
 
 
 # --- measurement -----------------------------------------------------------------------------------------------
@@ -238,9 +244,9 @@ def round_density(density: float) -> float:
 
 
 def select(workloads: Sequence[Workload], densities: Sequence[float], backend, dtype: torch.dtype,
-           device: torch.device, clock: Clock = wall_clock) -> list[ShapeDecision]:
+           device: torch.device, rows: int = 1, clock: Clock = wall_clock) -> list[ShapeDecision]:
     """A decision per workload (shape) between the dense product and ``backend`` (a gathering KernelBackend),
-    measuring what the cache does not have yet."""
+    its layout decided at ``rows`` token rows, measuring what the cache does not have yet."""
     cache = load_cache(device)
     fresh: dict[str, dict] = {}
     decisions = []
@@ -255,7 +261,7 @@ def select(workloads: Sequence[Workload], densities: Sequence[float], backend, d
             timing = measure(workload, backend.gather, rows, density, dtype, device, clock)
             fresh[key] = {k: v for k, v in asdict(timing).items() if k != "cached"}
             timings.append(timing)
-        decisions.append(decide(workload.shape, backend.name, timings))
+        decisions.append(decide(workload.shape, backend.name, timings, rows))
     if fresh:
         store_cache(device, fresh)
     return decisions
@@ -268,7 +274,7 @@ class MeasuredLayout:
     at the first decode call of a (device, dtype).
 
     ``add(shape, side, members)`` registers one layer's projections of ``shape`` (gate and up together) reading
-    side ``side``; ``select(device, dtype)`` measures (or reads cached timings), re-lays the shapes for which
+    side ``side``; ``select(device, dtype, rows)`` (``rows``: the triggering call's token rows) measures (or reads cached timings), re-lays the shapes for which
     gathering pays (``runtime.layout.store_rows``) and returns ``{shape: ShapeDecision}``. The density of each
     side is what the dense calls so far showed (``SparsityState.expected_density``: the prompt's prefill), else
     the artifact's held-out figure, else 1 (nothing skipped).
@@ -284,7 +290,7 @@ class MeasuredLayout:
     def add(self, shape: Shape, side: str, members: list) -> None:
         self.layers.setdefault(shape, (side, []))[1].append(list(members))
 
-    def select(self, device: torch.device, dtype: torch.dtype) -> dict[Shape, ShapeDecision]:
+    def select(self, device: torch.device, dtype: torch.dtype, rows: int = 1) -> dict[Shape, ShapeDecision]:
         from .backends import first_gathering
         from .layout import store_rows
 
@@ -293,7 +299,7 @@ class MeasuredLayout:
         workloads = [Workload(s, [[self.adapter.weight_of(p) for p in members] for members in self.layers[s][1]])
                      for s in shapes]
         densities = [self.state.expected_density(self.layers[s][0], self.fallback[self.layers[s][0]]) for s in shapes]
-        decisions = select(workloads, densities, backend, dtype, device)
+        decisions = select(workloads, densities, backend, dtype, device, rows)
         for shape, decision in zip(shapes, decisions):
             if decision.gathering_layout:
                 for members in self.layers[shape][1]:
