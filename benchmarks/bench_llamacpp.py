@@ -121,13 +121,9 @@ def dequantized_gguf(source: Path, out_type: str) -> Path:
 
 def prompt_ids(tokenizer, data: str, prompt_tokens: int) -> list[int]:
     """``clada bench``'s batch-1 prompt: held-out documents first (default recipe split), then the rest."""
-    from clada.calibrate.bench import text_prompts
-    from clada.calibrate.data import load_documents, split_documents
-    from clada.calibrate.recipe import Recipe
+    from clada.calibrate.bench import bench_texts, text_prompts
 
-    recipe = Recipe()
-    calib, held = split_documents(load_documents(data).documents, recipe.heldout_fraction, recipe.seed)
-    return text_prompts(tokenizer, held + calib, 1, prompt_tokens)[0].tolist()
+    return text_prompts(tokenizer, bench_texts(data), 1, prompt_tokens)[0].tolist()
 
 
 def llama_greedy(llama_cpp, llm, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:

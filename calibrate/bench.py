@@ -62,6 +62,20 @@ class BenchConfig:
     threads: int | None = None  # torch threads during the run (None: as set)
 
 
+def bench_texts(data: str, artifact: Artifact | None = None) -> list[str]:
+    """Benchmark prompt text: the documents of ``data`` the calibration did not see first, then the others (the
+    artifact's split where it was calibrated on ``data``, else the default recipe's)."""
+    from .data import load_documents, split_documents
+    from .recipe import Recipe
+
+    documents = load_documents(data)
+    split = {"heldout_fraction": Recipe().heldout_fraction, "split_seed": Recipe().seed}
+    if artifact is not None and documents.identity.get("sha256") == artifact.data.get("sha256"):
+        split.update({k: artifact.data[k] for k in split if k in artifact.data})
+    calib, held = split_documents(documents.documents, split["heldout_fraction"], split["split_seed"])
+    return held + calib
+
+
 def text_prompts(tokenizer, documents: list[str], batch: int, prompt_tokens: int) -> torch.Tensor:
     """(batch, prompt_tokens) int64: consecutive windows of the documents' concatenated token stream."""
     need = batch * prompt_tokens

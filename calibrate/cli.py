@@ -169,17 +169,6 @@ def eval_cmd(model_spec, artifact, method, sparsity, mc_specs, greedy_prompts, d
         write_atomic(Path(json_out), (json.dumps(figures, indent=2) + "\n").encode())
 
 
-def _bench_texts(data: str, art) -> list[str]:
-    """Benchmark prompt text: the documents the calibration did not see first, then the others."""
-    from clada.calibrate.data import load_documents, split_documents
-
-    documents = load_documents(data)
-    if art is None or documents.identity.get("sha256") != art.data.get("sha256"):
-        return documents.documents
-    calib, held = split_documents(documents.documents, art.data.get("heldout_fraction", 0.3), art.data.get("split_seed", 0))
-    return held + calib
-
-
 def _prompt_lengths(sweep: str | None) -> list[int]:
     """``--sweep`` "512,2048" -> [512, 2048]; ValueError naming the option otherwise."""
     parts = sweep.split(",") if sweep else []
@@ -245,7 +234,7 @@ def bench_cmd(model_spec, artifact, method, sparsity, backend, batch, prompt_tok
     with the bound the savings allow."""
     from clada import runtime
     from clada.artifacts import write_atomic
-    from clada.calibrate.bench import BenchConfig, run_bench, text_prompts
+    from clada.calibrate.bench import BenchConfig, bench_texts, run_bench, text_prompts
     from clada.calibrate.compare import calibrated_method_artifact
     from clada.calibrate.methods import check_method
     from clada.calibrate.models import load_model
@@ -254,7 +243,7 @@ def bench_cmd(model_spec, artifact, method, sparsity, backend, batch, prompt_tok
         lengths = _prompt_lengths(sweep)
         check_method(method, sparsity, artifact is not None)
         given = runtime.load_artifact(artifact) if artifact else None
-        texts = _bench_texts(data, given)
+        texts = bench_texts(data, given)
         model, tokenizer, _ = load_model(model_spec, dtype, device)
         art = calibrated_method_artifact(method, model, tokenizer, given, sparsity)
         runtime.apply(model, art, force=force, backend=backend)  # validate once before any timing
