@@ -10,8 +10,9 @@
  * product). Sums are float32; out is float32.
  *
  * Reads: every weight row needed by at least one token row is read from memory once per call, whatever the
- * number of token rows; the rows no token row keeps are never read. Rows are read four at a time (four
- * sequential streams per thread), and each accumulator vector is loaded and stored once per four rows.
+ * number of token rows; the rows no token row keeps are never read. Rows are read four at a time for one token
+ * row (four sequential streams per thread), eight for several, and each accumulator vector is loaded and stored
+ * once per four (eight) rows.
  *
  * Summation order, fixed so that a token row's result depends on nothing but its own inputs (not on the other
  * rows of the call, nor on the thread count): channels are cut into blocks of BLOCK by index; within a block a
@@ -41,6 +42,7 @@
 #endif
 
 #define BLOCK 64                 /* channels per partial sum (the fixed summation order) */
+#define MAX_GROUP 8              /* channels added per accumulator pass */
 #define MIN_CHANNELS_PER_THREAD 64
 #if defined(__AVX512F__)
 #define VW 16                    /* floats per vector */
@@ -97,13 +99,14 @@ INLINE vf loadv(enum kind kind, const void *row, int64_t j) {
     return *(const vf *)((const float *)row + j);
 }
 
-/* For each token row r with live[r]: acc[r*width + j] += v[r][0]*r0[j] + ... + v[r][3]*r3[j], the four products
- * added one at a time in that order (a fixed order: exact zeros where a row skips a channel). The four weight
- * vectors are loaded once for all token rows. */
-INLINE void axpy4(enum kind kind, float *restrict acc, int64_t rows, const uint8_t *live, const float (*v)[4],
-                  const void *const r[4], int64_t width) {
+/* For each token row t with live[t]: acc[t*width + j] += v[t][0]*r0[j] + ... + v[t][g-1]*r{g-1}[j], the g products
+ * added one at a time in that order (a fixed order: exact zeros where a row skips a channel). The g weight vectors
+ * are loaded once for all token rows; with one row its g activations stay in registers. ``g`` is a constant at
+ * each (inlined) call site. */
+INLINE void axpy(enum kind kind, const int g, float *restrict acc, int64_t rows, const uint8_t *live,
+                 const float (*v)[MAX_GROUP], const void *const *r, int64_t width) {
     int64_t j = 0;
-    if (rows == 1) {  /* the common decode call: the four activations stay in registers */
+    if (rows == 1 && g == 4) {  /* the common decode call, written out: the activations stay in registers */
         const vf a0 = (vf){} + v[0][0], a1 = (vf){} + v[0][1], a2 = (vf){} + v[0][2], a3 = (vf){} + v[0][3];
         for (; j + VW <= width; j += VW) {
             vf s = *(vf *)(acc + j);
@@ -115,15 +118,12 @@ INLINE void axpy4(enum kind kind, float *restrict acc, int64_t rows, const uint8
         }
     }
     for (; j + VW <= width; j += VW) {
-        const vf w0 = loadv(kind, r[0], j), w1 = loadv(kind, r[1], j), w2 = loadv(kind, r[2], j),
-                 w3 = loadv(kind, r[3], j);
+        vf w[MAX_GROUP];
+        for (int i = 0; i < g; i++) w[i] = loadv(kind, r[i], j);
         for (int64_t t = 0; t < rows; t++) {
             if (!live[t]) continue;
             vf s = *(vf *)(acc + t * width + j);
-            s += v[t][0] * w0;
-            s += v[t][1] * w1;
-            s += v[t][2] * w2;
-            s += v[t][3] * w3;
+            for (int i = 0; i < g; i++) s += v[t][i] * w[i];
             *(vf *)(acc + t * width + j) = s;
         }
     }
@@ -131,7 +131,7 @@ INLINE void axpy4(enum kind kind, float *restrict acc, int64_t rows, const uint8
         for (int64_t t = 0; t < rows; t++) {
             if (!live[t]) continue;
             float s = acc[t * width + j];
-            for (int i = 0; i < 4; i++) s += v[t][i] * load(kind, r[i], j);
+            for (int i = 0; i < g; i++) s += v[t][i] * load(kind, r[i], j);
             acc[t * width + j] = s;
         }
     }
@@ -264,27 +264,24 @@ struct call {
     int64_t nused, size;
 };
 
-/* Work item u: the partial sum of the u-th block with an active channel, zeroed, then its channels added four at a
- * time in ascending order. */
-INLINE void sum_block(enum kind kind, const struct call *c, int64_t u) {
-    const int64_t rows = c->rows, b = c->used[u], k0 = c->start[b], k1 = c->start[b + 1];
+/* The channels k0..k1 of the union (one block) added into acc, g at a time in ascending order. */
+INLINE void add_channels(enum kind kind, const int g, const struct call *c, float *acc, int64_t k0, int64_t k1) {
+    const int64_t rows = c->rows;
     const int32_t *idx = c->idx;
-    float *acc = c->part + u * c->size;
-    memset(acc, 0, (size_t)c->size * sizeof(float));
-    for (int64_t k = k0; k < k1; k += 4) {
-        const void *r4[4];
-        float v[64][4];
+    for (int64_t k = k0; k < k1; k += g) {
+        const void *rg[MAX_GROUP];
+        float v[64][MAX_GROUP];
         uint8_t live[64];
-        uint64_t mask[4];
-        int32_t col[4];
-        for (int i = 0; i < 4; i++) {  /* past the block's end: its last row again, with weight 0 */
+        uint64_t mask[MAX_GROUP];
+        int32_t col[MAX_GROUP];
+        for (int i = 0; i < g; i++) {  /* past the block's end: its last row again, with weight 0 */
             mask[i] = k + i < k1 ? c->who[k + i] : 0;
             col[i] = idx[k + i < k1 ? k + i : k1 - 1];
-            r4[i] = (const char *)c->w + (size_t)col[i] * (size_t)c->ld * c->elem;
+            rg[i] = (const char *)c->w + (size_t)col[i] * (size_t)c->ld * c->elem;
         }
         for (int64_t r = 0; r < rows; r++) {  /* branch-free: which rows keep which channel is random */
             uint8_t any = 0;
-            for (int i = 0; i < 4; i++) {
+            for (int i = 0; i < g; i++) {
                 const uint8_t keeps = mask[i] >> r & 1;
                 const float value = load(kind, c->x, r * c->channels + col[i]);
                 v[r][i] = keeps ? value : 0.0f;
@@ -292,8 +289,19 @@ INLINE void sum_block(enum kind kind, const struct call *c, int64_t u) {
             }
             live[r] = any;
         }
-        axpy4(kind, acc, rows, live, (const float (*)[4])v, r4, c->width);
+        axpy(kind, g, acc, rows, live, (const float (*)[MAX_GROUP])v, rg, c->width);
     }
+}
+
+/* Work item u: the partial sum of the u-th block with an active channel, zeroed, then its channels added in
+ * ascending order: four at a time for one token row (four weight streams), eight for several (each accumulator
+ * load and store then serves eight rows' products). The result is the same either way. */
+INLINE void sum_block(enum kind kind, const struct call *c, int64_t u) {
+    const int64_t b = c->used[u], k0 = c->start[b], k1 = c->start[b + 1];
+    float *acc = c->part + u * c->size;
+    memset(acc, 0, (size_t)c->size * sizeof(float));
+    if (c->rows == 1) add_channels(kind, 4, c, acc, k0, k1);
+    else add_channels(kind, MAX_GROUP, c, acc, k0, k1);
 }
 
 /* one entry point per element type, so that each is compiled with its kind a constant */
