@@ -12,7 +12,7 @@
  * Reads: every weight row needed by at least one token row is read from memory once per call, whatever the
  * number of token rows; the rows no token row keeps are never read. Rows are read four at a time for one token
  * row (four sequential streams per thread), eight for several, and each accumulator vector is loaded and stored
- * once per four (eight) rows.
+ * once per four (eight) rows. Half-precision rows are short, so the next four are prefetched alongside.
  *
  * Summation order, fixed so that a token row's result depends on nothing but its own inputs (not on the other
  * rows of the call, nor on the thread count): channels are cut into blocks of BLOCK by index; within a block a
@@ -36,8 +36,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+#if defined(__F16C__) || defined(__AVX512F__)
 #define HAVE_F16 1
 #endif
 
@@ -79,9 +81,19 @@ INLINE float load(enum kind kind, const void *p, int64_t i) {
 
 /* VW consecutive weights of a row, widened to float32 */
 INLINE vf loadv(enum kind kind, const void *row, int64_t j) {
-    if (kind == BF16) {
-        vu u = __builtin_convertvector(*(const vh *)((const uint16_t *)row + j), vu) << 16;
-        return (vf)u;
+    if (kind == BF16) {  /* widen to 32 bits, shift into the high half: two instructions on AVX-512 / AVX2 */
+        const uint16_t *p = (const uint16_t *)row + j;
+        vf f;
+#if VW == 16
+        const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+        memcpy(&f, &u, sizeof f);
+#elif VW == 8 && defined(__AVX2__)
+        const __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+        memcpy(&f, &u, sizeof f);
+#else
+        f = (vf)(__builtin_convertvector(*(const vh *)p, vu) << 16);
+#endif
+        return f;
     }
 #ifdef HAVE_F16
     if (kind == F16) {
@@ -104,11 +116,13 @@ INLINE vf loadv(enum kind kind, const void *row, int64_t j) {
  * are loaded once for all token rows; with one row its g activations stay in registers. ``g`` is a constant at
  * each (inlined) call site. */
 INLINE void axpy(enum kind kind, const int g, float *restrict acc, int64_t rows, const uint8_t *live,
-                 const float (*v)[MAX_GROUP], const void *const *r, int64_t width) {
+                 const float (*v)[MAX_GROUP], const void *const *r, const void *const *next, int64_t width) {
     int64_t j = 0;
     if (rows == 1 && g == 4) {  /* the common decode call, written out: the activations stay in registers */
         const vf a0 = (vf){} + v[0][0], a1 = (vf){} + v[0][1], a2 = (vf){} + v[0][2], a3 = (vf){} + v[0][3];
         for (; j + VW <= width; j += VW) {
+            if (kind != F32)  /* 2-byte rows are short: fetch the next group's rows alongside (+35-60%) */
+                for (int i = 0; i < 4; i++) __builtin_prefetch((const uint16_t *)next[i] + j, 0, 0);
             vf s = *(vf *)(acc + j);
             s += a0 * loadv(kind, r[0], j);
             s += a1 * loadv(kind, r[1], j);
@@ -289,7 +303,10 @@ INLINE void add_channels(enum kind kind, const int g, const struct call *c, floa
             }
             live[r] = any;
         }
-        axpy(kind, g, acc, rows, live, (const float (*)[MAX_GROUP])v, rg, c->width);
+        const void *next[MAX_GROUP];  /* the rows of the next group (prefetched while these are summed) */
+        for (int i = 0; i < g; i++)
+            next[i] = (const char *)c->w + (size_t)idx[k + g + i < k1 ? k + g + i : k1 - 1] * (size_t)c->ld * c->elem;
+        axpy(kind, g, acc, rows, live, (const float (*)[MAX_GROUP])v, rg, next, c->width);
     }
 }
 
