@@ -21,14 +21,13 @@ import hashlib
 import html
 import io
 import json
-import os
 import random
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from clada.artifacts import write_atomic
 from clada.calibrate.cache import extract_member
 
 GENSIM_WHEEL = "gensim==4.4.0"
@@ -182,12 +181,9 @@ def _enwiki_documents(source: Path, raw: bytes) -> list[str]:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` via a temporary file; a failure only loses the cache."""
+    """Write ``payload`` to ``path`` atomically; a failure only loses the cache."""
     try:
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False,
-                                         suffix=".tmp") as tmp:
-            json.dump(payload, tmp, ensure_ascii=False)
-        os.replace(tmp.name, path)
+        write_atomic(path, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
     except OSError:
         pass
 

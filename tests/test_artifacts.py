@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from clada import runtime
-from clada.artifacts import ArtifactError, load_artifact, save_artifact
+from clada.artifacts import ArtifactError, load_artifact, save_artifact, write_atomic
 from tests.conftest import make_artifact, synthetic_documents, tiny_model, word_tokenizer
 
 
@@ -49,6 +50,29 @@ def test_failed_write_keeps_old_artifact(saved):
         save_artifact(art, path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(path.parent)) == ["clada.safetensors"]
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask():
+    """``umask(mask)`` sets the process umask within one test; the old one is restored afterwards."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def test_atomic_writes_give_the_mode_of_a_plain_write(tmp_path, umask):
+    umask(0o027)
+    write_atomic(tmp_path / "new.txt", b"x")
+    with open(tmp_path / "plain.txt", "w"):
+        pass
+    assert mode(tmp_path / "new.txt") == mode(tmp_path / "plain.txt") == 0o640
+    os.chmod(tmp_path / "new.txt", 0o604)
+    write_atomic(tmp_path / "new.txt", b"y")  # an existing file keeps its mode, as open(path, "w") keeps it
+    assert mode(tmp_path / "new.txt") == 0o604 and (tmp_path / "new.txt").read_bytes() == b"y"
 
 
 def _rewrite(path, mutate_tensors=None, mutate_meta=None):
@@ -171,8 +195,15 @@ def test_export_declares_artifact_beside_checkpoint(model, saved, tmp_path):
     _, path = saved
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
-    result = CliRunner().invoke(main, ["export", "--artifact", str(path), "--checkpoint", str(ckpt)])
+    os.chmod(ckpt / "config.json", 0o644)
+    old = os.umask(0o077)
+    try:
+        result = CliRunner().invoke(main, ["export", "--artifact", str(path), "--checkpoint", str(ckpt)])
+    finally:
+        os.umask(old)
     assert result.exit_code == 0, result.output
+    assert mode(ckpt / "config.json") == 0o644  # kept
+    assert mode(ckpt / "clada.safetensors") == 0o600  # new: what open(path, "w") gives under umask 0o077
     assert json.loads((ckpt / "config.json").read_text())["clada"]["file"] == "clada.safetensors"
     loaded = runtime.from_pretrained(ckpt)
     assert runtime.applied_artifact(loaded).tau_base_in.tolist() == pytest.approx([0.05, 0.05])

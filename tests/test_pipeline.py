@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -17,10 +19,17 @@ from tests.conftest import calibrate_tiny, tiny_model
 REPORT_KEYS = {"dense_ppl", "sparse_ppl", "ppl_increase", "mlp_sparsity", "mlp_reads_saved", "relaxed_share", "tokens"}
 
 
+UMASK = 0o027  # not the usual 0o022: outputs must follow the umask, as a plain open(path, "w") would
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    return root, calibrate_tiny(root, "llama")
+    old = os.umask(UMASK)
+    try:
+        return root, calibrate_tiny(root, "llama")
+    finally:
+        os.umask(old)
 
 
 def test_outputs_written(workspace):
@@ -38,6 +47,12 @@ def test_outputs_written(workspace):
     assert "## Validation of the best trials" in (out / "report.md").read_text()
     assert (out / "trials.png").read_bytes()[:4] == b"\x89PNG"
     assert "mlp_reads_saved" in output and "artifact:" in output
+
+
+def test_outputs_get_the_mode_of_a_plain_write(workspace):
+    root, _ = workspace
+    for name in ("clada.safetensors", "report.json", "report.md", "trials.png"):
+        assert stat.S_IMODE(os.stat(root / "out" / name).st_mode) == 0o666 & ~UMASK, name
 
 
 def test_artifact_applies_and_generates(workspace):
