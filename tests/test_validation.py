@@ -70,7 +70,7 @@ def test_no_feasible_trial():
 
 
 def test_validation_documents_are_disjoint_from_search_documents():
-    from clada.calibrate.pipeline import token_splits
+    from clada.calibrate.splits import token_splits
     from clada.calibrate.recipe import parse_recipe
     from tests.conftest import word_tokenizer
 
