@@ -185,12 +185,35 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def device_problem(device: str) -> str | None:
+    """Why torch cannot use ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...) on this machine, or None."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return f"{device!r} is not a torch device (cpu, cuda, cuda:N, mps, ...)"
+    if dev.type == "cpu":
+        return None
+    if dev.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, dev.type, None)  # torch.cuda, torch.xpu, ...
+        available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+        count = backend.device_count() if available else 0
+    if not available:
+        return f"{device!r} is not available on this machine (torch {torch.__version__} finds no {dev.type} device)"
+    if dev.index is not None and dev.index >= count:
+        return f"{device!r} does not exist: this machine has {count} {dev.type} device(s), numbered from 0"
+    return None
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
     """Load (model, tokenizer, checkpoint) for ``spec``; model in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ModelSpecError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if device_problem(device):
+        raise ModelSpecError(f"device: {device_problem(device)}")
     checkpoint = resolve_checkpoint(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)

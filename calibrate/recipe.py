@@ -121,8 +121,18 @@ def _build(cls, data: dict, prefix: str):
             raise RecipeError(f"recipe field '{path}': {value!r} is not one of {', '.join(CHOICES[path])}")
         if path == "search.storage" and value is not None:
             value = _check_storage(value, f"recipe field '{path}'")
+        if path == "device":
+            _check_device(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _check_device(device: str) -> None:
+    from clada.calibrate.models import device_problem  # imports torch; only when a recipe names a device
+
+    problem = device_problem(device)
+    if problem:
+        raise RecipeError(f"recipe field 'device': {problem}")
 
 
 def _check_storage(url: str, field: str) -> str:

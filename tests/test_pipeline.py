@@ -123,6 +123,36 @@ def test_bad_recipe_exits_2_and_writes_nothing(tmp_path, content, match):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("device,cuda_devices,mps,match", [
+    ("cuda", 0, False, "'cuda' is not available on this machine"),
+    ("cuda:1", 1, False, "'cuda:1' does not exist: this machine has 1 cuda device"),
+    ("mps", 0, False, "'mps' is not available on this machine"),
+    ("gpu", 0, False, "'gpu' is not a torch device"),
+])
+def test_missing_device_is_refused_before_loading(tmp_path, monkeypatch, device, cuda_devices, mps, match):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    loaded = []
+    monkeypatch.setattr("clada.calibrate.models.resolve_checkpoint", lambda spec: loaded.append(spec))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"device: '{device}'\noutput: {tmp_path / 'o'}\n")
+    result = CliRunner().invoke(calibrate_main, [str(recipe)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"recipe field 'device': {match}" in result.output
+    assert not loaded and not (tmp_path / "o").exists()
+
+
+def test_available_devices_pass_validation(monkeypatch):
+    from clada.calibrate.recipe import parse_recipe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    for device in ("cpu", "cuda", "cuda:1", "mps"):
+        assert parse_recipe({"device": device}).device == device
+
+
 def test_missing_recipe_and_bad_model(tmp_path):
     result = CliRunner().invoke(calibrate_main, [str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "recipe file not found" in result.output
