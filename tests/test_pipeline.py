@@ -84,6 +84,52 @@ def test_trials_store_the_thresholds_they_chose(workspace):
     assert all(len(t.user_attrs["tau_in"]) == 2 for t in study.trials if t.state.name == "COMPLETE")
 
 
+def test_rerun_of_a_finished_study_reuses_measurements_and_validation(workspace, monkeypatch):
+    from clada.calibrate import pipeline, search
+
+    root, first = workspace
+    out = root / "out"
+    before = load_artifact(out / "clada.safetensors")
+    assert "[2/6] measuring dense MLP activations" in first and (out / "measurements.safetensors").is_file()
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured or validated again")
+
+    monkeypatch.setattr(pipeline, "measure", never)
+    monkeypatch.setattr(search, "validated_choice", never)
+    result = CliRunner().invoke(calibrate_main, [str(root / "recipe.yaml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "measurements of this model and recipe reused" in result.output
+    assert "validation of the best trials reused from the study" in result.output
+    after = load_artifact(out / "clada.safetensors")
+    assert torch.equal(after.tau_base_in, before.tau_base_in) and torch.equal(after.tau_base_mid, before.tau_base_mid)
+    assert json.loads((out / "report.json").read_text())["search"]["validation"][-1]["trial"] == \
+        json.loads((out / "report.json").read_text())["chosen"]["trial"]
+
+
+def test_measurements_are_keyed_by_model_and_settings(tmp_path):
+    from clada.calibrate.measure import LayerTable
+    from clada.calibrate.pipeline import Measurements, measurement_key
+    from clada.calibrate.recipe import parse_recipe
+
+    model = tiny_model("llama")
+    identity, fingerprint = runtime.model_identity(model), runtime.mlp_fingerprint(model)
+    key = measurement_key(parse_recipe({}), identity, fingerprint, "abc")
+    assert key == measurement_key(parse_recipe({"search": {"trials": 3}, "output": "x"}), identity, fingerprint, "abc")
+    others = [measurement_key(parse_recipe({"calibration": {"activation_tokens": 64}}), identity, fingerprint, "abc"),
+              measurement_key(parse_recipe({}), identity, runtime.mlp_fingerprint(tiny_model("llama", 1)), "abc"),
+              measurement_key(parse_recipe({}), identity, fingerprint, "abd"),
+              measurement_key(parse_recipe({"dtype": "bfloat16"}), identity, fingerprint, "abc")]
+    assert key not in others and len(set(others)) == len(others)
+    table = LayerTable(torch.rand(2), torch.rand(2, 3), torch.rand(2, 3), torch.rand(2, 3))
+    measured = Measurements(torch.rand(2, 32), torch.rand(2, 64), [table, table], torch.rand(2))
+    measured.save(tmp_path / "m.safetensors", key)
+    back = Measurements.load(tmp_path / "m.safetensors", key)
+    assert torch.equal(back.weight_mid, measured.weight_mid) and torch.equal(back.tables[1].error, table.error)
+    assert Measurements.load(tmp_path / "m.safetensors", others[0]) is None
+    assert Measurements.load(tmp_path / "missing.safetensors", key) is None
+
+
 def test_resume_keeps_trials(workspace):
     root, _ = workspace
     recipe = yaml.safe_load((root / "recipe.yaml").read_text())
