@@ -97,9 +97,13 @@ def calibrate_cmd(recipe: str, output: str | None, storage: str | None, quiet: b
         click.echo("clada: interrupted; completed trials are kept in the study, run the same command to resume",
                    err=True)
         sys.exit(130)
+    from clada.calibrate.report import budget_warning
+
     _print_figures(f"chosen point, held-out {report['data']['spec']} ({report['regime']}):", report)
     click.echo(f"  wall time        {report['timings_s']['total']:.0f} s")
     click.echo(f"artifact: {report['artifact']}")
+    if budget_warning(report):
+        click.echo(f"clada: warning: {budget_warning(report)}", err=True)
 
 
 calibrate_main = calibrate_cmd  # the ``clada-calibrate`` console script: same command as ``clada calibrate``

@@ -130,6 +130,26 @@ def test_measurements_are_keyed_by_model_and_settings(tmp_path):
     assert Measurements.load(tmp_path / "missing.safetensors", key) is None
 
 
+def test_heldout_figure_above_the_budget_is_a_warning_and_marked_in_the_report(workspace, monkeypatch):
+    from clada.calibrate import pipeline
+    from clada.calibrate.report import render_markdown
+
+    root, _ = workspace
+    report = json.loads((root / "out" / "report.json").read_text())
+    report["search"]["max_ppl_increase"] = 0.015
+    report["heldout"]["ppl_increase"] = report["ppl_increase"] = 0.0187
+    monkeypatch.setattr(pipeline, "run_calibration", lambda recipe, progress: report)
+    result = CliRunner().invoke(calibrate_main, [str(root / "recipe.yaml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    warning = "clada: warning: held-out ppl_increase +0.0187 is above the recipe's budget 0.015 (search.max_ppl_increase)"
+    assert warning in result.stderr and result.stderr.count("clada: warning") == 1
+    markdown = render_markdown(report)
+    assert "| ppl_increase | 0.0187 **above the budget** |" in markdown and "**Warning:** held-out" in markdown
+    report["heldout"]["ppl_increase"] = report["ppl_increase"] = 0.0149
+    result = CliRunner().invoke(calibrate_main, [str(root / "recipe.yaml"), "--quiet"])
+    assert "warning" not in result.output and "above the budget" not in render_markdown(report)
+
+
 def test_resume_keeps_trials(workspace):
     root, _ = workspace
     recipe = yaml.safe_load((root / "recipe.yaml").read_text())
