@@ -6,6 +6,7 @@ Specs: a built-in name (``smollm2-135m``, ``gemma3-270m``), a local checkpoint f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import write_atomic
+from ..runtime.compat import dtype_kwargs, transformers_version
 from .cache import cache_dir, cached_member, concatenate_members, extract_member, file_sha256, stated_sha256
 from .extras import require
 
@@ -96,13 +99,50 @@ def _check_conversion(gguf: Path, tokenizer, loaded, folder: Path) -> None:
     if AutoTokenizer.from_pretrained(folder)(PROBE_TEXT, return_tensors="pt")["input_ids"].tolist() != ids.tolist():
         raise ModelSpecError(f"model: converting {gguf.name} changed its tokenizer; nothing was cached")
     ids = ids if ids.numel() else torch.zeros((1, 1), dtype=torch.long)
-    saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    saved = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwargs(torch.float32)).eval()
     with torch.no_grad():
         want, got = loaded(input_ids=ids).logits, saved(input_ids=ids).logits
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-4):
         diff = (want - got).abs().max().item() if want.shape == got.shape else float("nan")
         raise ModelSpecError(f"model: converting {gguf.name} changed its predictions (max |logit difference| "
                              f"{diff:.3g}); nothing was cached")
+
+
+# A checkpoint written by transformers 5 names its tokenizer class and RoPE settings in ways 4.x does not read: it
+# fails on the tokenizer class, and silently falls back to its default rope_theta (other predictions). The cached
+# conversions therefore also carry the 4.x spellings; 5.x reads either.
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def legacy_config_keys(config: dict) -> dict:
+    """The transformers 4.x keys for a 5.x config's ``rope_parameters`` (``rope_theta``, ``partial_rotary_factor``,
+    ``rope_scaling`` if not the default rope, Gemma 3's ``rope_local_base_freq``) and ``dtype``; those missing."""
+    params = config.get("rope_parameters")
+    legacy = {"torch_dtype": config["dtype"]} if "dtype" in config else {}
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):  # per layer type (Gemma 3)
+        local = params.get("sliding_attention", {}).get("rope_theta")
+        legacy.update({"rope_local_base_freq": local} if local is not None else {})
+        params = params["full_attention"]
+    if isinstance(params, dict):
+        legacy.update({k: params[k] for k in ("rope_theta", "partial_rotary_factor") if k in params})
+        if params.get("rope_type", "default") != "default":
+            legacy["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return {k: v for k, v in legacy.items() if k not in config}
+
+
+def portable_tokenizer_keys(config: dict) -> dict:
+    """A tokenizer_config's class under a name transformers 4.x knows too, if 5.x gave it another."""
+    name = config.get("tokenizer_class")
+    return {"tokenizer_class": PORTABLE_TOKENIZER_CLASSES[name]} if name in PORTABLE_TOKENIZER_CLASSES else {}
+
+
+def make_portable(folder: Path) -> None:
+    """Add to a checkpoint folder written by transformers 5 what 4.x needs to load it alike (see above)."""
+    for name, keys in (("config.json", legacy_config_keys), ("tokenizer_config.json", portable_tokenizer_keys)):
+        path = folder / name
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if keys(config):
+            write_atomic(path, (json.dumps({**config, **keys(config)}, indent=2) + "\n").encode("utf-8"))
 
 
 def conversion_target(gguf: Path) -> Path:
@@ -132,12 +172,17 @@ def convert_gguf(gguf: Path) -> Path:
 
     target = conversion_target(gguf)
     if (target / "config.json").is_file():
+        make_portable(target)  # converted by an earlier clada
         return target
+    if transformers_version() < (5, 0):
+        raise ModelSpecError(f"model: converting {gguf.name} needs transformers >= 5 (4.x converts GGUF tokenizers "
+                             "otherwise, e.g. with a BOS token); once converted with 5.x, 4.x loads the cached checkpoint")
     require(["gguf"])
     print(f"clada: converting {gguf.name} to a safetensors checkpoint (once; ~1 min) ...", flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                      **dtype_kwargs(torch.float32)).eval()
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelSpecError(f"model: transformers cannot load {gguf.name}: {first}") from None
@@ -151,6 +196,7 @@ def convert_gguf(gguf: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
         del model
         _check_conversion(gguf, tokenizer, loaded, tmp)
         os.replace(tmp, target)
@@ -217,7 +263,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
     checkpoint = resolve_checkpoint(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, **dtype_kwargs(DTYPES[dtype]))
     except OSError as exc:
         raise ModelSpecError(f"model: could not load {spec!r}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
