@@ -172,7 +172,10 @@ def convert_gguf(gguf: Path) -> Path:
 
     target = conversion_target(gguf)
     if (target / "config.json").is_file():
-        make_portable(target)  # converted by an earlier clada
+        try:
+            make_portable(target)  # converted by an earlier clada
+        except OSError:
+            pass  # a read-only cache still loads under transformers 5
         return target
     if transformers_version() < (5, 0):
         raise ModelSpecError(f"model: converting {gguf.name} needs transformers >= 5 (4.x converts GGUF tokenizers "
