@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from clada.artifacts import save_artifact
-from tests.conftest import make_artifact, synthetic_documents, tiny_model, tiny_recipe, word_tokenizer
+from tests.conftest import make_artifact, synthetic_documents, tiny_checkpoint, tiny_recipe
 
 CALIBRATE_ONLY = ["optuna", "matplotlib", "gguf", "datasets"]  # the calibrate extra, but click (transformers 5 has it)
 INSTALL = "pip install 'clada[calibrate]'"
@@ -74,9 +74,7 @@ def one_error_line(result: dict) -> str:
 def tiny(tmp_path_factory):
     """A tiny checkpoint, its artifact and a text file."""
     root = tmp_path_factory.mktemp("extras")
-    model = tiny_model("llama")
-    model.save_pretrained(root / "ckpt")
-    word_tokenizer().save_pretrained(root / "ckpt")
+    model = tiny_checkpoint(root / "ckpt")
     save_artifact(make_artifact(model, 0.05, 0.02), root / "a.safetensors")
     (root / "docs.txt").write_text("\n\n".join(synthetic_documents(12, 60)))
     return root
