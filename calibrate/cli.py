@@ -1,4 +1,8 @@
-"""Command line: ``clada calibrate|eval|inspect`` and ``clada-calibrate RECIPE``."""
+"""Command line: ``clada calibrate|eval|bench|inspect|export`` and ``clada-calibrate RECIPE``.
+
+The console scripts enter through ``clada.calibrate.extras`` (which says so when click is missing); each command
+checks the optional dependencies it will use before it loads or downloads anything.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +22,22 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from clada.artifacts import ArtifactError
     from clada.calibrate.cache import FetchError
     from clada.calibrate.data import DataSpecError
+    from clada.calibrate.extras import MissingDependency
     from clada.calibrate.models import ModelSpecError
     from clada.calibrate.recipe import RecipeError
     from clada.runtime.adapters import UnsupportedModelError
 
-    return (ArtifactError, DataSpecError, ModelSpecError, RecipeError, UnsupportedModelError, FetchError)
+    return (ArtifactError, DataSpecError, ModelSpecError, RecipeError, UnsupportedModelError, FetchError,
+            MissingDependency)
+
+
+def _require(model_spec: str, data_spec: str | None, *modules: str) -> None:
+    """MissingDependency unless the optional modules a command uses with these model and data specs (and
+    ``modules``) are installed; checked before anything is loaded or downloaded."""
+    from clada.calibrate import data, extras, models
+
+    extras.require([*modules, *models.required_modules(model_spec),
+                    *(data.required_modules(data_spec) if data_spec else [])])
 
 
 def _fail(exc: BaseException) -> None:
@@ -68,11 +83,13 @@ def main() -> None:
 @QUIET_OPT
 def calibrate_cmd(recipe: str, output: str | None, storage: str | None, quiet: bool) -> None:
     """Calibrate thresholds as described by RECIPE (YAML); writes clada.safetensors and reports."""
-    from clada.calibrate.pipeline import run_calibration
     from clada.calibrate.recipe import load_recipe
 
     try:
         recipe_obj = load_recipe(recipe, output, storage)
+        _require(recipe_obj.model, recipe_obj.data, "optuna", "matplotlib")
+        from clada.calibrate.pipeline import run_calibration
+
         report = run_calibration(recipe_obj, progress=not quiet)
     except _input_errors() as exc:
         _fail(exc)
@@ -80,9 +97,13 @@ def calibrate_cmd(recipe: str, output: str | None, storage: str | None, quiet: b
         click.echo("clada: interrupted; completed trials are kept in the study, run the same command to resume",
                    err=True)
         sys.exit(130)
+    from clada.calibrate.report import budget_warning
+
     _print_figures(f"chosen point, held-out {report['data']['spec']} ({report['regime']}):", report)
     click.echo(f"  wall time        {report['timings_s']['total']:.0f} s")
     click.echo(f"artifact: {report['artifact']}")
+    if budget_warning(report):
+        click.echo(f"clada: warning: {budget_warning(report)}", err=True)
 
 
 calibrate_main = calibrate_cmd  # the ``clada-calibrate`` console script: same command as ``clada calibrate``
@@ -127,6 +148,7 @@ def eval_cmd(model_spec, artifact, method, sparsity, mc_specs, greedy_prompts, d
 
     name = method or "clada"
     try:
+        _require(model_spec, None if mc_specs else data)
         check_method(name, sparsity, artifact is not None)
         art = runtime.load_artifact(artifact) if artifact else None
         calibrated = recipe_of(art)
@@ -240,6 +262,7 @@ def bench_cmd(model_spec, artifact, method, sparsity, backend, batch, prompt_tok
     from clada.calibrate.models import load_model
 
     try:
+        _require(model_spec, data)
         lengths = _prompt_lengths(sweep)
         check_method(method, sparsity, artifact is not None)
         given = runtime.load_artifact(artifact) if artifact else None

@@ -13,8 +13,8 @@ from .baselines import CalibrationActivations
 from .data import load_documents
 from .evaluate import QUALITY_BACKEND, Sparsifier, TeacherForcedEvaluator, generation_eval
 from .methods import build_method, check_method, method_artifact
-from .pipeline import token_splits
 from .recipe import Recipe, parse_recipe
+from .splits import token_splits
 
 SENSITIVITY_KEYS = ("ppl_increase", "kl", "mlp_reads_saved", "mlp_sparsity", "input_sparsity", "relaxed_share")
 

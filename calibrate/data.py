@@ -21,15 +21,15 @@ import hashlib
 import html
 import io
 import json
-import os
 import random
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from clada.artifacts import write_atomic
 from clada.calibrate.cache import extract_member
+from clada.calibrate.extras import require
 
 GENSIM_WHEEL = "gensim==4.4.0"
 TEST_DATA = "gensim/test/test_data/"
@@ -54,6 +54,11 @@ class DocumentSet:
 
 class DataSpecError(ValueError):
     """A data spec that cannot be loaded; the message is one line naming the spec or file."""
+
+
+def required_modules(spec: str) -> list[str]:
+    """The optional modules (clada.calibrate.extras) loading ``spec`` uses."""
+    return ["datasets"] if spec.startswith("hf:") else []
 
 
 def load_documents(spec: str) -> DocumentSet:
@@ -142,6 +147,7 @@ def _hub_documents(spec: str) -> list[str]:
     if len(parts) not in (3, 4) or not all(parts):
         raise DataSpecError(f"data spec {spec!r}: expected hf:NAME[:CONFIG]:SPLIT:FIELD")
     name, config, split, field = parts if len(parts) == 4 else (parts[0], None, parts[1], parts[2])
+    require(required_modules(spec))
     try:
         import datasets
 
@@ -182,12 +188,9 @@ def _enwiki_documents(source: Path, raw: bytes) -> list[str]:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` via a temporary file; a failure only loses the cache."""
+    """Write ``payload`` to ``path`` atomically; a failure only loses the cache."""
     try:
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False,
-                                         suffix=".tmp") as tmp:
-            json.dump(payload, tmp, ensure_ascii=False)
-        os.replace(tmp.name, path)
+        write_atomic(path, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
     except OSError:
         pass
 

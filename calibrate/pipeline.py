@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -10,20 +11,24 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from .. import __version__, runtime
-from ..artifacts import Artifact, save_artifact
-from .data import load_documents, split_documents
-from .evaluate import QUALITY_BACKEND, ProxyEvaluator, generation_eval, tokenize_documents
-from .measure import build_tables, channel_weights, collect_mlp_inputs, residual_ratios
+from ..artifacts import Artifact, save_artifact, write_atomic
+from .data import load_documents
+from .evaluate import QUALITY_BACKEND, ProxyEvaluator, generation_eval
+from .measure import LayerTable, build_tables, channel_weights, collect_mlp_inputs, residual_ratios
 from .models import load_model
 from .recipe import Recipe
 from .report import HEADLINE_KEYS, write_reports
 from .search import (POINT_ATTRS, SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch, feasible_trials,
-                     pareto_front, run_search, validated_choice)
+                     pareto_front, run_search, stored_validated_choice)
+from .splits import token_splits
 from .storage import is_shared, open_storage, redact
 
 ARTIFACT_NAME = "clada.safetensors"
+MEASUREMENTS_NAME = "measurements.safetensors"  # beside the study: a rerun with the same model and settings reuses it
 REGIME = "dense prefill of {p} prompt tokens, then {s} tokens fed one at a time with KV cache and adaptive sparse MLPs"
 
 
@@ -41,33 +46,6 @@ def _log(msg: str) -> None:
 
 
 @dataclass
-class TokenSplits:
-    """Token ids (N, P+S+1) of a recipe's documents: calibration (= search + activation documents) and held-out.
-
-    ``validation``: the last calibration documents, disjoint from the search documents (and from the
-    activation documents the error tables use whenever the corpus has enough documents); may be empty.
-    """
-
-    calib: torch.Tensor
-    held: torch.Tensor
-    search: torch.Tensor
-    act: torch.Tensor
-    validation: torch.Tensor
-
-
-def token_splits(recipe: Recipe, tokenizer, documents: list[str]) -> TokenSplits:
-    """Split ``documents`` as the calibration job does (same seed, fraction and document counts)."""
-    calib_docs, held_docs = split_documents(documents, recipe.heldout_fraction, recipe.seed)
-    length = recipe.prompt_tokens + recipe.scored_tokens + 1
-    calib = tokenize_documents(tokenizer, calib_docs, length)
-    held = tokenize_documents(tokenizer, held_docs, length, max_docs=recipe.eval.heldout_docs)
-    n_search = min(recipe.calibration.search_docs, max(1, calib.shape[0] // 2))
-    n_val = min(recipe.search.validation_docs, calib.shape[0] - n_search)
-    return TokenSplits(calib, held, calib[:n_search], calib[n_search:] if calib.shape[0] > n_search else calib,
-                       calib[calib.shape[0] - n_val :] if n_val > 0 else calib[:0])
-
-
-@dataclass
 class Measurements:
     """Channel score weights (L, D) and (L, I), per-layer error tables and residual ratios (L,)."""
 
@@ -75,6 +53,37 @@ class Measurements:
     weight_mid: torch.Tensor
     tables: list
     ratios: torch.Tensor
+
+    def save(self, path: Path, key: str) -> None:
+        """Write them (safetensors, atomically) with ``key``: what they were measured from."""
+        tensors = {"weight_in": self.weight_in, "weight_mid": self.weight_mid, "ratios": self.ratios}
+        for layer, table in enumerate(self.tables):
+            tensors.update({f"table.{layer}.{f.name}": getattr(table, f.name) for f in dataclasses.fields(table)})
+        write_atomic(path, save({k: v.detach().cpu().clone() for k, v in tensors.items()}, metadata={"key": key}))
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> Measurements | None:
+        """The measurements ``save`` wrote to ``path`` with the same ``key``, else None."""
+        try:
+            with safe_open(str(path), "pt") as fh:
+                if fh.metadata().get("key") != key:
+                    return None
+                t = {name: fh.get_tensor(name) for name in fh.keys()}
+        except (OSError, SafetensorError):
+            return None
+        layers = len(t["ratios"])
+        tables = [LayerTable(**{f.name: t[f"table.{l}.{f.name}"] for f in dataclasses.fields(LayerTable)})
+                  for l in range(layers)]
+        return cls(t["weight_in"], t["weight_mid"], tables, t["ratios"])
+
+
+def measurement_key(recipe: Recipe, identity: dict, fingerprint: torch.Tensor, data_sha256: str) -> str:
+    """What the measurements depend on: the model's weights, the documents, and every recipe setting that picks
+    the activation documents or shapes the tables."""
+    settings = {"version": __version__, "model": identity, "fingerprint": fingerprint.tolist(), "data": data_sha256,
+                "calibration": dataclasses.asdict(recipe.calibration), "device": torch.device(recipe.device).type,
+                **{k: getattr(recipe, k) for k in ("dtype", "seed", "prompt_tokens", "scored_tokens", "heldout_fraction")}}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def measure(recipe: Recipe, model, adapter, act_tokens: torch.Tensor, progress: bool = True) -> Measurements:
@@ -128,13 +137,19 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)  # only once model and data are known to load
 
     t = time.time()
-    _log(f"[2/6] measuring dense MLP activations ({recipe.calibration.activation_tokens} tokens per layer)")
-    measured = measure(recipe, model, adapter, splits.act, progress)
+    identity = runtime.model_identity(model, adapter)
+    fingerprint = runtime.mlp_fingerprint(model, adapter)
+    key = measurement_key(recipe, identity, fingerprint, docs.identity["sha256"])
+    measured = Measurements.load(out / MEASUREMENTS_NAME, key)
+    if measured is None:
+        _log(f"[2/6] measuring dense MLP activations ({recipe.calibration.activation_tokens} tokens per layer)")
+        measured = measure(recipe, model, adapter, splits.act, progress)
+        measured.save(out / MEASUREMENTS_NAME, key)
+    else:
+        _log(f"[2/6] dense MLP measurements of this model and recipe reused from {out / MEASUREMENTS_NAME}")
     weight_in, weight_mid, tables, ratios = measured.weight_in, measured.weight_mid, measured.tables, measured.ratios
     timings["measure"] = time.time() - t
 
-    identity = runtime.model_identity(model, adapter)
-    fingerprint = runtime.mlp_fingerprint(model, adapter)
     artifact_of = partial(point_artifact, weight_in=weight_in, weight_mid=weight_mid, fingerprint=fingerprint)
 
     t = time.time()
@@ -149,13 +164,18 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     timings["search"] = time.time() - t
 
     t = time.time()
-    validator = None
-    if splits.validation.shape[0]:
-        _log(f"      validating the best trials on {splits.validation.shape[0]} validation documents")
-        validator = ProxyEvaluator(model, splits.validation, recipe.prompt_tokens, recipe.eval.batch_size)
     n_val, n_search = splits.validation.shape[0], search_tokens.shape[0]
-    best, checks = validated_choice(study, search, validator, recipe.search.candidates, n_val / (n_val + n_search))
-    del validator
+
+    def validator() -> ProxyEvaluator | None:
+        if not n_val:
+            return None
+        _log(f"      validating the best trials on {n_val} validation documents")
+        return ProxyEvaluator(model, splits.validation, recipe.prompt_tokens, recipe.eval.batch_size)
+
+    best, checks, reused = stored_validated_choice(study, search, validator, recipe.search.candidates,
+                                                   n_val / (n_val + n_search), n_val)
+    if reused:
+        _log("      validation of the best trials reused from the study (it has no new trials)")
     for c in checks:
         _log(f"      trial {c['trial']}: reads saved {c['mlp_reads_saved']:.3f}, ppl_increase search "
              f"{c['search_ppl_increase']:+.4f} validation {c['validation_ppl_increase']:+.4f} -> "

@@ -74,6 +74,9 @@ RANGES = {
     "search.validation_docs": (0, None), "search.candidates": (1, None),
     "eval.heldout_docs": (1, None), "eval.batch_size": (1, None),
 }
+# Keys whose default follows calibration.search_docs (the size of a recipe): the value per search document.
+# The defaults (search_docs 16) are 1024 activation tokens, 48 validation and 32 held-out documents.
+PER_SEARCH_DOC = {"calibration.activation_tokens": 64, "search.validation_docs": 3, "eval.heldout_docs": 2}
 CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "calibration.score": ("wina", "magnitude"),
            "search.allocation": ("marginal", "budget", "both")}
 
@@ -121,8 +124,18 @@ def _build(cls, data: dict, prefix: str):
             raise RecipeError(f"recipe field '{path}': {value!r} is not one of {', '.join(CHOICES[path])}")
         if path == "search.storage" and value is not None:
             value = _check_storage(value, f"recipe field '{path}'")
+        if path == "device":
+            _check_device(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _check_device(device: str) -> None:
+    from clada.calibrate.models import device_problem  # imports torch; only when a recipe names a device
+
+    problem = device_problem(device)
+    if problem:
+        raise RecipeError(f"recipe field 'device': {problem}")
 
 
 def _check_storage(url: str, field: str) -> str:
@@ -137,7 +150,12 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: top level must be a mapping of fields")
-    return _build(Recipe, data, "")
+    recipe = _build(Recipe, data, "")
+    for path, per_doc in PER_SEARCH_DOC.items():
+        section, key = path.split(".")
+        if key not in data.get(section, {}):
+            setattr(getattr(recipe, section), key, per_doc * recipe.calibration.search_docs)
+    return recipe
 
 
 def load_recipe(path: str | os.PathLike, output: str | None = None, storage: str | None = None) -> Recipe:

@@ -17,8 +17,19 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def budget_warning(report: dict) -> str | None:
+    """One line if the held-out ppl_increase is above the recipe's budget (search.max_ppl_increase), else None."""
+    held, budget = report["heldout"]["ppl_increase"], report["search"]["max_ppl_increase"]
+    if held <= budget:
+        return None
+    return (f"held-out ppl_increase {held:+.4f} is above the recipe's budget {budget:g} (search.max_ppl_increase): "
+            "the search and validation documents underestimated it; more of them (calibration.search_docs, "
+            "search.validation_docs) or a smaller budget gives a choice that holds")
+
+
 def render_markdown(report: dict) -> str:
     held = report["heldout"]
+    warning = budget_warning(report)
     lines = [
         f"# CLADA calibration report: {report['model']['spec']}",
         "",
@@ -30,7 +41,10 @@ def render_markdown(report: dict) -> str:
         "| key | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {_fmt(held[k])} |" for k in HEADLINE_KEYS if k in held]
+    lines += [f"| {k} | {_fmt(held[k])}" + (" **above the budget**" if k == "ppl_increase" and warning else "") + " |"
+              for k in HEADLINE_KEYS if k in held]
+    if warning:
+        lines += ["", f"**Warning:** {warning}."]
     chosen = report["chosen"]
     lines += [
         "",

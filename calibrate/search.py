@@ -305,6 +305,29 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+VALIDATION_ATTR = "validation"  # study user attribute: the validated choice and what it depended on
+
+
+def stored_validated_choice(study: optuna.Study, search: ThresholdSearch,
+                            make_validator: Callable[[], ProxyEvaluator | None], candidates: int,
+                            validation_weight: float, validation_docs: int
+                            ) -> tuple[optuna.trial.FrozenTrial | None, list[dict], bool]:
+    """``validated_choice``, made once per set of trials: it is stored in the study with what it depends on (the
+    feasible trials, the candidates, the validation documents), so that a rerun of a finished study reuses it
+    without building the validator (``make_validator`` is called only when it validates). The third value says
+    whether it was reused."""
+    key = {"feasible": sorted(t.number for t in feasible_trials(study)), "candidates": candidates,
+           "validation_docs": validation_docs, "weight": validation_weight,
+           "max_ppl_increase": search.settings.max_ppl_increase}
+    stored = study.user_attrs.get(VALIDATION_ATTR)
+    if isinstance(stored, dict) and stored.get("key") == key:
+        best = next((t for t in study.trials if t.number == stored["trial"]), None)
+        return best, stored["checks"], True
+    best, checks = validated_choice(study, search, make_validator(), candidates, validation_weight)
+    study.set_user_attr(VALIDATION_ATTR, {"key": key, "trial": best.number if best else None, "checks": checks})
+    return best, checks, False
+
+
 def validated_choice(study: optuna.Study, search: ThresholdSearch, validator: ProxyEvaluator | None,
                      candidates: int, validation_weight: float = 0.5
                      ) -> tuple[optuna.trial.FrozenTrial | None, list[dict]]:

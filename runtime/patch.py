@@ -6,7 +6,9 @@ The public API (re-exported by ``clada.runtime``): ``apply``, ``remove``, ``is_p
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from torch import nn
 from ..artifacts import Artifact, load_artifact
 from .adapters import MLPParts, adapter_for
 from .backends import BackendChooser
-from .checkpoint import find_declared_artifact
+from .checkpoint import CONFIG_KEY, declaration, find_declared_artifact, save_with_artifact
 from .identity import check_compatible
 from .layout import can_share_rows, restore_layout, rows_view, store_rows
 from .rules import build_rule
@@ -48,7 +50,8 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     ``backend``: ``"auto"`` (the fastest available kernel backend per device, dtype and token rows) or one of
     ``runtime.backends.BACKEND_NAMES``; ``"masked"`` keeps the original weight layout and reads every weight.
     Any other backend stores MLP weights as input-channel rows (same memory) so decode steps read only the
-    weights of kept channels. Nothing is changed if validation fails.
+    weights of kept channels. Nothing is changed if validation fails. ``model.config`` declares the artifact and
+    ``model.save_pretrained(dir)`` writes it beside the dense weights, for ``runtime.from_pretrained(dir)``.
     """
     if is_patched(model):
         raise RuntimeError("model already has a CLADA artifact applied; call runtime.remove(model) first")
@@ -88,6 +91,19 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
         model.register_forward_hook(tracker.post_forward, with_kwargs=True),
     ]
     setattr(model, PATCH_ATTR, Patch(state, tracker, parts, adapter.act_name, hooks, artifact))
+    setattr(model.config, CONFIG_KEY, declaration())
+    model.save_pretrained = types.MethodType(_save_pretrained, model)  # shadows the class's until remove
+
+
+def _save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
+    """``save_pretrained`` of a patched model: the dense weights under their usual names, config.json declaring
+    the artifact, and the artifact (with the thresholds the model runs with) beside them, so that
+    ``runtime.from_pretrained(save_directory)`` restores the patched model."""
+    patch = _patch_of(model)
+    tau = patch.state.rule.tau
+    artifact = dataclasses.replace(patch.artifact, tau_base_in=tau["in"].float().cpu(),
+                                   tau_base_mid=tau["mid"].float().cpu())
+    save_with_artifact(model, save_directory, artifact, **kwargs)
 
 
 def _gate(adapter, owner: nn.Module, names: tuple[str, ...], gate: ChannelGate,
@@ -125,7 +141,8 @@ def _patch_of(model: nn.Module) -> Patch:
 
 
 def remove(model: nn.Module) -> None:
-    """Undo ``apply``: the original modules and weight layout are put back, hooks removed; outputs are dense."""
+    """Undo ``apply``: the original modules and weight layout are put back, hooks removed, the config's artifact
+    declaration dropped; outputs are dense."""
     patch = _patch_of(model)
     for hook in patch.hooks:
         hook.remove()
@@ -139,6 +156,9 @@ def remove(model: nn.Module) -> None:
         if isinstance(act, GatedActivation):
             setattr(part.owner, patch.act_name, act.inner)
     delattr(model, PATCH_ATTR)
+    model.__dict__.pop("save_pretrained", None)
+    if hasattr(model.config, CONFIG_KEY):  # a dense model declares no artifact: saving it writes none
+        delattr(model.config, CONFIG_KEY)
 
 
 def applied_artifact(model: nn.Module) -> Artifact:

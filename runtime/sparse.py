@@ -246,7 +246,36 @@ class RowGroup:
         return self._last_output[:, a:b]
 
 
-class GatedProjection(nn.Module):
+class Wrapper(nn.Module):
+    """A module standing in for ``inner`` whose state dict is ``inner``'s under the wrapper's own name.
+
+    ``state_dict()`` of a patched model therefore has the dense model's keys (``mlp.up_proj.weight``, not
+    ``mlp.up_proj.inner.weight``) and each weight in its dense (out, in) layout (a re-laid weight is copied out
+    contiguous), so ``save_pretrained`` writes a plain checkpoint; ``load_state_dict`` takes either key form.
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.register_state_dict_post_hook(_dense_keys)
+        self.register_load_state_dict_pre_hook(_wrapped_keys)
+
+
+def _dense_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    inner = prefix + "inner."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        value = state_dict.pop(key)
+        if not isinstance(value, nn.Parameter) and not value.is_contiguous():  # keep_vars=False: a detached view
+            value = value.contiguous()
+        state_dict[prefix + key[len(inner):]] = value
+
+
+def _wrapped_keys(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith((prefix + "inner.", prefix + "gate."))]:
+        state_dict[prefix + "inner." + key[len(prefix):]] = state_dict.pop(key)
+
+
+class GatedProjection(Wrapper):
     """Wraps an MLP projection; its input passes through a ChannelGate first. ``inner`` is the original.
 
     ``rows_of(inner)`` returns the projection's weight as (in_features, out_features) -- a view of the storage
@@ -257,8 +286,7 @@ class GatedProjection(nn.Module):
     def __init__(self, inner: nn.Module, gate: ChannelGate,
                  rows_of: Callable[[nn.Module], torch.Tensor] | None = None,
                  group: RowGroup | None = None, member: int = 0, shape=None):
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.gate = gate
         self.rows_of = rows_of
         self.group, self.member = group, member  # plain attributes: the group is shared, not a submodule
@@ -290,13 +318,13 @@ class GatedProjection(nn.Module):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-class GatedActivation(nn.Module):
+class GatedActivation(Wrapper):
     """Wraps an MLP's activation module for rules that look at the intermediate there (``mid_at="activation"``,
     CATS): its output passes through the layer's ``mid`` gate (masked reference)."""
 
     def __init__(self, inner: nn.Module, gate: ChannelGate):
-        super().__init__()
-        self.inner, self.gate = inner, gate
+        super().__init__(inner)
+        self.gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gate(self.inner(x))

@@ -218,12 +218,19 @@ def tiny_recipe(root, model: str, trials: int = 6, max_ppl_increase: float = 0.0
     }
 
 
+def tiny_checkpoint(folder, family: str = "llama"):
+    """Save ``tiny_model(family)`` and the word tokenizer as a checkpoint folder; returns the model."""
+    model = tiny_model(family)
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return model
+
+
 def tiny_job(root, family: str = "llama", trials: int = 6, max_ppl_increase: float = 0.05,
              allocation: str = "marginal") -> dict:
     """Write ``root/ckpt`` (``tiny_model(family)`` + word tokenizer) and ``root/docs.txt`` (synthetic text);
     return a recipe (dict) calibrating them quickly into ``root/out``."""
-    tiny_model(family).save_pretrained(root / "ckpt")
-    word_tokenizer().save_pretrained(root / "ckpt")
+    tiny_checkpoint(root / "ckpt", family)
     return tiny_recipe(root, str(root / "ckpt"), trials, max_ppl_increase, allocation)
 
 

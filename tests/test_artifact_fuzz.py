@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,6 +43,24 @@ def test_damaged_files_raise_artifact_error_or_load_valid(tmp_path, data):
         assert str(path) in str(exc) and "\n" not in str(exc)
         return
     art.validate()  # a flip that left a valid file (e.g. in a float's low bits) must still be a valid artifact
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_flip_in_the_data_section_is_refused_naming_the_tensor(tmp_path, data):
+    """The header checks cannot see changed tensor bytes; the sha256 digests (format 3) do, whatever byte."""
+    blob = bytearray(good_bytes(tmp_path))
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    i = data.draw(st.integers(8 + size, len(blob) - 1))
+    blob[i] ^= data.draw(st.integers(1, 255))
+    [name] = [k for k, v in header.items() if k != "__metadata__"
+              and v["data_offsets"][0] <= i - 8 - size < v["data_offsets"][1]]
+    path = tmp_path / "flipped.safetensors"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match=f"tensor {name} does not match its sha256 digest") as exc:
+        load_artifact(path)
+    assert str(path) in str(exc.value) and "\n" not in str(exc.value)
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x00" * 8, (10**12).to_bytes(8, "little") + b"{}", (2).to_bytes(8, "little") + b"[]"])

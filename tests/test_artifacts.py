@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from clada import runtime
-from clada.artifacts import ArtifactError, load_artifact, save_artifact
+from clada.artifacts import ArtifactError, load_artifact, save_artifact, write_atomic
+from clada.artifacts.format import DIGEST_KEY, _digests, _split
 from tests.conftest import make_artifact, synthetic_documents, tiny_model, word_tokenizer
 
 
@@ -51,13 +53,38 @@ def test_failed_write_keeps_old_artifact(saved):
     assert sorted(os.listdir(path.parent)) == ["clada.safetensors"]
 
 
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask():
+    """``umask(mask)`` sets the process umask within one test; the old one is restored afterwards."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def test_atomic_writes_give_the_mode_of_a_plain_write(tmp_path, umask):
+    umask(0o027)
+    write_atomic(tmp_path / "new.txt", b"x")
+    with open(tmp_path / "plain.txt", "w"):
+        pass
+    assert mode(tmp_path / "new.txt") == mode(tmp_path / "plain.txt") == 0o640
+    os.chmod(tmp_path / "new.txt", 0o604)
+    write_atomic(tmp_path / "new.txt", b"y")  # an existing file keeps its mode, as open(path, "w") keeps it
+    assert mode(tmp_path / "new.txt") == 0o604 and (tmp_path / "new.txt").read_bytes() == b"y"
+
+
 def _rewrite(path, mutate_tensors=None, mutate_meta=None):
+    """Rewrite the file with changed tensors (and their digests recomputed, as a careless tool would) or
+    changed metadata."""
     tensors = load_file(str(path))
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        meta = json.loads(fh.read(n))["__metadata__"]
+    meta = _split(path.read_bytes(), path)[0]["__metadata__"]
     if mutate_tensors:
         mutate_tensors(tensors)
+        save_file(tensors, str(path))
+        meta[DIGEST_KEY] = json.dumps(_digests(*_split(path.read_bytes(), path)))
     if mutate_meta:
         mutate_meta(meta)
     save_file(tensors, str(path), metadata=meta)
@@ -82,12 +109,20 @@ def _rewrite(path, mutate_tensors=None, mutate_meta=None):
     (None, lambda m: m.pop("format"), "'format' is None"),
     (None, lambda m: m.__setitem__("format_version", "99"), "newer"),
     (None, lambda m: m.__setitem__("format", "other"), "format"),
+    (None, lambda m: m.pop("sha256"), "'sha256' is missing"),
+    (None, lambda m: m.__setitem__("sha256", "{}"), "does not name exactly the file's tensors"),
 ])
 def test_corrupt_artifacts_raise_artifact_error(saved, mutate_tensors, mutate_meta, match):
     _, path = saved
     _rewrite(path, mutate_tensors, mutate_meta)
     with pytest.raises(ArtifactError, match=match):
         load_artifact(path)
+
+
+def test_format_2_without_digests_still_loads(saved):
+    art, path = saved
+    _rewrite(path, mutate_meta=lambda m: (m.pop("sha256"), m.__setitem__("format_version", "2")))
+    assert torch.equal(load_artifact(path).tau_base_in, art.tau_base_in)
 
 
 def test_truncated_and_garbage_files(saved, tmp_path):
@@ -108,11 +143,15 @@ def test_bit_flips_in_header_and_threshold(saved, tmp_path):
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     start = 8 + n + header["tau_base_in"]["data_offsets"][0]
+    low = bytearray(data)
+    low[start] ^= 0x01  # lowest mantissa bit of the first float32 threshold: a valid, slightly different value
     signed = bytearray(data)
     signed[start + 3] ^= 0x80  # sign bit of the first float32 threshold (little endian): now negative
     brace = bytearray(data)
     brace[8] ^= 0x01  # the header's opening '{' becomes 'z'
-    for blob, match in ((signed, "negative"), (brace, "header is not valid JSON")):
+    for blob, match in ((low, "tensor tau_base_in does not match its sha256 digest"),
+                        (signed, "tensor tau_base_in does not match its sha256 digest"),
+                        (brace, "header is not valid JSON")):
         bad = tmp_path / "flipped.safetensors"
         bad.write_bytes(bytes(blob))
         with pytest.raises(ArtifactError, match=match):
@@ -171,8 +210,15 @@ def test_export_declares_artifact_beside_checkpoint(model, saved, tmp_path):
     _, path = saved
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
-    result = CliRunner().invoke(main, ["export", "--artifact", str(path), "--checkpoint", str(ckpt)])
+    os.chmod(ckpt / "config.json", 0o644)
+    old = os.umask(0o077)
+    try:
+        result = CliRunner().invoke(main, ["export", "--artifact", str(path), "--checkpoint", str(ckpt)])
+    finally:
+        os.umask(old)
     assert result.exit_code == 0, result.output
+    assert mode(ckpt / "config.json") == 0o644  # kept
+    assert mode(ckpt / "clada.safetensors") == 0o600  # new: what open(path, "w") gives under umask 0o077
     assert json.loads((ckpt / "config.json").read_text())["clada"]["file"] == "clada.safetensors"
     loaded = runtime.from_pretrained(ckpt)
     assert runtime.applied_artifact(loaded).tau_base_in.tolist() == pytest.approx([0.05, 0.05])

@@ -14,7 +14,7 @@ from clada.artifacts import save_artifact
 from clada.calibrate.bench import BenchConfig, run_bench, text_prompts
 from clada.calibrate.cli import main
 from clada.calibrate.methods import METHODS
-from tests.conftest import make_artifact, synthetic_documents, tiny_model, word_tokenizer
+from tests.conftest import make_artifact, synthetic_documents, tiny_checkpoint, tiny_model, word_tokenizer
 
 KEYS = {"dense_tok_s", "clada_tok_s", "ratio", "mlp_sparsity", "mlp_reads_saved", "bound", "gain_of_bound",
         "signal_overhead", "mlp_share", "layout_tok_s", "prefill_overhead"}
@@ -69,9 +69,7 @@ def test_run_bench_realised_sparsity_is_that_of_the_runtime():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    model = tiny_model("llama")
-    model.save_pretrained(root / "ckpt")
-    word_tokenizer().save_pretrained(root / "ckpt")
+    model = tiny_checkpoint(root / "ckpt")
     art = make_artifact(model, tau_in=0.05, tau_mid=0.05, lam=-0.5, tau_s=0.5)
     # the calibration documents of the baselines that need activations (clada bench --method teal ...)
     art.recipe = {"data": str(root / "docs.txt"), "prompt_tokens": 8, "scored_tokens": 16,

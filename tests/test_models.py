@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from clada.calibrate.cache import FetchError
 from clada.calibrate.cli import main
-from clada.calibrate.models import BUILTIN_MODELS, BuiltinModel, ModelSpecError, WheelFile, _check_conversion, load_model
+from clada.calibrate.models import (BUILTIN_MODELS, BuiltinModel, ModelSpecError, WheelFile, _check_conversion,
+                                   legacy_config_keys, load_model, make_portable)
 from tests.conftest import run_recipe, tiny_model, tiny_recipe, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,6 +140,48 @@ def test_local_gguf_file_for_calibrate_and_eval(tmp_path, cache):
         assert result.exit_code == 0, result.output
         assert json.loads(json_out.read_text())["tokens"] == 2 * 24
     assert len(list((cache / "checkpoints").iterdir())) == 1  # second use of the .gguf: no new conversion
+    config = json.loads((checkpoint / "config.json").read_text())  # what transformers 4.x needs to read it alike
+    assert config["rope_theta"] == 10000.0 and config["torch_dtype"] == "float32"
+    tokenizer_class = json.loads((checkpoint / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    assert tokenizer_class in (None, "PreTrainedTokenizerFast"), tokenizer_class
+
+
+def test_conversion_needs_transformers_5(tmp_path, cache, monkeypatch):
+    """transformers 4.x converts a GGUF's tokenizer otherwise (e.g. with a BOS token): one clear error, no cache."""
+    write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model("llama"))
+    monkeypatch.setattr("clada.calibrate.models.transformers_version", lambda: (4, 57))
+    with pytest.raises(ModelSpecError, match="converting tiny.gguf needs transformers >= 5"):
+        load_model(str(tmp_path / "tiny.gguf"))
+    assert not (cache / "checkpoints").exists() or not any((cache / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("config,legacy", [
+    ({"dtype": "float32", "rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}},
+     {"torch_dtype": "float32", "rope_theta": 1e5}),
+    ({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5, "rope_type": "default"}},
+     {"rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}},
+     {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+    ({"rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+                          "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}},
+     {"rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+    ({"rope_theta": 1e4, "torch_dtype": "bfloat16"}, {}),  # written by 4.x: nothing to add
+])
+def test_legacy_config_keys(config, legacy):
+    assert legacy_config_keys(config) == legacy
+
+
+def test_portable_checkpoint_loads_alike(tmp_path):
+    """make_portable keeps what the running transformers loads (the same tokens and logits) and names the
+    tokenizer class 4.x knows; tests/test_real_model.py checks the cached checkpoint under the lowest version."""
+    model = tiny_model("gemma3_text")
+    model.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    make_portable(tmp_path)
+    make_portable(tmp_path)  # idempotent
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()).get("tokenizer_class") != "TokenizersBackend"
+    assert json.loads((tmp_path / "config.json").read_text())["rope_local_base_freq"] == 10000.0
+    _check_conversion(tmp_path / "m.gguf", word_tokenizer(), model, tmp_path)
 
 
 def test_conversion_check_refuses_changed_predictions_or_tokenizer(tmp_path):

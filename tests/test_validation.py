@@ -70,7 +70,7 @@ def test_no_feasible_trial():
 
 
 def test_validation_documents_are_disjoint_from_search_documents():
-    from clada.calibrate.pipeline import token_splits
+    from clada.calibrate.splits import token_splits
     from clada.calibrate.recipe import parse_recipe
     from tests.conftest import word_tokenizer
 
@@ -84,3 +84,17 @@ def test_validation_documents_are_disjoint_from_search_documents():
     none = token_splits(parse_recipe({"search": {"validation_docs": 0}, "prompt_tokens": 4, "scored_tokens": 4}),
                         word_tokenizer(), docs)
     assert none.validation.shape[0] == 0
+
+
+def test_a_small_recipe_scales_validation_activations_and_heldout_documents():
+    """Validation documents, activation tokens and held-out documents follow calibration.search_docs unless set;
+    the defaults stay those of search_docs 16."""
+    from clada.calibrate.recipe import parse_recipe
+
+    default = parse_recipe({})
+    assert (default.search.validation_docs, default.calibration.activation_tokens, default.eval.heldout_docs) == (48, 1024, 32)
+    small = parse_recipe({"search": {"trials": 4}, "calibration": {"search_docs": 4}})
+    assert (small.search.validation_docs, small.calibration.activation_tokens, small.eval.heldout_docs) == (12, 256, 8)
+    given = parse_recipe({"calibration": {"search_docs": 4, "activation_tokens": 512}, "search": {"validation_docs": 0},
+                          "eval": {"heldout_docs": 5}})
+    assert (given.search.validation_docs, given.calibration.activation_tokens, given.eval.heldout_docs) == (0, 512, 5)
