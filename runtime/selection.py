@@ -253,12 +253,12 @@ def select(workloads: Sequence[Workload], densities: Sequence[float], backend, d
     for workload, density in zip(workloads, densities):
         density = round_density(density)
         timings = []
-        for rows in ROW_COUNTS:
-            key = case_key(backend.identity(), dtype, workload.shape, rows, density)
+        for n in ROW_COUNTS:
+            key = case_key(backend.identity(), dtype, workload.shape, n, density)
             if key in cache:
                 timings.append(Timing(**{**cache[key], "cached": True}))
                 continue
-            timing = measure(workload, backend.gather, rows, density, dtype, device, clock)
+            timing = measure(workload, backend.gather, n, density, dtype, device, clock)
             fresh[key] = {k: v for k, v in asdict(timing).items() if k != "cached"}
             timings.append(timing)
         decisions.append(decide(workload.shape, backend.name, timings, rows))
