@@ -21,6 +21,7 @@ projection's own product on the whole input (nothing skipped) is faster on this 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -163,6 +164,7 @@ class BackendChooser:
         self.selector = selector if requested == "auto" else None
         self.chosen: dict[tuple, KernelBackend] = {}
         self.decisions: dict[tuple, dict] = {}  # (device type, index, dtype) -> {shape: ShapeDecision}
+        self._deciding = threading.Lock()
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """BackendError unless the requested backend can run a one-row call of ``dtype`` on ``device``."""
@@ -203,7 +205,9 @@ class BackendChooser:
         of ``rows`` token rows decides the layout."""
         key = (device.type, device.index, dtype)
         if key not in self.decisions:
-            self.decisions[key] = self.selector(device, dtype, rows)
+            with self._deciding:  # concurrent first decode calls: one measures and re-lays, the others wait
+                if key not in self.decisions:
+                    self.decisions[key] = self.selector(device, dtype, rows)
         return self.decisions[key]
 
     def summary(self) -> dict[str, str]:

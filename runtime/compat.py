@@ -7,12 +7,13 @@ import inspect
 from functools import lru_cache
 
 import torch
-import transformers
 from torch import nn
 
 
 def transformers_version() -> tuple[int, int]:
     """(major, minor) of the installed transformers."""
+    import transformers  # here, not at import: transformers' import pulls in pyyaml, which the runtime avoids
+
     major, minor = transformers.__version__.split(".")[:2]
     return int(major), int(minor)
 
@@ -37,3 +38,41 @@ def output_cache(output):
     """The KV cache returned in a model output."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+CACHE_ARGUMENTS = ("past_key_values", "cache")  # the KV cache keyword of model.forward, old and new
+
+
+def call_cache(kwargs: dict):
+    """The KV cache a model call was given (None: none)."""
+    for name in CACHE_ARGUMENTS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+def cached_tokens(kwargs: dict) -> int | None:
+    """Tokens already in the KV cache of a model call, i.e. the cache position of its first new token: 0 without a
+    cache, None where it cannot be told without waiting for the device. Read from the cache (a ``Cache``'s
+    ``get_seq_length``, a legacy tuple's key length), else from a host-side ``cache_position``."""
+    cache = call_cache(kwargs)
+    length = getattr(cache, "get_seq_length", None)
+    if callable(length):
+        return _host_int(length())
+    if cache is not None:
+        try:
+            return int(cache[0][0].shape[-2])
+        except (TypeError, IndexError, AttributeError, KeyError):
+            pass
+    position = kwargs.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel():
+        return _host_int(position.reshape(-1)[0])
+    return 0 if cache is None else None
+
+
+def _host_int(value) -> int | None:
+    """``value`` as an int, or None for a tensor on an accelerator (reading it would synchronise)."""
+    if isinstance(value, torch.Tensor):
+        return int(value) if value.device.type == "cpu" else None
+    return int(value)

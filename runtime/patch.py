@@ -90,6 +90,7 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
         model.register_forward_pre_hook(tracker.pre_forward, with_kwargs=True),
         model.register_forward_hook(tracker.post_forward, with_kwargs=True),
     ]
+    tracker.follow_model(model)  # beam search with legacy tuple caches reorders through the model
     setattr(model, PATCH_ATTR, Patch(state, tracker, parts, adapter.act_name, hooks, artifact))
     setattr(model.config, CONFIG_KEY, declaration())
     model.save_pretrained = types.MethodType(_save_pretrained, model)  # shadows the class's until remove
@@ -156,7 +157,8 @@ def remove(model: nn.Module) -> None:
         if isinstance(act, GatedActivation):
             setattr(part.owner, patch.act_name, act.inner)
     delattr(model, PATCH_ATTR)
-    model.__dict__.pop("save_pretrained", None)
+    for name in ("save_pretrained", "_reorder_cache"):  # the instance attributes apply set
+        model.__dict__.pop(name, None)
     if hasattr(model.config, CONFIG_KEY):  # a dense model declares no artifact: saving it writes none
         delattr(model.config, CONFIG_KEY)
 
@@ -168,7 +170,8 @@ def applied_artifact(model: nn.Module) -> Artifact:
 
 def stats(model: nn.Module, reset: bool = False) -> dict:
     """Realised figures since the last reset: rule, tokens, mlp_sparsity, input_sparsity, mlp_reads_saved,
-    relaxed_share, path_calls (gate inputs per backend name), backends (the choice per device, dtype and
+    relaxed_share, path_calls (gate inputs per backend name), decode_steps (sparse decode calls and token positions,
+    of which in calls of several new tokens per row), backends (the choice per device, dtype and
     token rows) and per_layer lists."""
     st = _patch_of(model).state
     out = st.summary()
@@ -194,20 +197,20 @@ def set_thresholds(model: nn.Module, tau_in: torch.Tensor, tau_mid: torch.Tensor
 
 
 def multiplier(model: nn.Module) -> torch.Tensor | None:
-    """The threshold multiplier of the call running now (None: the call runs dense)."""
+    """The threshold multiplier of the calling thread's running call (None: the call runs dense)."""
     return _patch_of(model).state.multiplier
 
 
 @contextmanager
 def _driven(model: nn.Module, value: torch.Tensor | None, observing: bool) -> Iterator[None]:
     patch = _patch_of(model)
-    st, trk = patch.state, patch.tracker
-    saved = (trk.enabled, st.multiplier, st.observing)
-    trk.enabled, st.multiplier, st.observing = False, value, observing
+    call = patch.state.call  # the calling thread's (runtime.calls)
+    saved = (call.tracking, call.observing)
+    call.tracking, call.multiplier, call.observing = False, value, observing
     try:
         yield
     finally:
-        trk.enabled, st.multiplier, st.observing = saved[0], None, saved[2]
+        (call.tracking, call.observing), call.multiplier = saved, None
 
 
 def dense(model: nn.Module):

@@ -16,6 +16,7 @@ calibration's error tables use it. Rules that need the dense prefill (GRIFFIN) o
 
 from __future__ import annotations
 
+import threading
 from typing import ClassVar
 
 import torch
@@ -118,7 +119,12 @@ class GriffinRule(SparsityRule):
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"griffin rule: sparsity {sparsity} is outside [0, 1)")
         self.sparsity = sparsity
-        self.masks: dict[int, torch.Tensor] = {}  # layer -> (B, I) bool of the last prefill
+        self._sequences = threading.local()  # per thread (runtime.calls): masks of its last prefill
+
+    @property
+    def masks(self) -> dict[int, torch.Tensor]:
+        """layer -> (B, I) bool keep mask of the calling thread's last prefill."""
+        return self._sequences.__dict__.setdefault("masks", {})
 
     def in_bytes_saved_by_mid(self, gated: bool) -> float:
         return 1.0

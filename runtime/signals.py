@@ -11,8 +11,12 @@ the thresholds of step t are tau_base[l] * m_t. A token is "relaxed" when m_t < 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+
+from .calls import SignalHistory
+from .compat import cached_tokens, call_cache
 
 
 def load_signals(logits: torch.Tensor, next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,44 +38,108 @@ def relax_multiplier(surprisal: torch.Tensor, entropy: torch.Tensor, lam: float,
     return m.clamp_min(0.0)
 
 
-class SignalTracker:
-    """Forward hooks on a causal LM that set ``state.multiplier`` for each decode step from the previous step.
+MAX_DECODE_TOKENS = 16  # new tokens per row on top of a cache up to which a call is a (sparse) decode step
 
-    Prefill (more than one new token) runs dense. A decode step (one new token per row) gets the
-    multiplier computed from the previous call's last-position distribution and the token now fed.
-    ``enabled = False`` leaves ``state.multiplier`` to the caller (``runtime.dense``, ``runtime.fixed_multiplier``).
+
+class SignalTracker:
+    """Forward hooks on a causal LM that set the calling thread's multiplier (``runtime.calls``) for each call.
+
+    - Prefill (several new tokens and an empty cache, or more than ``MAX_DECODE_TOKENS``) runs dense.
+    - A decode step feeds k = 1..``MAX_DECODE_TOKENS`` new tokens per row on top of a cache (k > 1: speculative
+      verification, chunked decoding). Its multiplier, one per row and shared by the row's k positions, comes from
+      the distribution that predicted the row's first new token (kept from the previous call, by cache position,
+      so that a cache cropped after verification finds the right one) and that token itself. The later
+      positions' own signals would need this call's logits; they use the first position's.
+    - Without a previous distribution for the rows (first step, another batch) the multiplier is 1.
+    Beam search: the history follows the cache's reorders (``follow``).
+    ``call.tracking = False`` leaves the multiplier to the caller (``runtime.dense``, ``runtime.fixed_multiplier``).
     """
 
     def __init__(self, state, lam: float, gam: float, tau_s: float, tau_H: float):
         self.state = state
         self.lam, self.gam, self.tau_s, self.tau_H = lam, gam, tau_s, tau_H
-        self.prev_logits: torch.Tensor | None = None  # (B, V) of the previous call's last position
-        self.enabled = True
 
     def pre_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
+        call = self.state.call
         if ids is not None:
-            self.state.batch = int(ids.shape[0])
-        if not self.enabled:
+            call.batch = int(ids.shape[0])
+        if not call.tracking:
             return None
-        if ids is None or ids.dim() != 2 or ids.shape[1] != 1:
-            self.state.multiplier = None  # prefill or embeddings input: dense
-            self.prev_logits = None
+        self.follow(call_cache(kwargs))
+        new = ids.shape[1] if ids is not None and ids.dim() == 2 else 0
+        position = cached_tokens(kwargs)
+        call.position = position
+        if new == 0 or new > MAX_DECODE_TOKENS or (new > 1 and not position):
+            call.multiplier = None  # prefill, chunked prefill or embeddings input: dense
             return None
-        prev = self.prev_logits
-        if prev is None or prev.shape[0] != ids.shape[0]:
-            self.state.multiplier = torch.ones(ids.shape[0], 1, device=ids.device)
-            return None
-        surprisal, entropy = load_signals(prev, ids[:, 0])
-        m = relax_multiplier(surprisal, entropy, self.lam, self.gam, self.tau_s, self.tau_H)
-        self.state.record_multiplier(m)
-        self.state.multiplier = m.unsqueeze(1)
+        prev = call.history.predicting(position, ids.shape[0]) if call.history is not None else None
+        if prev is None:
+            m = torch.ones(ids.shape[0], device=ids.device)
+        else:
+            surprisal, entropy = load_signals(prev, ids[:, 0])
+            m = relax_multiplier(surprisal, entropy, self.lam, self.gam, self.tau_s, self.tau_H)
+        self.state.record_multiplier(m.unsqueeze(1).expand(-1, new))
+        self.state.record_decode_step(ids.shape[0], new)
+        call.multiplier = m.unsqueeze(1)
         return None
 
     def post_forward(self, module, args, kwargs, output):
-        if not self.enabled:
+        call = self.state.call
+        if not call.tracking:
             return None
         logits = getattr(output, "logits", None)
-        if logits is not None:
-            self.prev_logits = logits[:, -1, :].detach()
+        if logits is None or logits.dim() != 3:
+            call.history = None
+            return None
+        kept = logits[:, -MAX_DECODE_TOKENS:].detach()
+        if kept.shape[1] < logits.shape[1]:
+            kept = kept.clone()  # do not hold on to a long prefill's logits
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        new = ids.shape[1] if ids is not None and ids.dim() == 2 else None
+        end = call.position + new if call.position is not None and new is not None else None
+        call.history = SignalHistory(kept, end)
         return None
+
+    def follow(self, cache) -> None:
+        """Make ``cache``'s ``reorder_cache`` (beam search) reorder the calling thread's signal history too."""
+        reorder = getattr(cache, "reorder_cache", None)
+        if reorder is None or getattr(reorder, "_clada_follows", False):
+            return
+        try:
+            cache.reorder_cache = self._following(reorder, 0)
+        except AttributeError:  # a cache type that refuses instance attributes
+            pass
+
+    def follow_model(self, model) -> Callable | None:
+        """Wrap a model class's own ``_reorder_cache`` (legacy tuple caches of transformers 4.x) so that it reorders
+        the signal history too; returns the instance attribute set (for ``remove``), or None if the class has none."""
+        owner = next((c for c in type(model).__mro__ if "_reorder_cache" in vars(c)), None)
+        if owner is None or owner.__module__.startswith("transformers.generation"):  # 4.x's base raises
+            return None
+        model._reorder_cache = self._following(model._reorder_cache, 1)
+        return model._reorder_cache
+
+    def _following(self, inner: Callable, beam_arg: int) -> Callable:
+        """``inner`` (a reorder taking the beam indices as positional argument ``beam_arg``) that also reorders the
+        signal history, once for nested reorders."""
+        def reorder(*args, **kwargs):
+            call = self.state.call
+            outer = not call.reordering
+            call.reordering = True
+            try:
+                result = inner(*args, **kwargs)
+            finally:
+                if outer:
+                    call.reordering = False
+            if outer:
+                self.reorder(args[beam_arg] if len(args) > beam_arg else kwargs["beam_idx"])
+            return result
+        reorder._clada_follows = True
+        return reorder
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Reorder the calling thread's signal history as beam search reorders the batch rows."""
+        history = self.state.call.history
+        if history is not None and history.logits.shape[0] == beam_idx.numel():
+            history.reorder(beam_idx)

@@ -22,9 +22,13 @@ import torch
 from torch import nn
 
 from .backends import DENSE, MASKED, PATH_NAMES, BackendChooser
+from .calls import CallState
 from .rules import SIDES, SparsityRule, threshold_keep
 
 DENSITY_ROWS = 16  # token rows at the end of a dense call whose keep shares estimate a side's density
+# runtime.stats()["decode_steps"]: sparse decode calls, their token positions (rows x new tokens), and those of calls
+# feeding several new tokens per row on top of a cache (speculative verification, chunked decoding)
+DECODE_STEP_COUNTS = ("calls", "positions", "multi_token_calls", "multi_token_positions")
 
 
 def row_multipliers(multiplier: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -57,12 +61,19 @@ class SparsityState:
         self.num_layers = len(in_bytes)
         self.bytes = {"in": torch.tensor(in_bytes, dtype=torch.float64), "mid": torch.tensor(mid_bytes, dtype=torch.float64)}
         self.in_share_of_mid = rule.in_bytes_saved_by_mid(gated)
-        self.multiplier: torch.Tensor | None = None
-        self.observing = True  # dense calls show their activations to rules that observe the prefill
-        self.batch = 1  # rows of the current model call (set by the signal tracker)
+        self.call = CallState()  # per thread: multiplier, batch, observing, signals (runtime.calls)
         self.density_wanted = False  # dense calls estimate each side's density for the measured backend choice
         self.density = {side: [0.0, 0] for side in SIDES}  # side -> [sum of per-layer keep shares, layers seen]
         self.reset_stats()
+
+    @property
+    def multiplier(self) -> torch.Tensor | None:
+        """The calling thread's threshold multiplier (None: its call runs dense)."""
+        return self.call.multiplier
+
+    @multiplier.setter
+    def multiplier(self, value: torch.Tensor | None) -> None:
+        self.call.multiplier = value
 
     def to(self, device: torch.device) -> None:
         self.rule.to(device)
@@ -75,6 +86,16 @@ class SparsityState:
         self.skipped_host = {side: [[0, 0.0] for _ in range(self.num_layers)] for side in SIDES}
         self.relaxed = torch.zeros(2, dtype=torch.float64, device=device)  # [decode tokens, relaxed tokens]
         self.path_calls = dict.fromkeys(PATH_NAMES, 0)
+        self.decode_steps = dict.fromkeys(DECODE_STEP_COUNTS, 0)
+
+    def record_decode_step(self, rows: int, positions: int) -> None:
+        """Count a sparse decode call of ``rows`` sequences of ``positions`` new tokens each."""
+        steps = self.decode_steps
+        steps["calls"] += 1
+        steps["positions"] += rows * positions
+        if positions > 1:
+            steps["multi_token_calls"] += 1
+            steps["multi_token_positions"] += rows * positions
 
     def record_mask(self, side: str, layer: int, keep: torch.Tensor) -> None:
         """Accumulate one call's keep mask (..., C) without synchronising with the host."""
@@ -115,7 +136,8 @@ class SparsityState:
         self.relaxed[1] += (multiplier < 1).sum()
 
     def summary(self) -> dict:
-        """Realised figures since the last reset (floats; synchronises once)."""
+        """Realised figures since the last reset (floats; synchronises once). Under concurrent callers the counts
+        are approximate (unlocked increments)."""
         share, tokens = {}, 0.0
         for side in SIDES:
             acc = self.skipped[side].cpu() + torch.tensor(self.skipped_host[side], dtype=torch.float64).view(-1, 2)
@@ -133,6 +155,7 @@ class SparsityState:
             "mlp_reads_saved": float(saved.sum() / total.sum()),
             "relaxed_share": float(relaxed[1] / relaxed[0]) if relaxed[0] > 0 else 0.0,
             "path_calls": dict(self.path_calls),
+            "decode_steps": dict(self.decode_steps),
             "backends": self.chooser.summary(),
             "selection": self.chooser.selection(),
             "per_layer": {
@@ -150,21 +173,21 @@ class ChannelGate(nn.Module):
     def __init__(self, state: SparsityState, layer: int, side: str):
         super().__init__()
         self.state, self.layer, self.side = state, layer, side
-        self._last_input: torch.Tensor | None = None  # masked reference: last input and its masked copy
-        self._last_output: torch.Tensor | None = None
+        self._last: tuple | None = None  # masked reference: (last input, its masked copy), one attribute: thread-safe
         self._last_counted: torch.Tensor | None = None  # gathering: last input whose kept count was recorded
 
     def observe(self, x: torch.Tensor) -> None:
         """A dense call: show the rule the activations if it watches the prefill, and estimate the side's
         density while the backend choice waits for it."""
         st = self.state
-        if x is self._last_input or not (st.observing or st.density_wanted):
+        last, call = self._last, st.call
+        if (last is not None and last[0] is x) or not (call.observing or st.density_wanted):
             return
-        if st.observing and st.rule.observes_prefill:
-            st.rule.observe_prefill(self.layer, self.side, x, st.batch)
+        if call.observing and st.rule.observes_prefill:
+            st.rule.observe_prefill(self.layer, self.side, x, call.batch)
         if st.density_wanted and st.rule.threshold_form:
             st.observe_density(self.side, self.layer, x)
-        self.__dict__["_last_input"], self.__dict__["_last_output"] = x, x
+        self.__dict__["_last"] = (x, x)
 
     def record_dense(self, x: torch.Tensor) -> None:
         """A decode call that the backend choice runs dense: nothing skipped (counted once per input)."""
@@ -180,13 +203,14 @@ class ChannelGate(nn.Module):
         if st.multiplier is None:
             self.observe(x)
             return x
-        if x is self._last_input:
-            return self._last_output
+        last = self._last
+        if last is not None and last[0] is x:
+            return last[1]
         keep = st.rule.keep(self.layer, self.side, x, row_multipliers(st.multiplier, x))
         st.record_mask(self.side, self.layer, keep)
         st.path_calls["masked"] += 1
         out = x * keep.to(x.dtype)
-        self.__dict__.update(_last_input=x, _last_output=out)  # nn.Module.__setattr__ costs ~7 us
+        self.__dict__["_last"] = (x, out)  # nn.Module.__setattr__ costs ~7 us
         return out
 
     def gather(self, backend, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -213,10 +237,8 @@ class RowGroup:
 
     def __init__(self, members: list[nn.Module], rows_of: Callable[[nn.Module], torch.Tensor]):
         self.members, self.rows_of = members, rows_of
-        self._key: tuple | None = None
-        self._full: torch.Tensor | None = None
-        self._last_input: torch.Tensor | None = None
-        self._last_output: torch.Tensor | None = None
+        self._buffer: tuple | None = None  # (key of the members' rows, full buffer view or None)
+        self._last: tuple | None = None  # (last input, its output for all members); one attribute each: thread-safe
         widths = [rows_of(m).shape[1] for m in members]
         self.bounds = [(sum(widths[:i]), sum(widths[: i + 1])) for i in range(len(widths))]
 
@@ -224,26 +246,28 @@ class RowGroup:
         """(in_features, sum of out_features) view of the shared buffer, or None if it is not shared."""
         rows = [self.rows_of(m) for m in self.members]
         key = tuple((r.data_ptr(), r.shape, r.stride()) for r in rows)
-        if key != self._key:
-            first, total = rows[0], self.bounds[-1][1]
-            shared = all(r.stride() == (total, 1) and r.shape[0] == first.shape[0] and r.dtype == first.dtype
-                         and r.device == first.device
-                         and r.data_ptr() == first.data_ptr() + a * first.element_size()
-                         for r, (a, _) in zip(rows, self.bounds))
-            self._full = first.as_strided((first.shape[0], total), (total, 1)) if shared else None
-            self._key, self._last_input = key, None
-        return self._full
+        known = self._buffer
+        if known is not None and known[0] == key:
+            return known[1]
+        first, total = rows[0], self.bounds[-1][1]
+        shared = all(r.stride() == (total, 1) and r.shape[0] == first.shape[0] and r.dtype == first.dtype
+                     and r.device == first.device
+                     and r.data_ptr() == first.data_ptr() + a * first.element_size()
+                     for r, (a, _) in zip(rows, self.bounds))
+        full = first.as_strided((first.shape[0], total), (total, 1)) if shared else None
+        self._last, self._buffer = None, (key, full)
+        return full
 
     def output(self, backend, x: torch.Tensor, gate: ChannelGate, member: int) -> torch.Tensor | None:
         """(N, out_features of ``member``) output of member ``member`` for input ``x`` (computed once for all)."""
-        if x is not self._last_input:
+        last = self._last
+        if last is None or last[0] is not x:
             full = self.full_rows()
             if full is None:
                 return None
-            self._last_output = gate.gather(backend, x, full)
-            self._last_input = x
+            last = self._last = (x, gate.gather(backend, x, full))
         a, b = self.bounds[member]
-        return self._last_output[:, a:b]
+        return last[1][:, a:b]
 
 
 class Wrapper(nn.Module):

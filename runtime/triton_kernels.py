@@ -13,9 +13,12 @@ Shapes and units of one call (``TritonBackend.gather``)::
 Split-K design (after TEAL's sparse GEMV): the grid is (OUT / BLOCK_N, C / BLOCK_K). A program computes the keep
 masks of its BLOCK_K channels for every token row, loads the weight block ``rows[k0:k0+BLOCK_K, n0:n0+BLOCK_N]``
 once with a mask that is true only where some row keeps the channel (masked loads, static shapes, no compaction),
-and atomically adds each row's float32 partial sum into a zeroed float32 (N, OUT) buffer. Accumulating in float32
-means no bf16/fp16 atomic add is needed; the buffer is cast to x's dtype afterwards by a torch op. Programs with
-pid_n == 0 add their slice's kept count. Nothing on the call path synchronises with the host.
+and stores each row's float32 partial sum in its own slot of a float32 (C / BLOCK_K, N, OUT) buffer, which a
+torch sum over the first dimension reduces and casts to x's dtype. No float atomics: a row's result is summed in
+one fixed order that does not depend on the other rows of the call (a channel another row needs is read, but
+contributes an exact zero to this row) nor on the scheduling of programs, so batches of one size give each row
+the same bits whatever its companions (batch invariance; TEAL's kernel adds partials atomically). Programs with
+pid_n == 0 add their slice's kept count (an integer atomic). Nothing on the call path synchronises with the host.
 
 Triton is imported on first use, not with this module: Triton decorates its own library (``tl.sum``, ...) for
 the interpreter or for the GPU when it is imported, so TRITON_INTERPRET must be set before that import.
@@ -36,6 +39,7 @@ INTERPRETER_CONFIG = {"BLOCK_K": 16, "BLOCK_N": 32}
 # than 32 bytes; 64 x 128 blocks on 4 warps or 128 x 256 on 8 spill kilobytes.
 CUDA_CONFIGS = ((16, 64, 2), (32, 128, 4), (16, 256, 4), (64, 128, 8), (128, 64, 8), (32, 256, 8),
                 (16, 512, 8), (32, 512, 8))
+MIN_BLOCK_K = 16  # channels per slot of partial sums: every BLOCK_K above is a multiple of it
 
 triton = tl = None  # set by _import_triton()
 
@@ -78,9 +82,12 @@ def triton_available() -> bool:
     return _import_triton() and (torch.cuda.is_available() or _interpreting())
 
 
-def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, kept_ptr, C, OUT, row_stride,
-                   N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One (BLOCK_K channels) x (BLOCK_N outputs) block for all N rows; decorated by ``_kernel()``."""
+def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, kept_ptr, C, OUT, row_stride, SLOTS,
+                   N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, MIN_BLOCK_K: tl.constexpr):
+    """One (BLOCK_K channels) x (BLOCK_N outputs) block for all N rows; decorated by ``_kernel()``. ``out_ptr``:
+    float32 (SLOTS, N, OUT) partial sums, one slot per MIN_BLOCK_K channels (a larger block fills its first slot
+    and zeroes the others)."""
+    SLOTS_PER_BLOCK: tl.constexpr = BLOCK_K // MIN_BLOCK_K
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -100,10 +107,12 @@ def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, kept_pt
     for r in tl.static_range(N):
         xr = tl.load(x_ptr + r * C + offs_k, mask=in_k, other=0.0).to(tl.float32)
         keep = (tl.abs(xr) * weight > tl.load(thresholds_ptr + r)) & in_k
-        count = tl.sum(keep.to(tl.int32), axis=0)
         partial = tl.sum(tl.where(keep, xr, 0.0)[:, None] * w, axis=0)
-        # rows keeping nothing here add nothing (vector compare: the interpreter makes block & scalar int32)
-        tl.atomic_add(out_ptr + r * OUT + offs_n, partial, mask=in_n & (tl.broadcast_to(count, [BLOCK_N]) > 0))
+        tl.store(out_ptr + ((pid_k * SLOTS_PER_BLOCK) * N + r).to(tl.int64) * OUT + offs_n, partial, mask=in_n)
+        for extra in tl.static_range(1, SLOTS_PER_BLOCK):  # this block's other MIN_BLOCK_K slots: zeros
+            slot = pid_k * SLOTS_PER_BLOCK + extra
+            tl.store(out_ptr + (slot * N + r).to(tl.int64) * OUT + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32),
+                     mask=in_n & (tl.broadcast_to(slot, [BLOCK_N]) < SLOTS))  # vector compare for the interpreter
         kept += keep.to(tl.int32)
     tl.atomic_add(kept_ptr, tl.sum(kept, axis=0), mask=pid_n == 0)  # one program per channel slice counts it
 
@@ -114,10 +123,9 @@ def _kernel() -> tuple[object, bool]:
     interpreted = _interpreting()
     if interpreted not in _KERNELS:
         jitted = triton.jit(_gather_kernel)
-        if not interpreted:  # reset_to_zero: each trial run adds into the outputs
+        if not interpreted:  # reset_to_zero: each trial run adds into the kept count
             configs = [triton.Config({"BLOCK_K": k, "BLOCK_N": n}, num_warps=w) for k, n, w in CUDA_CONFIGS]
-            jitted = triton.autotune(configs=configs, key=["C", "OUT", "N"],
-                                     reset_to_zero=["out_ptr", "kept_ptr"])(jitted)
+            jitted = triton.autotune(configs=configs, key=["C", "OUT", "N"], reset_to_zero=["kept_ptr"])(jitted)
         _KERNELS[interpreted] = jitted
     return _KERNELS[interpreted], interpreted
 
@@ -134,13 +142,15 @@ def _register_op() -> None:
         """(out (N, OUT) in x's dtype, kept () int32): see the module docstring; inputs as checked by gather."""
         n, channels = x.shape
         width = rows.shape[1]
-        out = torch.zeros(n, width, dtype=torch.float32, device=x.device)
         kept = torch.zeros((), dtype=torch.int32, device=x.device)
         kernel, interpreted = _kernel()
+        # one float32 slot of partial sums per MIN_BLOCK_K channels, whichever block size the autotuner picks
+        slots = -(-channels // MIN_BLOCK_K)
+        partials = torch.empty(slots, n, width, dtype=torch.float32, device=x.device)
         grid = lambda meta: (-(-width // meta["BLOCK_N"]), -(-channels // meta["BLOCK_K"]))
-        wrap(kernel)[grid](x, weight, thresholds, rows, out, kept, channels, width, rows.stride(0), N=n,
-                           **(INTERPRETER_CONFIG if interpreted else {}))
-        return out.to(x.dtype), kept
+        wrap(kernel)[grid](x, weight, thresholds, rows, partials, kept, channels, width, rows.stride(0), slots, N=n,
+                           MIN_BLOCK_K=MIN_BLOCK_K, **(INTERPRETER_CONFIG if interpreted else {}))
+        return partials.sum(0).to(x.dtype), kept
 
     @triton_gather.register_fake
     def _(x, weight, thresholds, rows):

@@ -210,13 +210,13 @@ def test_relax_multiplier_formula():
 def test_rows_have_independent_multipliers():
     model = tiny_model("llama")
     runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05, lam=-1.0, tau_s=0.0))
-    trk = _patch_of(model).tracker
+    history = _patch_of(model).state.call
     with torch.no_grad():
         out = model(input_ids=PROMPT, use_cache=True)
         # make row 0's fed token certain (surprisal 0, not relaxed) and row 1's surprising (relaxed)
-        trk.prev_logits = torch.full_like(trk.prev_logits, -1e4)
-        trk.prev_logits[0, 4] = 0.0
-        trk.prev_logits[1, 4] = 0.0
+        logits = torch.full_like(history.history.logits, -1e4)
+        logits[:, -1, 4] = 0.0
+        history.history.logits = logits
         model(input_ids=torch.tensor([[4], [9]]), **cache_kwargs(model, output_cache(out)))
         m = runtime.multiplier(model)
     assert m.shape == (2, 1) and m[0, 0] == 1.0 and m[1, 0] == 0.0

@@ -135,6 +135,31 @@ def test_triton_gather_equals_masked_product(blocks, dtype, channels, width, str
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [SMALL_BLOCKS, MID_BLOCKS])
+def test_triton_row_does_not_depend_on_its_companions(blocks, dtype, config):
+    """Batch invariance: a row's output has the same bits whatever the other rows of the call keep (partial sums in
+    fixed slots, no float atomics, so also on a GPU whatever the order programs run in)."""
+    blocks(config)
+    x, weight, thresholds, rows = inputs(3, 300, 129, 129, dtype)
+    other, _, other_thresholds, _ = inputs(3, 300, 129, 129, dtype, seed=1)
+    x2, thresholds2 = x.clone(), thresholds.clone()
+    x2[1:], thresholds2[1:] = other[1:], other_thresholds[1:] * 0.5
+    alone, _ = tk.TritonBackend().gather(x, weight, thresholds, rows)
+    again, _ = tk.TritonBackend().gather(x2, weight, thresholds2, rows)
+    assert torch.equal(alone[0], again[0])
+    assert not torch.equal(alone[1:], again[1:])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_triton_model_row_does_not_depend_on_its_companions(blocks, family):
+    """The model-level batch-invariance check of tests/test_decoding.py through the Triton backend."""
+    from tests.test_decoding import assert_batch_invariant
+
+    blocks(SMALL_BLOCKS)
+    assert_batch_invariant(family, "triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("keep", ["none", "all"])
 def test_triton_gather_keeps_none_or_all(blocks, dtype, keep):
     """Thresholds above every score keep nothing (zeros); negative ones keep every channel, but not the
