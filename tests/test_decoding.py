@@ -169,14 +169,20 @@ def _row_logits(model, rows: torch.Tensor, steps: int = 6) -> torch.Tensor:
     return torch.stack(logits, 1)
 
 
+def companion_logits(model, target: torch.Tensor, companions: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``target`` (T,) decoded as row 0 of a batch with each (B-1, T) of ``companions``: its logits per batch."""
+    return [_row_logits(model, torch.cat([target[None], c]))[0] for c in companions]
+
+
+COMPANIONS = [torch.tensor([[3, 3, 3, 3, 3, 3, 3, 3], [90, 80, 70, 60, 50, 40, 30, 20]]),
+              torch.tensor([[11, 22, 33, 44, 55, 66, 77, 88], [1, 2, 1, 2, 1, 2, 1, 2]])]
+
+
 def assert_batch_invariant(family: str, backend: str) -> None:
     """One prompt at one place in batches of the same size with different companions gets bitwise the same logits
     through ``backend`` (float32), with sparsity really on."""
     model = adaptive(family, backend)
-    target = PROMPT[0]
-    companions = [torch.tensor([[3, 3, 3, 3, 3, 3, 3, 3], [90, 80, 70, 60, 50, 40, 30, 20]]),
-                  torch.tensor([[11, 22, 33, 44, 55, 66, 77, 88], [1, 2, 1, 2, 1, 2, 1, 2]])]
-    first, second = (_row_logits(model, torch.cat([target[None], c]))[0] for c in companions)
+    first, second = companion_logits(model, PROMPT[0], COMPANIONS)
     assert torch.equal(first, second)
     stats = runtime.stats(model)
     assert stats["mlp_sparsity"] > 0.05 and stats["path_calls"][backend] > 0
@@ -192,26 +198,32 @@ def test_a_rows_logits_do_not_depend_on_its_companions(backend, family):
     assert_batch_invariant(family, backend)
 
 
-@pytest.mark.parametrize("backend", ["auto", "masked"])
-def test_concurrent_generate_calls_equal_serial_ones(backend):
-    """Four threads generating on one patched model each get exactly what they get alone."""
-    model = adaptive("llama", backend)
-    prompts = [torch.tensor([[5 + i, 9, 17 + 3 * i, 33, 8, 21 - i, 40, 11 + i]]) for i in range(4)]
-    generate = lambda p: model.generate(p, max_new_tokens=16, do_sample=False)
+def concurrent_and_serial(model, prompts: list[torch.Tensor], new: int = 16) -> tuple[list, list]:
+    """Greedy generations of each prompt, one after another, then all at once from one thread each."""
+    generate = lambda p: model.generate(p, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     with torch.no_grad():
         serial = [generate(p) for p in prompts]
-    results: list = [None] * 4
-    start = threading.Barrier(4)
+    results: list = [None] * len(prompts)
+    start = threading.Barrier(len(prompts))
 
     def worker(i: int) -> None:
         start.wait()
         with torch.no_grad():
             results[i] = generate(prompts[i])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert all(torch.equal(s, r) for s, r in zip(serial, results))
+    return serial, results
+
+
+@pytest.mark.parametrize("backend", ["auto", "masked"])
+def test_concurrent_generate_calls_equal_serial_ones(backend):
+    """Four threads generating on one patched model each get exactly what they get alone."""
+    model = adaptive("llama", backend)
+    prompts = [torch.tensor([[5 + i, 9, 17 + 3 * i, 33, 8, 21 - i, 40, 11 + i]]) for i in range(4)]
+    serial, concurrent = concurrent_and_serial(model, prompts)
+    assert all(torch.equal(s, r) for s, r in zip(serial, concurrent))
     assert runtime.stats(model)["relaxed_share"] > 0.05

@@ -3,6 +3,7 @@ Gemma 3 270M (marked ``gemma``: its conversion from GGUF, and the runtime on it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -131,3 +132,78 @@ def test_gemma_runtime_with_synthetic_artifact(gemma):
     assert 0 < st["mlp_reads_saved"] < 1
     recorder.check(st, art)
     assert torch.equal(model.generate(**batch, max_new_tokens=6, do_sample=False), dense)
+
+
+@pytest.fixture(scope="module")
+def adaptive_smollm2(calibrated):
+    """SmolLM2-135M (float32) under the small calibration's thresholds with adaptation on: lam = gam = -0.5 and
+    the load-signal thresholds at the median surprisal and entropy of held-out text, so that relaxation depends
+    on each row's own history."""
+    from clada.runtime.signals import load_signals
+
+    model, tokenizer, _ = load_model("smollm2-135m")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    ids = tokenizer(REAL_PROMPTS, return_tensors="pt", padding=True)["input_ids"][:, :8]
+    with torch.no_grad():
+        surprisal, entropy = load_signals(model(input_ids=ids).logits[:, :-1], ids[:, 1:])
+    artifact = dataclasses.replace(runtime.load_artifact(calibrated / "clada.safetensors"), lam=-0.5, gam=-0.5,
+                                   tau_s=float(surprisal.median()), tau_H=float(entropy.median()))
+    runtime.apply(model, artifact)
+    return model, tokenizer, ids
+
+
+REAL_PROMPTS = ["The bushfire near Sydney was burning out of control on Sunday",  # each 8 tokens or more
+                "Prime Minister John Howard said that the government would",
+                "Police said the man was arrested late on Saturday night",
+                "The United Nations Security Council voted on Friday to extend"]
+
+
+def test_real_beam_search_scores_equal_a_replay(adaptive_smollm2):
+    """Beam search with adaptation on: each beam's score against a replay of the beams as a batch, per token, for
+    each of 4 prompts. Most prompts agree to fp32 rounding (1e-6); a prompt may not, since the dense model's
+    attention rounds a row differently at another place in the batch (1e-10, SDPA on CPU) and beams change places,
+    which a threshold can turn into another kept channel or relaxed token (measured on the default artifact:
+    1.5e-3 and 2.2e-2 on one prompt of four). Without the history following the beams every prompt misses, by
+    4e-3..2.5e-2 per token."""
+    from tests.test_decoding import replayed_scores
+
+    model, _, ids = adaptive_smollm2
+    runtime.reset_stats(model)
+    new, gaps = 16, []
+    for row in range(ids.shape[0]):
+        with torch.no_grad():
+            out = model.generate(ids[row : row + 1], num_beams=3, num_return_sequences=3, max_new_tokens=new,
+                                 do_sample=False, length_penalty=0.0, output_scores=True, return_dict_in_generate=True)
+        replay = replayed_scores(model, ids[row : row + 1], out.sequences)
+        gaps.append((replay - out.sequences_scores.double()).abs().max().item() / new)
+    assert runtime.stats(model)["relaxed_share"] > 0.05
+    assert sorted(gaps)[1] < 1e-4, gaps  # at least three of four prompts at rounding level
+
+
+def test_real_row_does_not_depend_on_its_companions(adaptive_smollm2):
+    from tests.test_decoding import companion_logits
+
+    model, _, ids = adaptive_smollm2
+    first, second = companion_logits(model, ids[0], [ids[1:3], ids[2:4]])
+    assert torch.equal(first, second)
+
+
+def test_real_concurrent_generate_equals_serial(adaptive_smollm2):
+    from tests.test_decoding import concurrent_and_serial
+
+    model, _, ids = adaptive_smollm2
+    serial, concurrent = concurrent_and_serial(model, [ids[i : i + 1] for i in range(4)], new=12)
+    assert all(torch.equal(s, c) for s, c in zip(serial, concurrent))
+
+
+def test_real_prompt_lookup_runs_sparse_multi_token_steps(adaptive_smollm2):
+    model, tokenizer, _ = adaptive_smollm2
+    text = "the cat sat on the mat. the cat sat on the mat. the cat sat on the"
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    runtime.reset_stats(model)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=4)
+    steps = runtime.stats(model)["decode_steps"]
+    assert out.shape[1] == ids.shape[1] + 12
+    assert steps["multi_token_calls"] > 0 and steps["multi_token_positions"] > steps["multi_token_calls"]
