@@ -65,6 +65,17 @@ def _no_progress_bars(ctx: click.Context, param: click.Parameter, quiet: bool) -
 
 
 QUIET_OPT = click.option("--quiet", "-q", is_flag=True, callback=_no_progress_bars, help="No progress bars.")
+def _method_opt(purpose: str):
+    """``--method`` of the commands that set a sparse method against dense (default: the CLADA artifact)."""
+    return click.option("--method", default="clada", show_default=True, type=click.Choice(list(METHODS)),
+                        help=f"The registered method {purpose} (docs/baselines.md).")
+
+
+SPARSITY_OPT = click.option("--sparsity", default=None, type=float, help=SPARSITY_HELP)
+MODEL_OPT = click.option("--model", "model_spec", required=True,
+                         help="Checkpoint folder, .gguf file, hub id or built-in name.")
+ARTIFACT_OPT = click.option("--artifact", default=None, type=click.Path(dir_okay=False),
+                            help="clada.safetensors file (needed by the default method and the clada* methods).")
 STORAGE_OPT = click.option("--storage", default=None, metavar="URL",
                            help="Optuna storage (overrides the recipe's 'search.storage'): workers given the same "
                                 "recipe and postgresql://USER@HOST/DB share one study.")
@@ -110,13 +121,12 @@ calibrate_main = calibrate_cmd  # the ``clada-calibrate`` console script: same c
 
 
 @main.command("eval")
-@click.option("--model", "model_spec", required=True, help="Checkpoint folder, .gguf file, hub id or built-in name.")
-@click.option("--artifact", default=None, type=click.Path(dir_okay=False),
-              help="clada.safetensors file (needed by the default method and the clada* methods).")
+@MODEL_OPT
+@ARTIFACT_OPT
 @click.option("--method", default=None, type=click.Choice(list(METHODS)),
               help="A registered method (docs/baselines.md); also reports greedy_agreement. Default: the artifact "
                    "as calibrated.")
-@click.option("--sparsity", default=None, type=float, help=SPARSITY_HELP)
+@SPARSITY_OPT
 @click.option("--mc", "mc_specs", multiple=True,
               help="Score multiple choice instead of perplexity: FILE.jsonl ({context, choices, label} per line) "
                    "or bigbench:TASK[/SUBTASK]; repeatable.")
@@ -205,12 +215,10 @@ def _print_lm_eval(rows: list[dict], stats: dict, version: str) -> None:
 
 
 @main.command("lm-eval")
-@click.option("--model", "model_spec", required=True, help="Checkpoint folder, .gguf file, hub id or built-in name.")
-@click.option("--artifact", default=None, type=click.Path(dir_okay=False),
-              help="clada.safetensors file (needed by the default method and the clada* methods).")
-@click.option("--method", default="clada", show_default=True, type=click.Choice(list(METHODS)),
-              help="The registered method run beside dense (docs/baselines.md).")
-@click.option("--sparsity", default=None, type=float, help=SPARSITY_HELP)
+@MODEL_OPT
+@ARTIFACT_OPT
+@_method_opt("run beside dense")
+@SPARSITY_OPT
 @click.option("--tasks", "tasks_spec", required=True,
               help="Comma-separated lm-eval tasks: lm-eval's own (hub datasets: needs a network), those in "
                    "--include-path, clada_cause_and_effect (shipped, offline) or bigbench:TASK[/SUBTASK] (offline).")
@@ -305,12 +313,10 @@ def _print_bench(r: dict) -> None:
 
 
 @main.command("bench")
-@click.option("--model", "model_spec", required=True, help="Checkpoint folder, .gguf file, hub id or built-in name.")
-@click.option("--artifact", default=None, type=click.Path(dir_okay=False),
-              help="clada.safetensors file (needed by the default method and the clada* methods).")
-@click.option("--method", default="clada", show_default=True, type=click.Choice(list(METHODS)),
-              help="The registered method to time against dense (docs/baselines.md).")
-@click.option("--sparsity", default=None, type=float, help=SPARSITY_HELP)
+@MODEL_OPT
+@ARTIFACT_OPT
+@_method_opt("to time against dense")
+@SPARSITY_OPT
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", *BACKEND_NAMES]),
               help="Kernel backend of the sparse modes (docs/runtime.md).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 256))
