@@ -3,8 +3,8 @@
 ``HarnessLM`` is an lm-eval ``LM`` over one loaded model, its tokenizer and a ``Sparsifier`` (the applied
 method), in one of two modes, ``"dense"`` or ``"sparse"``:
 
-- ``loglikelihood``: the requests sharing a context are scored together as one multiple-choice question of
-  ``clada eval --mc`` (``multiple_choice.score_choices``): the context is a dense prefill, the continuation
+- ``loglikelihood``: the requests of one document sharing a context are scored together as one multiple-choice
+  question of ``clada eval --mc`` (``multiple_choice.score_choices``): the context is a dense prefill, the continuation
   tokens decode steps, dense (inside ``runtime.dense``) and sparse at once. Both modes of one model share a
   ``ScoreCache``, so running the harness dense and then sparse scores each question once.
 - ``generate_until``: the patched ``model.generate`` (greedy unless the task asks to sample), inside
@@ -42,28 +42,37 @@ def lm_eval_version() -> str:
 
 
 class ScoreCache:
-    """(dense, sparse) (log-likelihood, is_greedy) of each (context, continuation), scored per context."""
+    """(dense, sparse) (log-likelihood, is_greedy) of each request, scored per question: the requests of one
+    document (lm-eval's task name and doc id) with the same context, as ``clada eval --mc`` scores a question
+    (the prefill's batch is its choices; grouping equal contexts of many documents into one batch would change
+    the floating-point sums and can flip near ties)."""
 
     def __init__(self, model: nn.Module, tokenizer, method: Sparsifier, progress: bool = False):
         self.model, self.tokenizer, self.method, self.progress = model, tokenizer, method, progress
-        self.scores: dict[tuple[str, str], dict[str, tuple[float, bool]]] = {}
+        self.scores: dict[tuple, dict[str, tuple[float, bool]]] = {}
 
-    def get(self, pairs: list[tuple[str, str]], mode: str) -> list[tuple[float, bool]]:
-        missing: dict[str, list[str]] = {}
-        for context, continuation in pairs:
-            if (context, continuation) not in self.scores:
-                missing.setdefault(context, [])
-                if continuation not in missing[context]:
-                    missing[context].append(continuation)
-        for context, continuations in tqdm(missing.items(), desc="loglikelihood, dense and sparse", unit="context",
-                                           disable=not self.progress or not missing):
-            ctx, choices = encode(self.tokenizer, Question(context, tuple(continuations), 0))
+    @staticmethod
+    def question(request) -> tuple:
+        """The question a request belongs to: (task name, doc id, context)."""
+        return getattr(request, "task_name", None), getattr(request, "doc_id", None), request.args[0]
+
+    def get(self, requests, mode: str) -> list[tuple[float, bool]]:
+        keys = [(self.question(r), r.args[1]) for r in requests]
+        missing: dict[tuple, list[str]] = {}
+        for question, continuation in keys:
+            if (question, continuation) not in self.scores:
+                missing.setdefault(question, [])
+                if continuation not in missing[question]:
+                    missing[question].append(continuation)
+        for question, continuations in tqdm(missing.items(), desc="loglikelihood, dense and sparse", unit="question",
+                                            disable=not self.progress or not missing):
+            ctx, choices = encode(self.tokenizer, Question(question[-1], tuple(continuations), 0))
             s = score_choices(self.model, self.method, ctx, choices)
             for i, continuation in enumerate(continuations):
-                self.scores[context, continuation] = {
+                self.scores[question, continuation] = {
                     "dense": (float(s.dense[i]), bool(s.dense_greedy[i])),
                     "sparse": (float(s.sparse[i]), bool(s.sparse_greedy[i]))}
-        return [self.scores[pair][mode] for pair in pairs]
+        return [self.scores[key][mode] for key in keys]
 
 
 class _StopAt(StoppingCriteria):
@@ -97,7 +106,7 @@ class HarnessLM(LM):
         self.max_gen_toks, self.progress = max_gen_toks, progress
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        return self.cache.get([tuple(r.args) for r in requests], self.mode)
+        return self.cache.get(requests, self.mode)
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         raise NotImplementedError("clada lm-eval scores multiple-choice and generation tasks; perplexity tasks "

@@ -75,6 +75,24 @@ def test_loglikelihood_is_score_question_in_each_mode():
     assert any(d[0] != pytest.approx(s[0], abs=1e-4) for d, s in zip(dense, sparse))  # the sparse mode is sparse
 
 
+def test_each_document_is_scored_as_its_own_question(monkeypatch):
+    """Equal contexts of different documents (BIG-bench's prompt-less subtasks: all empty) are separate questions,
+    each scored with its own choices as clada eval --mc does; both modes share the scores."""
+    model, tokenizer = tiny_model("llama"), word_tokenizer()
+    method = build_method("clada", model, artifact=adaptive_artifact(model))
+    calls = []
+    score = lm_eval_wrapper.score_choices
+    monkeypatch.setattr(lm_eval_wrapper, "score_choices", lambda m, s, ctx, choices: calls.append(choices) or score(m, s, ctx, choices))
+    reqs = [SimpleNamespace(args=("", c), task_name="t", doc_id=d) for d, cs in enumerate([[" w1", " w2 w3"], [" w4", " w1"]])
+            for c in cs]
+    cache = ScoreCache(model, tokenizer, method)
+    dense = HarnessLM(model, tokenizer, method, "dense", cache).loglikelihood(reqs[::-1])
+    HarnessLM(model, tokenizer, method, "sparse", cache).loglikelihood(reqs)
+    assert sorted(sorted(c) for c in calls) == [[[5], [6, 7]], [[5], [8]]]  # w1 -> id 5; one call per document
+    want, _ = score_question(model, method, [tokenizer.eos_token_id], [[8], [5]])
+    assert [d[0] for d in dense[:2]] == pytest.approx(want.tolist()[::-1], abs=1e-6)
+
+
 def test_greedy_flags_say_whether_each_token_is_the_top_prediction():
     model = tiny_model("llama")
     method = build_method("clada", model, artifact=adaptive_artifact(model))
@@ -189,7 +207,8 @@ def test_cli_shipped_task_offline(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     asked = []
     get = ScoreCache.get
-    monkeypatch.setattr(ScoreCache, "get", lambda self, pairs, mode: asked.append((mode, pairs)) or get(self, pairs, mode))
+    monkeypatch.setattr(ScoreCache, "get", lambda self, requests, mode: asked.append(
+        (mode, [(r.doc_id, *r.args) for r in requests])) or get(self, requests, mode))
     out = tmp_path / "r.json"
     result = lm_eval(tiny, "--tasks", SHIPPED_TASK, "--limit", "4", "--json", str(out))
     assert result.exit_code == 0, result.output
@@ -206,7 +225,7 @@ def test_cli_shipped_task_offline(tiny, tmp_path, monkeypatch):
     questions = jsonl_questions(SHIPPED_JSONL)[:4]
     assert [mode for mode, _ in asked] == ["dense", "sparse"]
     for _, pairs in asked:
-        assert sorted(pairs) == sorted((q.context, c) for q in questions for c in q.choices)
+        assert sorted(pairs) == sorted((i, q.context, c) for i, q in enumerate(questions) for c in q.choices)
 
 
 def test_cli_accuracy_is_clada_eval_mc_and_generation_runs(tiny):
