@@ -1,4 +1,4 @@
-"""Command line: ``clada calibrate|eval|bench|inspect|export`` and ``clada-calibrate RECIPE``.
+"""Command line: ``clada calibrate|eval|lm-eval|bench|inspect|export`` and ``clada-calibrate RECIPE``.
 
 The console scripts enter through ``clada.calibrate.extras`` (which says so when click is missing); each command
 checks the optional dependencies it will use before it loads or downloads anything.
@@ -65,6 +65,17 @@ def _no_progress_bars(ctx: click.Context, param: click.Parameter, quiet: bool) -
 
 
 QUIET_OPT = click.option("--quiet", "-q", is_flag=True, callback=_no_progress_bars, help="No progress bars.")
+def _method_opt(purpose: str):
+    """``--method`` of the commands that set a sparse method against dense (default: the CLADA artifact)."""
+    return click.option("--method", default="clada", show_default=True, type=click.Choice(list(METHODS)),
+                        help=f"The registered method {purpose} (docs/baselines.md).")
+
+
+SPARSITY_OPT = click.option("--sparsity", default=None, type=float, help=SPARSITY_HELP)
+MODEL_OPT = click.option("--model", "model_spec", required=True,
+                         help="Checkpoint folder, .gguf file, hub id or built-in name.")
+ARTIFACT_OPT = click.option("--artifact", default=None, type=click.Path(dir_okay=False),
+                            help="clada.safetensors file (needed by the default method and the clada* methods).")
 STORAGE_OPT = click.option("--storage", default=None, metavar="URL",
                            help="Optuna storage (overrides the recipe's 'search.storage'): workers given the same "
                                 "recipe and postgresql://USER@HOST/DB share one study.")
@@ -110,13 +121,12 @@ calibrate_main = calibrate_cmd  # the ``clada-calibrate`` console script: same c
 
 
 @main.command("eval")
-@click.option("--model", "model_spec", required=True, help="Checkpoint folder, .gguf file, hub id or built-in name.")
-@click.option("--artifact", default=None, type=click.Path(dir_okay=False),
-              help="clada.safetensors file (needed by the default method and the clada* methods).")
+@MODEL_OPT
+@ARTIFACT_OPT
 @click.option("--method", default=None, type=click.Choice(list(METHODS)),
               help="A registered method (docs/baselines.md); also reports greedy_agreement. Default: the artifact "
                    "as calibrated.")
-@click.option("--sparsity", default=None, type=float, help=SPARSITY_HELP)
+@SPARSITY_OPT
 @click.option("--mc", "mc_specs", multiple=True,
               help="Score multiple choice instead of perplexity: FILE.jsonl ({context, choices, label} per line) "
                    "or bigbench:TASK[/SUBTASK]; repeatable.")
@@ -191,6 +201,84 @@ def eval_cmd(model_spec, artifact, method, sparsity, mc_specs, greedy_prompts, d
         write_atomic(Path(json_out), (json.dumps(figures, indent=2) + "\n").encode())
 
 
+def _print_lm_eval(rows: list[dict], stats: dict, version: str) -> None:
+    width = max([len("task"), *(len(r["task"]) for r in rows)])
+    click.echo(f"{'task':{width}s}  {'metric':10s} {'dense':>8s} {'clada':>8s} {'difference':>10s} {'n':>5s}")
+    for r in rows:
+        clada = "-" if r["clada"] is None else f"{r['clada']:.4f}"
+        diff = "-" if r["difference"] is None else f"{r['difference']:+.4f}"
+        click.echo(f"{r['task']:{width}s}  {r['metric']:10s} {r['dense']:8.4f} {clada:>8s} {diff:>10s} "
+                   f"{'' if r['n'] is None else r['n']:>5}")
+    saved = stats.get("mlp_reads_saved")
+    click.echo(f"lm-eval {version}; CLADA decode steps: {stats.get('tokens', 0)} tokens"
+               + (f", mlp_reads_saved {saved:.4f}" if saved is not None and stats.get("tokens") else ""))
+
+
+@main.command("lm-eval")
+@MODEL_OPT
+@ARTIFACT_OPT
+@_method_opt("run beside dense")
+@SPARSITY_OPT
+@click.option("--tasks", "tasks_spec", required=True,
+              help="Comma-separated lm-eval tasks: lm-eval's own (hub datasets: needs a network), those in "
+                   "--include-path, clada_cause_and_effect (shipped, offline) or bigbench:TASK[/SUBTASK] (offline).")
+@click.option("--include-path", "include_paths", multiple=True, type=click.Path(),
+              help="A folder of lm-eval task YAMLs (e.g. over local JSON/JSONL files); repeatable.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Score only the first N documents of each task.")
+@click.option("--max-gen-toks", default=256, show_default=True, type=click.IntRange(1),
+              help="New tokens of generation tasks that set no max_gen_toks.")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Apply even if the weight fingerprint differs.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+              help="Write both results, the table, the lm-eval version and the settings as JSON.")
+@QUIET_OPT
+def lm_eval_cmd(model_spec, artifact, method, sparsity, tasks_spec, include_paths, limit, max_gen_toks, dtype, device,
+                force, json_out, quiet):
+    """Dense vs CLADA (or another method) on lm-evaluation-harness tasks, side by side: multiple choice scores
+    the context as a dense prefill and the continuation in the decode regime (as clada eval --mc), generation
+    runs the patched generate."""
+    import tempfile
+
+    from clada import runtime
+    from clada.artifacts import write_atomic
+    from clada.calibrate.methods import check_method
+
+    try:
+        _require(model_spec, None, "lm_eval")
+        from clada.calibrate.compare import attach_method
+        from clada.calibrate.lm_eval_tasks import parse_tasks, prepare_tasks
+        from clada.calibrate.lm_eval_wrapper import (comparison_rows, evaluate_side_by_side, lm_eval_version,
+                                                     task_manager)
+        from clada.calibrate.models import load_model
+
+        check_method(method, sparsity, artifact is not None)
+        tasks = parse_tasks(tasks_spec)
+        art = runtime.load_artifact(artifact) if artifact else None
+        folder = tempfile.TemporaryDirectory(prefix="clada-lm-eval-")
+        prepared = prepare_tasks(tasks, list(include_paths), Path(folder.name))
+        manager = task_manager(prepared.names, prepared.include_paths)
+        model, tokenizer, _ = load_model(model_spec, dtype, device)
+        sparse = attach_method(method, model, tokenizer, art, sparsity, force)
+    except (_input_errors() + (ValueError,)) as exc:
+        _fail(exc)
+    with folder:
+        try:
+            results = evaluate_side_by_side(model, tokenizer, sparse, prepared.names, manager, limit, max_gen_toks,
+                                           progress=not quiet)
+        except NotImplementedError as exc:
+            _fail(exc)
+    rows = comparison_rows(results)
+    version = lm_eval_version()
+    _print_lm_eval(rows, results["sparse_stats"], version)
+    if json_out:
+        figures = {"lm_eval_version": version, "model": model_spec, "artifact": artifact, "method": method,
+                   "sparsity": sparsity, "tasks": tasks, "lm_eval_tasks": prepared.names, "limit": limit,
+                   "rows": rows, "dense": results["dense"], "clada": results["sparse"],
+                   "sparse_stats": results["sparse_stats"]}
+        write_atomic(Path(json_out), (json.dumps(figures, indent=2, default=str) + "\n").encode())
+
+
 def _prompt_lengths(sweep: str | None) -> list[int]:
     """``--sweep`` "512,2048" -> [512, 2048]; ValueError naming the option otherwise."""
     parts = sweep.split(",") if sweep else []
@@ -225,12 +313,10 @@ def _print_bench(r: dict) -> None:
 
 
 @main.command("bench")
-@click.option("--model", "model_spec", required=True, help="Checkpoint folder, .gguf file, hub id or built-in name.")
-@click.option("--artifact", default=None, type=click.Path(dir_okay=False),
-              help="clada.safetensors file (needed by the default method and the clada* methods).")
-@click.option("--method", default="clada", show_default=True, type=click.Choice(list(METHODS)),
-              help="The registered method to time against dense (docs/baselines.md).")
-@click.option("--sparsity", default=None, type=float, help=SPARSITY_HELP)
+@MODEL_OPT
+@ARTIFACT_OPT
+@_method_opt("to time against dense")
+@SPARSITY_OPT
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", *BACKEND_NAMES]),
               help="Kernel backend of the sparse modes (docs/runtime.md).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 256))

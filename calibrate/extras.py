@@ -18,6 +18,7 @@ OPTIONAL = {
     "matplotlib": ("the trials plot", "calibrate"),
     "gguf": ("converting a GGUF model", "calibrate"),
     "datasets": ("hf: data", "calibrate"),
+    "lm_eval": ("lm-evaluation-harness", "lmeval"),
 }
 
 

@@ -87,6 +87,12 @@ def jsonl_questions(path: str | os.PathLike) -> list[Question]:
     return questions
 
 
+def questions_jsonl(questions: list[Question]) -> str:
+    """The JSONL text of ``questions`` that ``jsonl_questions`` reads back (with each question's source)."""
+    return "".join(json.dumps({"context": q.context, "choices": list(q.choices), "label": q.label, "source": q.source},
+                              ensure_ascii=False) + "\n" for q in questions)
+
+
 def bigbench_questions(task: dict, source: str = "") -> list[Question]:
     """Zero-shot multiple-choice questions of one BIG-bench JSON task (format in the module doc)."""
     prefix = str(task.get("task_prefix", ""))
@@ -174,18 +180,32 @@ def encode(tokenizer, question: Question) -> tuple[list[int], list[list[int]]]:
     return ctx, choices
 
 
-def _choice_logprobs(first: torch.Tensor, rest: torch.Tensor, cont: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(n,) summed log-probs of each row's first ``lengths`` tokens of ``cont`` (n, T); predictions:
-    ``first`` (n, V) of token 0 and ``rest`` (n, T-1, V) of tokens 1..T-1."""
+def _choice_logprobs(first: torch.Tensor, rest: torch.Tensor, cont: torch.Tensor,
+                     lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) summed log-probs of each row's first ``lengths`` tokens of ``cont`` (n, T), and (n,) whether each of
+    them is the top prediction (greedy); predictions: ``first`` (n, V) of token 0 and ``rest`` (n, T-1, V) of
+    tokens 1..T-1."""
     logits = torch.cat([first[:, None], rest], 1).float()
     logp = torch.log_softmax(logits, -1).gather(-1, cont[..., None]).squeeze(-1)
     keep = torch.arange(cont.shape[1], device=cont.device)[None] < lengths[:, None]
-    return (logp * keep).sum(1)
+    greedy = ((logits.argmax(-1) == cont) | ~keep).all(1)
+    return (logp * keep).sum(1), greedy
+
+
+@dataclass(frozen=True)
+class ChoiceScores:
+    """Log-likelihood of each choice, dense and sparse, each (n,), and whether greedy decoding (in the same
+    mode) would produce the choice."""
+
+    dense: torch.Tensor
+    sparse: torch.Tensor
+    dense_greedy: torch.Tensor
+    sparse_greedy: torch.Tensor
 
 
 @torch.no_grad()
-def score_question(model: nn.Module, method: Sparsifier, ctx: list[int], choices: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dense, sparse) log-likelihood of each choice, each (n,), in the regime of the module doc."""
+def score_choices(model: nn.Module, method: Sparsifier, ctx: list[int], choices: list[list[int]]) -> ChoiceScores:
+    """Dense and sparse log-likelihood of each choice after ``ctx``, in the regime of the module doc."""
     device = next(model.parameters()).device
     n, width = len(choices), max(len(c) for c in choices)
     cont = torch.tensor([c + [c[-1]] * (width - len(c)) for c in choices], device=device)  # right-padded
@@ -207,8 +227,15 @@ def score_question(model: nn.Module, method: Sparsifier, ctx: list[int], choices
         with method.teacher_forced():
             sparse = model(input_ids=cont[:, :-1], **cache_kwargs(model, cache)).logits
     empty = first.new_zeros(n, 0, first.shape[-1])
-    return (_choice_logprobs(first, dense if dense is not None else empty, cont, lengths),
-            _choice_logprobs(first, sparse if sparse is not None else empty, cont, lengths))
+    dense_lp, dense_greedy = _choice_logprobs(first, dense if dense is not None else empty, cont, lengths)
+    sparse_lp, sparse_greedy = _choice_logprobs(first, sparse if sparse is not None else empty, cont, lengths)
+    return ChoiceScores(dense_lp, sparse_lp, dense_greedy, sparse_greedy)
+
+
+def score_question(model: nn.Module, method: Sparsifier, ctx: list[int], choices: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense, sparse) log-likelihood of each choice, each (n,), in the regime of the module doc."""
+    scores = score_choices(model, method, ctx, choices)
+    return scores.dense, scores.sparse
 
 
 def multiple_choice_eval(model: nn.Module, tokenizer, questions: list[Question], method: Sparsifier,
