@@ -160,25 +160,30 @@ REAL_PROMPTS = ["The bushfire near Sydney was burning out of control on Sunday",
 
 
 def test_real_beam_search_scores_equal_a_replay(adaptive_smollm2):
-    """Beam search with adaptation on: each beam's score against a replay of the beams as a batch, per token, for
-    each of 4 prompts. Most prompts agree to fp32 rounding (1e-6); a prompt may not, since the dense model's
-    attention rounds a row differently at another place in the batch (1e-10, SDPA on CPU) and beams change places,
-    which a threshold can turn into another kept channel or relaxed token (measured on the default artifact:
-    1.5e-3 and 2.2e-2 on one prompt of four). Without the history following the beams every prompt misses, by
-    4e-3..2.5e-2 per token."""
+    """Beam search with adaptation on, default backend: each beam's score equals a replay of the beams as a batch, to
+    fp32 rounding, on each of 4 prompts (measured 4e-8..2e-7 per token; without the history following the beams
+    4e-3..2.5e-2). On one torch thread: with two, torch's CPU attention rounds a row differently at another place
+    in the batch (1e-10 at layer 0) and beams change places, which a threshold can turn into another kept channel
+    or relaxed token (measured: 1.5e-3 and 2.2e-2 per token on one prompt of four, 1e-6 on the others)."""
     from tests.test_decoding import replayed_scores
 
     model, _, ids = adaptive_smollm2
     runtime.reset_stats(model)
     new, gaps = 16, []
-    for row in range(ids.shape[0]):
-        with torch.no_grad():
-            out = model.generate(ids[row : row + 1], num_beams=3, num_return_sequences=3, max_new_tokens=new,
-                                 do_sample=False, length_penalty=0.0, output_scores=True, return_dict_in_generate=True)
-        replay = replayed_scores(model, ids[row : row + 1], out.sequences)
-        gaps.append((replay - out.sequences_scores.double()).abs().max().item() / new)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for row in range(ids.shape[0]):
+            with torch.no_grad():
+                out = model.generate(ids[row : row + 1], num_beams=3, num_return_sequences=3, max_new_tokens=new,
+                                     do_sample=False, length_penalty=0.0, output_scores=True,
+                                     return_dict_in_generate=True)
+            replay = replayed_scores(model, ids[row : row + 1], out.sequences)
+            gaps.append((replay - out.sequences_scores.double()).abs().max().item() / new)
+    finally:
+        torch.set_num_threads(threads)
     assert runtime.stats(model)["relaxed_share"] > 0.05
-    assert sorted(gaps)[1] < 1e-4, gaps  # at least three of four prompts at rounding level
+    assert max(gaps) < 1e-5, gaps
 
 
 def test_real_row_does_not_depend_on_its_companions(adaptive_smollm2):
