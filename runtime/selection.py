@@ -12,6 +12,10 @@ the model's own weights of that shape (enough layers that they stream from memor
   (independent random masks per row, so at several rows the union of the masks is what it is for independent
   rows).
 
+Each call follows an attention-shaped product (channels x channels), as an MLP product follows torch's own work in
+a model, whose worker threads may still be spinning when the kernel starts; that product's time, measured alone,
+is subtracted.
+
 Per shape, the layout is decided at the row count of the call that triggered the measurement (the batch the user
 decodes; the next timed count up): the gathering layout if there the faster of ``sparse`` and ``dense_rows`` beats
 ``dense`` by more than ``TOLERANCE``; then every row count runs the faster of the two. Otherwise the shape keeps
@@ -163,27 +167,39 @@ def measure(workload: Workload, gather: Callable, rows: int, density: float, dty
         tau = torch.quantile(scores, 1.0 - density, dim=1, keepdim=True)
     row_buffers = [torch.cat([w.t() for w in members], dim=1).contiguous() for members in layers]
     transposed = [[buf[:, a:b].t() for a, b in _bounds(members)] for buf, members in zip(row_buffers, layers)]
+    # In a model every MLP product follows torch's own work (the attention projections), whose worker threads may
+    # still be busy-waiting when the kernel starts; each call here follows such a product too (an attention-shaped
+    # one), timed alone as "context" and subtracted. Back-to-back kernel calls would miss that contention.
+    context = torch.randn(channels, channels, generator=gen).to(device=device, dtype=dtype)
 
     def dense_pass(weights):
         for members in weights:
+            F.linear(x, context)
             for w in members:
                 F.linear(x, w)
 
     def sparse_pass():
         for buf in row_buffers:
+            F.linear(x, context)
             gather(x, weight, tau, buf)
 
-    passes = {"dense": lambda: dense_pass(layers), "dense_rows": lambda: dense_pass(transposed), "sparse": sparse_pass}
-    times: dict[str, list[float]] = {name: [] for name in CANDIDATES}
+    def context_pass():
+        for _ in row_buffers:
+            F.linear(x, context)
+
+    passes = {"dense": lambda: dense_pass(layers), "dense_rows": lambda: dense_pass(transposed), "sparse": sparse_pass,
+              "context": context_pass}
+    times: dict[str, list[float]] = {name: [] for name in passes}
     with torch.no_grad():
         for rep in range(reps + 1):
-            for name in CANDIDATES:  # alternating, so that a disturbance hits every candidate alike
+            for name in passes:  # alternating, so that a disturbance hits every candidate alike
                 t0 = clock(device)
                 passes[name]()
                 elapsed = clock(device) - t0
                 if rep:
                     times[name].append(elapsed)
-    ms = {name: statistics.median(v) / len(layers) * 1e3 for name, v in times.items()}
+    context_s = statistics.median(times.pop("context"))
+    ms = {name: max(statistics.median(v) - context_s, 0.0) / len(layers) * 1e3 for name, v in times.items()}
     return Timing(rows, density, ms["dense"], ms["dense_rows"], ms["sparse"])
 
 
@@ -214,9 +230,12 @@ def _cache_file(device: torch.device) -> Path:
     return cache_root() / "selection" / f"{device.type}-{machine_key(device)}.json"
 
 
+MEASUREMENT = 2  # how ``measure`` times (2: each call after an attention-shaped product); part of the cache key
+
+
 def case_key(backend: str, dtype: torch.dtype, shape: Shape, rows: int, density: float) -> str:
     """``backend``: its identity (name and, e.g., the built kernel's hash)."""
-    return f"{backend}|{str(dtype).removeprefix('torch.')}|{shape}|{rows}|{density:.2f}"
+    return f"m{MEASUREMENT}|{backend}|{str(dtype).removeprefix('torch.')}|{shape}|{rows}|{density:.2f}"
 
 
 def load_cache(device: torch.device) -> dict[str, dict]:
