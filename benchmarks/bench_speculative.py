@@ -35,7 +35,7 @@ class CallCounter:
     """Counts a model's forward calls on top of a cache and the positions they feed."""
 
     def __init__(self, model):
-        self.calls = self.positions = 0
+        self.reset()
         self.hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):

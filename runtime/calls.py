@@ -47,8 +47,8 @@ class CallState(threading.local):
     multiplier: None (the call runs dense) or the threshold multiplier (``sparse.row_multipliers``);
     batch: rows of the current model call; observing: dense calls show their activations to rules that watch the
     prefill; tracking: the load signals set the multiplier (off inside ``runtime.dense``/``fixed_multiplier``);
-    history: the last call's distributions; position: cache position of the current call's first new token
-    (None: unknown); reordering: a beam reorder is being followed (nested reorder calls count once).
+    history: the last call's distributions; end: cache position after the current call's new tokens (None:
+    unknown), for the history it leaves; reordering: a beam reorder is being followed (nested reorder calls count once).
     """
 
     def __init__(self) -> None:
@@ -57,5 +57,5 @@ class CallState(threading.local):
         self.observing = True
         self.tracking = True
         self.history: SignalHistory | None = None
-        self.position: int | None = None
+        self.end: int | None = None
         self.reordering = False

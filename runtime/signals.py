@@ -69,7 +69,7 @@ class SignalTracker:
         self.follow(call_cache(kwargs))
         new = ids.shape[1] if ids is not None and ids.dim() == 2 else 0
         position = cached_tokens(kwargs)
-        call.position = position
+        call.end = position + new if position is not None and new else None  # for post_forward's history
         if new == 0 or new > MAX_DECODE_TOKENS or (new > 1 and not position):
             call.multiplier = None  # prefill, chunked prefill or embeddings input: dense
             return None
@@ -95,10 +95,7 @@ class SignalTracker:
         kept = logits[:, -MAX_DECODE_TOKENS:].detach()
         if kept.shape[1] < logits.shape[1]:
             kept = kept.clone()  # do not hold on to a long prefill's logits
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        new = ids.shape[1] if ids is not None and ids.dim() == 2 else None
-        end = call.position + new if call.position is not None and new is not None else None
-        call.history = SignalHistory(kept, end)
+        call.history = SignalHistory(kept, call.end)
         return None
 
     def follow(self, cache) -> None:
@@ -111,14 +108,13 @@ class SignalTracker:
         except AttributeError:  # a cache type that refuses instance attributes
             pass
 
-    def follow_model(self, model) -> Callable | None:
-        """Wrap a model class's own ``_reorder_cache`` (legacy tuple caches of transformers 4.x) so that it reorders
-        the signal history too; returns the instance attribute set (for ``remove``), or None if the class has none."""
+    def follow_model(self, model) -> None:
+        """Wrap a model class's own ``_reorder_cache`` (legacy tuple caches of transformers 4.x), if it has one, in an
+        instance attribute (``remove`` drops it) that reorders the signal history too."""
         owner = next((c for c in type(model).__mro__ if "_reorder_cache" in vars(c)), None)
         if owner is None or owner.__module__.startswith("transformers.generation"):  # 4.x's base raises
-            return None
+            return
         model._reorder_cache = self._following(model._reorder_cache, 1)
-        return model._reorder_cache
 
     def _following(self, inner: Callable, beam_arg: int) -> Callable:
         """``inner`` (a reorder taking the beam indices as positional argument ``beam_arg``) that also reorders the

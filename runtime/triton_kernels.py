@@ -13,8 +13,8 @@ Shapes and units of one call (``TritonBackend.gather``)::
 Split-K design (after TEAL's sparse GEMV): the grid is (OUT / BLOCK_N, C / BLOCK_K). A program computes the keep
 masks of its BLOCK_K channels for every token row, loads the weight block ``rows[k0:k0+BLOCK_K, n0:n0+BLOCK_N]``
 once with a mask that is true only where some row keeps the channel (masked loads, static shapes, no compaction),
-and stores each row's float32 partial sum in its own slot of a float32 (C / BLOCK_K, N, OUT) buffer, which a
-torch sum over the first dimension reduces and casts to x's dtype. No float atomics: a row's result is summed in
+and stores each row's float32 partial sum in its own slot of a float32 (C / MIN_BLOCK_K, N, OUT) buffer (a block
+of BLOCK_K > MIN_BLOCK_K channels zeroes its other slots), which a torch sum over the first dimension reduces and casts to x's dtype. No float atomics: a row's result is summed in
 one fixed order that does not depend on the other rows of the call (a channel another row needs is read, but
 contributes an exact zero to this row) nor on the scheduling of programs, so batches of one size give each row
 the same bits whatever its companions (batch invariance; TEAL's kernel adds partials atomically). Programs with
