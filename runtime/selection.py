@@ -12,9 +12,8 @@ the model's own weights of that shape (enough layers that they stream from memor
   (independent random masks per row, so at several rows the union of the masks is what it is for independent
   rows).
 
-Each call follows an attention-shaped product (channels x channels), as an MLP product follows torch's own work in
-a model, whose worker threads may still be spinning when the kernel starts; that product's time, measured alone,
-is subtracted.
+On a CPU each layer's timed calls follow an attention-shaped product (channels x channels, untimed), as an MLP
+product follows torch's own work in a model, whose worker threads may still be spinning when the kernel starts.
 
 Per shape, the layout is decided at the row count of the call that triggered the measurement (the batch the user
 decodes; the next timed count up): the gathering layout if there the faster of ``sparse`` and ``dense_rows`` beats
@@ -168,38 +167,41 @@ def measure(workload: Workload, gather: Callable, rows: int, density: float, dty
     row_buffers = [torch.cat([w.t() for w in members], dim=1).contiguous() for members in layers]
     transposed = [[buf[:, a:b].t() for a, b in _bounds(members)] for buf, members in zip(row_buffers, layers)]
     # In a model every MLP product follows torch's own work (the attention projections), whose worker threads may
-    # still be busy-waiting when the kernel starts; each call here follows such a product too (an attention-shaped
-    # one), timed alone as "context" and subtracted. Back-to-back kernel calls would miss that contention.
+    # still be busy-waiting when the kernel starts. On a CPU each timed call here follows such a product too (an
+    # attention-shaped one, outside the timed span): back-to-back kernel calls would miss that contention. On a GPU
+    # the calls run back to back (timing one call would synchronise each time).
     context = torch.randn(channels, channels, generator=gen).to(device=device, dtype=dtype)
+    in_context = device.type == "cpu"
+    dense_calls = [[(lambda w=w: F.linear(x, w)) for w in members] for members in layers]
+    dense_rows_calls = [[(lambda w=w: F.linear(x, w)) for w in members] for members in transposed]
+    sparse_calls = [[lambda buf=buf: gather(x, weight, tau, buf)] for buf in row_buffers]
 
-    def dense_pass(weights):
-        for members in weights:
+    def timed(calls: list[list[Callable]]) -> float:
+        """Seconds of one pass over every layer's calls."""
+        if not in_context:
+            t0 = clock(device)
+            for layer in calls:
+                for call in layer:
+                    call()
+            return clock(device) - t0
+        total = 0.0
+        for layer in calls:
             F.linear(x, context)
-            for w in members:
-                F.linear(x, w)
+            t0 = clock(device)
+            for call in layer:
+                call()
+            total += clock(device) - t0
+        return total
 
-    def sparse_pass():
-        for buf in row_buffers:
-            F.linear(x, context)
-            gather(x, weight, tau, buf)
-
-    def context_pass():
-        for _ in row_buffers:
-            F.linear(x, context)
-
-    passes = {"dense": lambda: dense_pass(layers), "dense_rows": lambda: dense_pass(transposed), "sparse": sparse_pass,
-              "context": context_pass}
-    times: dict[str, list[float]] = {name: [] for name in passes}
+    passes = {"dense": dense_calls, "dense_rows": dense_rows_calls, "sparse": sparse_calls}
+    times: dict[str, list[float]] = {name: [] for name in CANDIDATES}
     with torch.no_grad():
         for rep in range(reps + 1):
-            for name in passes:  # alternating, so that a disturbance hits every candidate alike
-                t0 = clock(device)
-                passes[name]()
-                elapsed = clock(device) - t0
+            for name in CANDIDATES:  # alternating, so that a disturbance hits every candidate alike
+                elapsed = timed(passes[name])
                 if rep:
                     times[name].append(elapsed)
-    context_s = statistics.median(times.pop("context"))
-    ms = {name: max(statistics.median(v) - context_s, 0.0) / len(layers) * 1e3 for name, v in times.items()}
+    ms = {name: statistics.median(v) / len(layers) * 1e3 for name, v in times.items()}
     return Timing(rows, density, ms["dense"], ms["dense_rows"], ms["sparse"])
 
 
@@ -230,7 +232,7 @@ def _cache_file(device: torch.device) -> Path:
     return cache_root() / "selection" / f"{device.type}-{machine_key(device)}.json"
 
 
-MEASUREMENT = 2  # how ``measure`` times (2: each call after an attention-shaped product); part of the cache key
+MEASUREMENT = 3  # how ``measure`` times (3: on a CPU, after an attention-shaped product); part of the cache key
 
 
 def case_key(backend: str, dtype: torch.dtype, shape: Shape, rows: int, density: float) -> str:
