@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from . import native
 from .rules import threshold_keep
 
-MAX_GATHER_ROWS = 8  # token rows per call (batch x new tokens) up to which ``auto`` gathers; more run masked
+MAX_GATHER_ROWS = 8  # token rows per call (batch x new tokens) up to which ``auto`` gathers; more run dense
 _log = logging.getLogger("clada.runtime")
 _warned: set[str] = set()
 
@@ -151,7 +151,8 @@ class BackendChooser:
     """The backend of each (device, dtype, token rows, projection shape), chosen on first use and kept.
 
     ``requested``: ``"auto"`` or a backend name, used wherever it accepts the call (masked elsewhere, e.g. for
-    prefill-shaped sparse calls). ``auto`` gathers only up to ``MAX_GATHER_ROWS`` rows; with a ``selector``
+    prefill-shaped sparse calls). ``auto`` gathers only up to ``MAX_GATHER_ROWS`` rows (more: masked, or dense
+    with a selector); with a ``selector``
     (``runtime.apply`` gives one for threshold rules) it follows the measured decision of the call's shape
     (``runtime.selection``: dense or the first gathering backend), made once per (device, dtype) at the first
     decode call; without one it takes the first backend in ``BACKENDS`` order that accepts.
@@ -187,8 +188,8 @@ class BackendChooser:
         if self.requested != "auto":
             backend = BACKENDS.get(self.requested, MASKED)
             return backend if backend.accepts(device, dtype, rows) else MASKED
-        if rows > MAX_GATHER_ROWS:
-            return MASKED
+        if rows > MAX_GATHER_ROWS:  # measured (a shape given): the dense product, never slower than dense
+            return MASKED if shape is None else DENSE
         if shape is None:
             backend = next(b for b in BACKENDS.values() if b.accepts(device, dtype, rows))
         else:

@@ -22,6 +22,7 @@ from .backends import BackendChooser
 from .checkpoint import CONFIG_KEY, declaration, find_declared_artifact, save_with_artifact
 from .identity import check_compatible
 from .layout import can_share_rows, restore_layout, rows_view, store_rows
+from .routing import Routing
 from .rules import build_rule
 from .selection import MeasuredLayout, Shape
 from .signals import SignalTracker
@@ -40,6 +41,7 @@ class Patch:
     act_name: str
     hooks: list
     artifact: Artifact
+    routing: Routing | None  # backend="auto": the original modules run where the dense product wins
 
 
 def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None, *, force: bool = False,
@@ -50,7 +52,8 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     ``backend``: ``"auto"`` (the fastest available kernel backend per device, dtype and token rows) or one of
     ``runtime.backends.BACKEND_NAMES``; ``"masked"`` keeps the original weight layout and reads every weight.
     Any other backend stores MLP weights as input-channel rows (same memory) so decode steps read only the
-    weights of kept channels. Nothing is changed if validation fails. ``model.config`` declares the artifact and
+    weights of kept channels; ``auto`` does so only where it measured that gathering is faster than the dense
+    product, and elsewhere runs the original modules (``runtime.routing``). Nothing is changed if validation fails. ``model.config`` declares the artifact and
     ``model.save_pretrained(dir)`` writes it beside the dense weights, for ``runtime.from_pretrained(dir)``.
     """
     if is_patched(model):
@@ -74,11 +77,12 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     rows_of = rows_view(adapter) if gathering else None
     # auto re-lays a shape's weights only where measurement shows that gathering pays (runtime.selection)
     layout = MeasuredLayout(adapter, state, artifact) if gathering and backend == "auto" else None
+    routing = Routing(state, chooser, param) if layout is not None else None
     for layer, part in enumerate(parts):
         if "in" in rule.sides:
-            _gate(adapter, part.owner, part.in_names, ChannelGate(state, layer, "in"), rows_of, layout)
+            _gate(adapter, part.owner, part.in_names, ChannelGate(state, layer, "in"), rows_of, layout, routing)
         if "mid" in rule.sides and rule.mid_at == "down_input":
-            _gate(adapter, part.owner, (part.out_name,), ChannelGate(state, layer, "mid"), rows_of, layout)
+            _gate(adapter, part.owner, (part.out_name,), ChannelGate(state, layer, "mid"), rows_of, layout, routing)
         if "mid" in rule.sides and rule.mid_at == "activation":
             gate_mid = ChannelGate(state, layer, "mid")
             setattr(part.owner, adapter.act_name, GatedActivation(getattr(part.owner, adapter.act_name), gate_mid))
@@ -86,12 +90,13 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
         chooser.selector = layout.select
         state.density_wanted = True
     tracker = SignalTracker(state, artifact.lam, artifact.gam, artifact.tau_s, artifact.tau_H)
-    hooks = [
+    hooks = [  # routing first: the tracker reads the sides it left dense
+        *([model.register_forward_pre_hook(routing.pre_forward, with_kwargs=True)] if routing is not None else []),
         model.register_forward_pre_hook(tracker.pre_forward, with_kwargs=True),
         model.register_forward_hook(tracker.post_forward, with_kwargs=True),
     ]
     tracker.follow_model(model)  # beam search with legacy tuple caches reorders through the model
-    setattr(model, PATCH_ATTR, Patch(state, tracker, parts, adapter.act_name, hooks, artifact))
+    setattr(model, PATCH_ATTR, Patch(state, tracker, parts, adapter.act_name, hooks, artifact, routing))
     setattr(model.config, CONFIG_KEY, declaration())
     model.save_pretrained = types.MethodType(_save_pretrained, model)  # shadows the class's until remove
 
@@ -108,12 +113,14 @@ def _save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwar
 
 
 def _gate(adapter, owner: nn.Module, names: tuple[str, ...], gate: ChannelGate,
-          rows_of: Callable[[nn.Module], torch.Tensor] | None, layout: MeasuredLayout | None) -> None:
+          rows_of: Callable[[nn.Module], torch.Tensor] | None, layout: MeasuredLayout | None,
+          routing: Routing | None) -> None:
     """Wrap the projections ``owner.<name>`` that read one input in GatedProjections behind ``gate``.
 
     Gathering (``rows_of`` given): projections that can share one row buffer (gate and up) form a RowGroup of
     one shape; their weights are re-laid now for a named backend, or registered with the measured ``layout``
-    (auto), which re-lays them where gathering pays.
+    (auto), which re-lays them where gathering pays; ``routing`` (auto) puts the original modules back in the tree
+    where the dense product wins.
     """
     projs = [getattr(owner, n) for n in names]
     shared = rows_of is not None and can_share_rows(adapter, projs)
@@ -126,7 +133,11 @@ def _gate(adapter, owner: nn.Module, names: tuple[str, ...], gate: ChannelGate,
         elif rows_of is not None:
             store_rows(adapter, members)
         for p in members:
-            setattr(owner, names[projs.index(p)], GatedProjection(p, gate, rows_of, group, projs.index(p), shape))
+            name = names[projs.index(p)]
+            wrapper = GatedProjection(p, gate, rows_of, group, projs.index(p), shape)
+            setattr(owner, name, wrapper)
+            if routing is not None:
+                routing.add(gate.side, shape, owner, name, wrapper)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -147,6 +158,8 @@ def remove(model: nn.Module) -> None:
     patch = _patch_of(model)
     for hook in patch.hooks:
         hook.remove()
+    if patch.routing is not None:
+        patch.routing.restore()
     for part in patch.parts:
         for name in part.in_names + (part.out_name,):
             wrapped = getattr(part.owner, name)

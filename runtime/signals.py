@@ -52,6 +52,7 @@ class SignalTracker:
       positions' own signals would need this call's logits; they use the first position's.
     - Without a previous distribution for the rows (first step, another batch) the multiplier is 1.
     Beam search: the history follows the cache's reorders (``follow``).
+    While the model runs its original modules everywhere (``runtime.routing``), decode steps are only counted.
     ``call.tracking = False`` leaves the multiplier to the caller (``runtime.dense``, ``runtime.fixed_multiplier``).
     """
 
@@ -73,20 +74,28 @@ class SignalTracker:
         if new == 0 or new > MAX_DECODE_TOKENS or (new > 1 and not position):
             call.multiplier = None  # prefill, chunked prefill or embeddings input: dense
             return None
+        st = self.state
+        st.record_decode_step(ids.shape[0], new)
+        st.record_dense_step(ids.shape[0] * new)  # sides running their original modules (runtime.routing)
+        if st.passing_through:  # every side does: no signals needed
+            call.multiplier = None
+            return None
         prev = call.history.predicting(position, ids.shape[0]) if call.history is not None else None
         if prev is None:
             m = torch.ones(ids.shape[0], device=ids.device)
         else:
             surprisal, entropy = load_signals(prev, ids[:, 0])
             m = relax_multiplier(surprisal, entropy, self.lam, self.gam, self.tau_s, self.tau_H)
-        self.state.record_multiplier(m.unsqueeze(1).expand(-1, new))
-        self.state.record_decode_step(ids.shape[0], new)
+        st.record_multiplier(m.unsqueeze(1).expand(-1, new))
         call.multiplier = m.unsqueeze(1)
         return None
 
     def post_forward(self, module, args, kwargs, output):
         call = self.state.call
         if not call.tracking:
+            return None
+        if self.state.passing_through:
+            call.history = None
             return None
         logits = getattr(output, "logits", None)
         if logits is None or logits.dim() != 3:

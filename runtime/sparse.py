@@ -64,6 +64,7 @@ class SparsityState:
         self.call = CallState()  # per thread: multiplier, batch, observing, signals (runtime.calls)
         self.density_wanted = False  # dense calls estimate each side's density for the measured backend choice
         self.density = {side: [0.0, 0] for side in SIDES}  # side -> [sum of per-layer keep shares, layers seen]
+        self.dense_sides: frozenset[str] = frozenset()  # sides whose original modules run (runtime.routing)
         self.reset_stats()
 
     @property
@@ -84,6 +85,7 @@ class SparsityState:
         device = device or self.rule.tau["in"].device
         self.skipped = {side: torch.zeros(self.num_layers, 2, dtype=torch.float64, device=device) for side in SIDES}
         self.skipped_host = {side: [[0, 0.0] for _ in range(self.num_layers)] for side in SIDES}
+        self.dense_rows = dict.fromkeys(SIDES, 0)  # token rows every layer of a side ran in pass-through
         self.relaxed = torch.zeros(2, dtype=torch.float64, device=device)  # [decode tokens, relaxed tokens]
         self.path_calls = dict.fromkeys(PATH_NAMES, 0)
         self.decode_steps = dict.fromkeys(DECODE_STEP_COUNTS, 0)
@@ -96,6 +98,17 @@ class SparsityState:
         if positions > 1:
             steps["multi_token_calls"] += 1
             steps["multi_token_positions"] += rows * positions
+
+    @property
+    def passing_through(self) -> bool:
+        """Whether every side the rule sparsifies runs its original modules (nothing is skipped)."""
+        return bool(self.dense_sides) and self.dense_sides.issuperset(self.rule.sides)
+
+    def record_dense_step(self, rows: int) -> None:
+        """Count ``rows`` token rows of a decode call on the sides in pass-through: every layer, nothing skipped."""
+        for side in self.dense_sides:
+            self.dense_rows[side] += rows
+            self.path_calls[DENSE.name] += self.num_layers
 
     def record_mask(self, side: str, layer: int, keep: torch.Tensor) -> None:
         """Accumulate one call's keep mask (..., C) without synchronising with the host."""
@@ -141,6 +154,7 @@ class SparsityState:
         share, tokens = {}, 0.0
         for side in SIDES:
             acc = self.skipped[side].cpu() + torch.tensor(self.skipped_host[side], dtype=torch.float64).view(-1, 2)
+            acc[:, 0] += self.dense_rows[side]
             share[side] = torch.where(acc[:, 0] > 0, acc[:, 1] / acc[:, 0].clamp_min(1), torch.zeros(()))
             tokens = max(tokens, float(acc[:, 0].max())) if self.num_layers else 0.0
         total = self.bytes["in"] + self.bytes["mid"]

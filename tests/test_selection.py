@@ -247,3 +247,90 @@ def test_density_comes_from_the_prompt(monkeypatch):
     want = {2: selection.round_density(sum(keep["in"]) / len(keep["in"])),
             1: selection.round_density(sum(keep["mid"]) / len(keep["mid"]))}
     assert {m: d for m, d in seen} == want
+
+
+def mlp_modules(model):
+    adapter = runtime.adapter_for(model)
+    return [[getattr(part.owner, n) for n in part.in_names + (part.out_name,)] for part in adapter.mlp_parts(model)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_where_dense_wins_the_original_modules_run_and_no_signals_are_computed(family, monkeypatch):
+    """After the deciding decode step the module tree holds the original projections (no wrapper in the call
+    path), the load signals are no longer computed, decode tokens are still counted, and remove restores all."""
+    model = tiny_model(family)
+    originals = mlp_modules(model)
+    want = greedy(model, 6)
+    monkeypatch.setattr(selection, "measure", fixed_timing(sparse_ms=2.0))
+    signals = []
+    real = runtime.signals.load_signals
+    monkeypatch.setattr(runtime.signals, "load_signals", lambda *a: signals.append(1) or real(*a))
+    runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05))
+    assert all(type(m).__name__ == "GatedProjection" for ms in mlp_modules(model) for m in ms)
+    got = greedy(model, 6)
+    st = runtime.stats(model)
+    assert torch.equal(got, want)
+    assert [[m for m in ms] for ms in mlp_modules(model)] == originals  # the very modules, unwrapped
+    assert len(signals) <= 1  # at most the deciding step's (its predecessor had no distribution)
+    assert st["tokens"] == PROMPT.shape[0] * 5 and st["decode_steps"]["calls"] == 5
+    assert st["mlp_reads_saved"] == 0.0 and st["path_calls"]["dense"] > 0
+    runtime.remove(model)
+    assert mlp_modules(model) == originals and not runtime.is_patched(model)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_one_side_gathers_while_the_other_runs_its_original_modules(monkeypatch):
+    """Gathering pays for gate/up (input side) only: down runs unwrapped, gate/up gather, both sides count."""
+    monkeypatch.setattr(selection, "measure", lambda workload, gather, rows, density, *a, **k:
+                        Timing(rows, density, 1.0, 1.0, 0.5 if workload.shape.members == 2 else 2.0))
+    model = tiny_model("llama")
+    art = make_artifact(model, tau_in=0.05, tau_mid=0.05)
+    runtime.apply(model, art)
+    greedy(model, 5)
+    st = runtime.stats(model)
+    kinds = [[type(m).__name__ for m in ms] for ms in mlp_modules(model)]
+    runtime.remove(model)
+    assert kinds == [["GatedProjection", "GatedProjection", "Linear"]] * len(kinds)
+    assert st["input_sparsity"] > 0 and st["mlp_sparsity"] == 0.0
+    assert st["path_calls"][GATHER] > 0 and st["path_calls"]["dense"] > 0
+    assert st["tokens"] == PROMPT.shape[0] * 4
+
+
+def test_a_new_dtype_is_measured_again_with_the_wrappers_back(monkeypatch):
+    """The routing follows the decisions of the model's current (device, dtype): after ``model.to(dtype)`` the
+    wrappers return until that dtype's first decode step has been measured."""
+    measured = []
+    monkeypatch.setattr(selection, "measure", lambda workload, gather, rows, density, dtype, *a, **k:
+                        measured.append(dtype) or Timing(rows, density, 1.0, 1.0, 2.0))
+    model = tiny_model("llama")
+    runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05))
+    greedy(model, 3)
+    assert type(mlp_modules(model)[0][0]).__name__ == "Linear"
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        model(input_ids=PROMPT)  # a prefill: not yet measured for bfloat16, the wrappers are back
+    assert type(mlp_modules(model)[0][0]).__name__ == "GatedProjection"
+    greedy(model, 3)
+    st = runtime.stats(model)
+    runtime.remove(model)
+    assert set(measured) == {torch.float32, torch.bfloat16}
+    assert {d["dtype"] for d in st["selection"]} == {"float32", "bfloat16"}
+    assert type(mlp_modules(model)[0][0]).__name__ == "Linear"
+
+
+def test_calls_of_more_rows_than_auto_gathers_run_dense_not_masked(monkeypatch):
+    """Where gathering pays, a decode step of more than MAX_GATHER_ROWS rows runs the dense product (masked
+    would read every weight and more): its tokens are the dense model's."""
+    monkeypatch.setattr(selection, "measure", fixed_timing(sparse_ms=0.5))
+    model = tiny_model("llama")
+    prompt = torch.randint(4, 100, (runtime.backends.MAX_GATHER_ROWS + 1, 8), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                  pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(prompt, **kwargs)
+        runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05))
+        got = model.generate(prompt, **kwargs)
+    st = runtime.stats(model)
+    runtime.remove(model)
+    assert torch.equal(got, want)
+    assert st["path_calls"]["masked"] == 0 and st["path_calls"]["dense"] > 0
