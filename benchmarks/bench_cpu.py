@@ -31,7 +31,8 @@ from clada.calibrate.models import load_model
 from clada.runtime.machine import cpu_info
 
 COLUMNS = ("dtype", "batch", "threads", "dense tok/s", "CLADA tok/s", "ratio", "layout / dense", "CLADA / layout",
-           "skip bound", "mlp_reads_saved", "spread", "backend per shape (1 row)")
+           "skip bound", "ratio, layout / dense, CLADA / layout (fastest reps)", "mlp_reads_saved", "spread",
+           "backend per shape (1 row)")
 
 
 def _csv(text: str) -> list[str]:
@@ -55,6 +56,7 @@ def table(cpu: dict, rows: list[dict], llama: dict | None) -> str:
         out.append("| " + " | ".join([
             r["dtype"], str(r["batch"]), str(r["threads"]), f"{r['dense_tok_s']:.2f}", f"{r['clada_tok_s']:.2f}",
             f"**{r['ratio']:.3f}**", f"{r['layout_ratio']:.3f}", f"{r['sparsity_ratio']:.3f}", f"{r['skip_bound']:.3f}",
+            f"{r['best_ratio']:.3f}, {r['best_layout_ratio']:.3f}, {r['best_sparsity_ratio']:.3f}",
             f"{r['mlp_reads_saved']:.3f}", f"{worst:.0%}" + (" (noisy)" if worst > NOISY else ""),
             ", ".join(f"{s}: {b}" for s, b in shapes.items())]) + " |")
     if llama:

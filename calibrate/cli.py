@@ -296,7 +296,7 @@ def _print_bench(r: dict) -> None:
     click.echo(f"  ratio            {r['ratio']:.3f}")
     for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "mlp_share", "bound", "gain_of_bound",
                 "signal_overhead", "layout_ratio", "sparsity_ratio", "layout_mlp_share", "skip_bound",
-                "skip_gain_of_bound", "prefill_overhead"):
+                "skip_gain_of_bound", "best_ratio", "best_layout_ratio", "best_sparsity_ratio", "prefill_overhead"):
         click.echo(f"  {key:16s} {r[key]:.3f}")
     click.echo("  fast_path        " + ", ".join(f"{path} {share:.0%}" for path, share in r["fast_path"].items()
                                              if share))

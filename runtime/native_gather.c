@@ -19,11 +19,12 @@
  * row's kept channels are added in ascending order into a partial sum (channels another row keeps add an exact
  * zero), and the partials are added in block order.
  *
- * Threads: a small pool of its own (not OpenMP). The calling thread posts the blocks as work items and takes
- * items itself at once; idle workers (woken, or spinning briefly after their last item) take the others. The
- * caller waits only for items a worker has started, never for a worker to wake up: on a busy machine, where a
- * worker may not get a core for milliseconds, a call runs on the calling thread alone instead of stalling (an
- * OpenMP team's barriers made a call 30 times slower there).
+ * Threads: built with -fopenmp (runtime/native.py's first choice), the work items run on an OpenMP team of the
+ * runtime torch has loaded, so torch's threads, often still spinning after the attention's products, take them
+ * at once. Otherwise a small pool of its own: the calling thread posts the blocks as work items and takes items
+ * itself at once; idle workers (woken, or spinning briefly after their last item) take the others, and the caller
+ * waits only for items a worker has started. Beside torch's spinning OpenMP threads that pool's worker competes
+ * for the cores (on 2 cores a decode step of SmolLM2 took a fifth longer than with the shared team).
  * The comparison is the one the masked reference makes (the activation widened to float32 exactly, a float32
  * product, then '>'), so both keep exactly the same channels.
  *
@@ -232,6 +233,28 @@ static void forget_workers(void) {  /* in a forked child: the workers are gone *
 
 static void watch_forks(void) { pthread_atfork(NULL, NULL, forget_workers); }
 
+#ifdef _OPENMP
+/* Built with OpenMP: the items run on the OpenMP runtime's team, which in a process that loaded torch first is
+ * torch's own (the same libgomp.so.1, loaded once): the threads that just ran torch's product, and may still be
+ * spinning for more work, take the kernel's items at once instead of competing with a second pool for the cores. */
+#include <omp.h>
+/* A forked child inherits the runtime's team state but not its threads (a parallel region there can hang, as
+ * torch's own do): calls in a forked child run on the calling thread alone. */
+static volatile int forked_child;
+static void mark_forked_child(void) { forked_child = 1; }
+__attribute__((constructor)) static void watch_forks_openmp(void) { pthread_atfork(NULL, NULL, mark_forked_child); }
+
+static void run(item_fn fn, void *arg, int64_t items, int64_t threads) {
+    if (items <= 0) return;
+    if (threads <= 1 || items == 1 || forked_child || omp_in_parallel()) {
+        for (int64_t i = 0; i < items; i++) fn(arg, i);
+        return;
+    }
+    const int team = (int)(threads < items ? threads : items);
+#pragma omp parallel for num_threads(team) schedule(dynamic, 1)
+    for (int64_t i = 0; i < items; i++) fn(arg, i);
+}
+#else
 /* Run fn(arg, i) for i in [0, items) on the calling thread and up to threads - 1 workers. */
 static void run(item_fn fn, void *arg, int64_t items, int64_t threads) {
     if (items <= 0) return;
@@ -261,6 +284,7 @@ static void run(item_fn fn, void *arg, int64_t items, int64_t threads) {
     }
     pthread_mutex_unlock(&job_lock);
 }
+#endif
 
 /* What one call's work items need. */
 struct call {

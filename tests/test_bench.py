@@ -45,6 +45,9 @@ def test_run_bench_reports_consistent_figures_and_restores_the_model(family):
     assert r["bound"] == pytest.approx(1 / (1 - r["mlp_reads_saved"] * r["mlp_share"]))
     assert r["gain_of_bound"] == pytest.approx((r["ratio"] - 1) / (r["bound"] - 1))
     assert all(len(v) == 2 for v in r["decode_s"].values())
+    fastest = {mode: min(seconds) for mode, seconds in r["decode_s"].items()}
+    assert r["best_ratio"] == pytest.approx(fastest["dense"] / fastest["clada"])
+    assert r["best_sparsity_ratio"] == pytest.approx(fastest["layout"] / fastest["clada"])
     assert sum(r["fast_path"].values()) == pytest.approx(1) and r["fast_path"]["masked"] == 0  # decode gathered
     # the model comes back unpatched, in its original layout, computing what it computed before
     assert not runtime.is_patched(model)

@@ -96,8 +96,8 @@ def test_a_rows_result_depends_on_nothing_but_the_row(kernel, dtype):
 
 
 def test_kernel_calls_from_several_threads_and_after_fork(kernel):
-    """The kernel's own thread pool serves one caller at a time (the others run alone), and a forked child, whose
-    workers are gone, still computes every call."""
+    """Concurrent callers each get every result (OpenMP build: a team per caller; own pool: one caller at a time,
+    the others run alone), and a forked child, whose threads are gone, still computes every call (alone)."""
     import multiprocessing
     import threading
 
@@ -190,3 +190,37 @@ def test_built_kernel_is_cached_per_machine(fresh_native, monkeypatch, kernel):
     monkeypatch.setattr(native, "_build", lambda *a: pytest.fail("rebuilt although the cache had the library"))
     again = native.gather_kernel()
     assert again is not None and again.path == first.path
+
+
+def test_without_a_shared_openmp_runtime_the_kernel_runs_its_own_pool(fresh_native, monkeypatch):
+    """Where the OpenMP build would bring a second OpenMP runtime (a torch built with another), the loader takes the
+    build with the kernel's own thread pool, which computes the same, also from a forked child."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc) on this machine: the runtime uses embedding_bag here")
+    mapped = iter(range(100))
+    monkeypatch.setattr(native, "openmp_runtimes", lambda: {next(mapped)})  # every load maps another runtime
+    k = native.gather_kernel()
+    assert k is not None and "-fopenmp" not in k.flags and "-pthread" in k.flags
+    gen = torch.Generator().manual_seed(5)
+    x, rows = torch.randn(3, 700, generator=gen), torch.randn(700, 130, generator=gen)
+    scale, thr = torch.rand(700, generator=gen) + 0.5, torch.tensor([0.2, 0.9, 1.5])
+    want, kept = reference(x, scale, thr, rows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got, got_kept = k(x, scale, thr, rows)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert got_kept == kept
+
+
+def test_the_openmp_build_is_taken_where_it_shares_torchs_runtime(fresh_native, kernel):
+    """On Linux with torch's GNU OpenMP (this machine's torch), the OpenMP build loads, resolving to torch's runtime:
+    the process maps no OpenMP runtime besides those it had (torch's and, say, another package's renamed copy)."""
+    import sys
+
+    if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch here does not use OpenMP on Linux")
+    assert "-fopenmp" in kernel.flags
+    assert any("torch" in path for path in native.openmp_runtimes())
