@@ -14,9 +14,11 @@ Method (all figures come from one run):
   forward call; decode time is the rest of the generate wall time, so it includes generate's own overhead.
   tok/s = batch * (new_tokens - 1) / decode seconds. Medians over repetitions; ``spread`` per mode is
   (max - min) / median of the repetitions' tok/s, and ``noisy`` is set (and the CLI warns) above ``NOISY``.
-  ``best_ratio``, ``best_layout_ratio``, ``best_sparsity_ratio``: the same ratios from each mode's fastest
-  repetition, the least disturbed where a busy host (other guests taking the cores) only ever adds time; beside
-  the medians, not instead of them.
+  On a shared host the memory bandwidth a decode step gets drifts over seconds to minutes, which ratios of
+  medians taken minutes apart cannot cancel; the modes of one repetition run back to back, so beside the medians:
+  ``paired_ratio`` (median over repetitions of dense seconds / CLADA seconds of the same repetition),
+  ``paired_sparsity_ratio`` (layout / CLADA likewise), ``clada_faster`` (repetitions in which CLADA beat dense),
+  and ``best_ratio``, ``best_layout_ratio``, ``best_sparsity_ratio`` (from each mode's fastest repetition).
 - ``threads``: torch's thread count during the run (the compiled kernel uses the same), set by ``--threads``.
 - ``mlp_share`` f: share of dense decode time spent inside the MLPs (first input projection called to
   output projection returned, every layer), from an extra profiled dense run in the same process.
@@ -201,6 +203,11 @@ def layout_backend(model: nn.Module, backend: str) -> str:
     return runtime.first_gathering(param.device, param.dtype, 1).name
 
 
+def paired(base: list[float], other: list[float]) -> float:
+    """Median over repetitions of base seconds / other seconds (the speed-up of ``other``, rep by rep)."""
+    return statistics.median(b / o for b, o in zip(base, other))
+
+
 def spread(seconds: list[float]) -> float:
     """(max - min) / median of the rates 1 / seconds: the rep-to-rep spread of a mode's tok/s."""
     rates = [1.0 / s for s in seconds]
@@ -310,6 +317,9 @@ def _run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: 
         "layout_backend": layout_backend(model, config.backend) if layout else None,
         "backends": stats[-1]["backends"] if stats else {},
         "selection": stats[-1]["selection"] if stats else [],
+        "paired_ratio": paired(times["dense"], times["clada"]),
+        "paired_sparsity_ratio": paired(times["layout"], times["clada"]) if layout else float("nan"),
+        "clada_faster": sum(d > c for d, c in zip(times["dense"], times["clada"])),
         "best_ratio": best["dense"] / best["clada"], "best_layout_ratio": best["dense"] / best["layout"],
         "best_sparsity_ratio": best["layout"] / best["clada"],
         "spread": {m: spread(times[m]) for m in modes},

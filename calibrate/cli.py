@@ -296,10 +296,12 @@ def _print_bench(r: dict) -> None:
     click.echo(f"  ratio            {r['ratio']:.3f}")
     for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "mlp_share", "bound", "gain_of_bound",
                 "signal_overhead", "layout_ratio", "sparsity_ratio", "layout_mlp_share", "skip_bound",
-                "skip_gain_of_bound", "best_ratio", "best_layout_ratio", "best_sparsity_ratio", "prefill_overhead"):
+                "skip_gain_of_bound", "paired_ratio", "paired_sparsity_ratio", "best_ratio", "best_layout_ratio",
+                "best_sparsity_ratio", "prefill_overhead"):
         click.echo(f"  {key:16s} {r[key]:.3f}")
     click.echo("  fast_path        " + ", ".join(f"{path} {share:.0%}" for path, share in r["fast_path"].items()
                                              if share))
+    click.echo(f"  clada_faster     {r['clada_faster']} of {r['reps']} repetitions")
     click.echo("  spread           " + ", ".join(f"{mode} {s:.1%}" for mode, s in r["spread"].items()))
     for decision in r["selection"]:
         click.echo(f"  selection        {decision['dtype']} {decision['shape']}: {decision['reason']}")

@@ -48,6 +48,9 @@ def test_run_bench_reports_consistent_figures_and_restores_the_model(family):
     fastest = {mode: min(seconds) for mode, seconds in r["decode_s"].items()}
     assert r["best_ratio"] == pytest.approx(fastest["dense"] / fastest["clada"])
     assert r["best_sparsity_ratio"] == pytest.approx(fastest["layout"] / fastest["clada"])
+    per_rep = sorted(d / c for d, c in zip(r["decode_s"]["dense"], r["decode_s"]["clada"]))
+    assert r["paired_ratio"] == pytest.approx((per_rep[0] + per_rep[1]) / 2)  # the median of two
+    assert r["clada_faster"] == sum(x > 1 for x in per_rep)
     assert sum(r["fast_path"].values()) == pytest.approx(1) and r["fast_path"]["masked"] == 0  # decode gathered
     # the model comes back unpatched, in its original layout, computing what it computed before
     assert not runtime.is_patched(model)
