@@ -56,6 +56,10 @@ def test_the_layout_follows_the_row_count_that_decodes_first():
 def test_a_win_within_tolerance_keeps_the_original_layout():
     d = decide(SHAPE, "native", timings(sparse=0.99, dense_rows=1.0), rows=1)  # 1% is noise, not a reason
     assert not d.gathering_layout
+    d = decide(SHAPE, "native", timings(sparse=0.85, dense_rows=1.0), rows=1)  # 15%: the runtime's own work eats it
+    assert not d.gathering_layout
+    d = decide(SHAPE, "native", timings(sparse=0.6, dense_rows=1.0), rows=1)
+    assert d.gathering_layout
 
 
 def test_measure_times_each_candidate_with_the_clock():
