@@ -7,6 +7,8 @@ Tensors (L = decoder layers, D = hidden size, I = intermediate size):
   (format 1 named them ``channel_scale_in`` / ``channel_scale_mid``).
 - ``lam``, ``gam``, ``tau_s``, ``tau_H``: 0-dim float32 adaptation parameters.
 - ``fingerprint`` (L, P) float64: Frobenius norms of each layer's P MLP projection weights.
+- (format 4, optional) ``center_in`` (L, D), ``center_mid`` (L, I) float32: compensation. Where present, scores are
+  |x - center| * channel_weight and a skipped channel counts as ``center`` instead of 0 (a row of zeros: none).
 Metadata: ``format``, ``format_version`` and JSON strings ``model``, ``recipe``, ``data``, ``figures``, ``signals``,
 (format 2) ``rule``: the sparsity rule, ``{"name": ..., <its parameters>}`` (format 1: the threshold rule), and
 (format 3) ``sha256``: ``{tensor name: hex sha256 of its bytes in the data section}``, checked on load.
@@ -29,11 +31,12 @@ from safetensors.torch import load, save
 from .atomic import write_atomic
 
 FORMAT_NAME = "clada"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 DIGEST_KEY = "sha256"  # metadata key (format 3): {tensor name: hex sha256 of the tensor's bytes in the file}
 SCALAR_KEYS = ("lam", "gam", "tau_s", "tau_H")
 JSON_METADATA_KEYS = ("model", "recipe", "data", "figures", "signals", "rule")
 TENSOR_KEYS = ("tau_base_in", "tau_base_mid", "channel_weight_in", "channel_weight_mid", "fingerprint") + SCALAR_KEYS
+CENTER_KEYS = ("center_in", "center_mid")  # optional (format 4): compensation of skipped channels
 FORMAT1_TENSOR_NAMES = {"channel_scale_in": "channel_weight_in", "channel_scale_mid": "channel_weight_mid"}
 DEFAULT_RULE = {"name": "threshold"}
 
@@ -61,11 +64,17 @@ class Artifact:
     figures: dict[str, Any] = field(default_factory=dict)
     signals: dict[str, Any] = field(default_factory=dict)
     rule: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_RULE))  # the sparsity rule and its parameters
+    center_in: torch.Tensor | None = None  # (L, D) float32: value a skipped input channel stands for (None: 0)
+    center_mid: torch.Tensor | None = None  # (L, I) float32: the same for intermediate neurons
     source: str = field(default="artifact", compare=False)  # where it was loaded from, for error messages
 
     @property
     def num_layers(self) -> int:
         return int(self.tau_base_in.shape[0])
+
+    def center(self, side: str) -> torch.Tensor | None:
+        """(L, C) compensation of ``side`` (``in`` or ``mid``), or None where the artifact has none."""
+        return self.center_in if side == "in" else self.center_mid
 
     def validate(self, source: str = "artifact") -> None:
         """Raise ArtifactError if shapes, dtypes or values are inconsistent."""
@@ -85,6 +94,15 @@ class Artifact:
                 raise ArtifactError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
             if not torch.isfinite(t).all() or (t < 0).any():
                 raise ArtifactError(f"{source}: tensor {name} holds NaN, inf or negative values")
+        for name, weights in (("center_in", self.channel_weight_in), ("center_mid", self.channel_weight_mid)):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if t.dtype != torch.float32 or t.shape != weights.shape:
+                raise ArtifactError(f"{source}: tensor {name} has shape {tuple(t.shape)} and dtype {t.dtype}, "
+                                    f"expected {tuple(weights.shape)} float32")
+            if not torch.isfinite(t).all():
+                raise ArtifactError(f"{source}: tensor {name} holds NaN or inf values")
         for name in ("lam", "gam"):
             value = getattr(self, name)
             if not (-1.0 <= value <= 0.0):
@@ -106,8 +124,11 @@ def save_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
     artifact.validate()
     path = Path(path)
     tensors = {name: getattr(artifact, name).contiguous() for name in TENSOR_KEYS if name not in SCALAR_KEYS}
+    tensors.update({name: getattr(artifact, name).contiguous() for name in CENTER_KEYS
+                    if getattr(artifact, name) is not None})
     tensors.update({name: _scalar(getattr(artifact, name)) for name in SCALAR_KEYS})
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    centred = any(name in tensors for name in CENTER_KEYS)  # without compensation: format 3, which older readers read
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION if centred else 3)}
     metadata.update({key: json.dumps(getattr(artifact, key), sort_keys=True) for key in JSON_METADATA_KEYS})
     header, data = _split(save(tensors), path)  # the digests are those of the bytes as safetensors lays them out
     metadata[DIGEST_KEY] = json.dumps(_digests(header, data), sort_keys=True)
@@ -178,7 +199,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     if version < 2:
         tensors = {FORMAT1_TENSOR_NAMES.get(k, k): v for k, v in tensors.items()}
     missing = sorted(set(TENSOR_KEYS) - set(tensors))
-    extra = sorted(set(tensors) - set(TENSOR_KEYS))
+    extra = sorted(set(tensors) - set(TENSOR_KEYS) - (set(CENTER_KEYS) if version >= 4 else set()))
     if missing or extra:
         raise ArtifactError(f"{path}: tensors missing {missing} / unexpected {extra}")
     fields: dict[str, Any] = {}

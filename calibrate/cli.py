@@ -424,6 +424,8 @@ def inspect_cmd(artifact: str, as_json: bool) -> None:
         "lam": art.lam, "gam": art.gam, "tau_s": art.tau_s, "tau_H": art.tau_H,
         "tau_base_in": [round(v, 6) for v in art.tau_base_in.tolist()],
         "tau_base_mid": [round(v, 6) for v in art.tau_base_mid.tolist()],
+        "compensated_layers": {side: [l for l in range(art.num_layers) if bool(art.center(side)[l].any())]
+                               for side in ("in", "mid") if art.center(side) is not None},
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -436,6 +438,8 @@ def inspect_cmd(artifact: str, as_json: bool) -> None:
     click.echo(f"  adapt     lam={art.lam:.4f} gam={art.gam:.4f} tau_s={art.tau_s:.4f} tau_H={art.tau_H:.4f}")
     click.echo("  tau_in    " + " ".join(f"{v:.3g}" for v in art.tau_base_in.tolist()))
     click.echo("  tau_mid   " + " ".join(f"{v:.3g}" for v in art.tau_base_mid.tolist()))
+    for side, layers in info["compensated_layers"].items():
+        click.echo(f"  centred   {side}: layers {' '.join(map(str, layers)) or 'none'}")
     held = art.figures.get("heldout")
     if held:
         _print_figures("  held-out figures at calibration:", held)

@@ -10,7 +10,9 @@ threshold multiplier ``m`` (one per token row, 1 = base, < 1 = relaxed), a boole
 
 The threshold rule ``|x|·w > tau·m`` is written once, in :func:`threshold_keep`; the masked reference, every
 kernel backend (``runtime.backends``; the compiled and Triton kernels make the same float32 comparison) and the
-calibration's error tables use it. Rules that need the dense prefill (GRIFFIN) observe it through
+calibration's error tables use it. With compensation (an artifact's ``center_in``/``center_mid``, per layer and
+channel) the rule looks at ``x - c`` (:func:`centred`, in x's dtype) and a skipped channel stands for ``c``
+instead of 0: the gathering backends sum the kept rows of ``x - c`` and add the projection of ``c``. Rules that need the dense prefill (GRIFFIN) observe it through
 ``observe_prefill``. Rules are named in the artifact (metadata ``rule``) and built by :func:`build_rule`.
 """
 
@@ -34,13 +36,25 @@ def threshold_keep(x: torch.Tensor, channel_weight: torch.Tensor, tau: torch.Ten
     return channel_scores(x, channel_weight) > tau
 
 
+def centred(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+    """``x - center`` in x's dtype (what a compensated rule scores and a gathering backend sums); ``x`` if None."""
+    return x if center is None else x - center.to(x.dtype)
+
+
+def compensated(x: torch.Tensor, keep: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with its skipped entries (``keep`` False) replaced by ``center`` (None: by 0), in x's dtype."""
+    if center is None:
+        return x * keep.to(x.dtype)
+    return torch.where(keep, x, center.to(x.dtype))
+
+
 class SparsityRule:
     """Base rule. Subclasses set ``name``, ``sides``, ``mid_at`` and implement ``keep``.
 
     ``in_bytes_saved_by_mid``: share of the input projections' bytes a skipped neuron also saves (CATS:
     up's half of a gated MLP; GRIFFIN: all of gate and up, whose output rows it never computes).
-    ``threshold_form``: ``keep`` is exactly ``threshold_keep(x, channel_weight(l, side), step_tau(l, side, m))``,
-    so the kernel backends can compute it inside their kernels.
+    ``threshold_form``: ``keep`` is exactly ``threshold_keep(centred(x, center(l, side)), channel_weight(l, side),
+    step_tau(l, side, m))``, so the kernel backends can compute it inside their kernels.
     """
 
     name: ClassVar[str] = ""
@@ -54,6 +68,14 @@ class SparsityRule:
         self.tau = {"in": artifact.tau_base_in.float().to(device), "mid": artifact.tau_base_mid.float().to(device)}
         self.weight = {"in": artifact.channel_weight_in.float().to(device),
                        "mid": artifact.channel_weight_mid.float().to(device)}
+        self.centers = {side: self._layer_centers(artifact.center(side), device) for side in SIDES}
+
+    @staticmethod
+    def _layer_centers(center: torch.Tensor | None, device) -> list[torch.Tensor | None]:
+        """Per layer the (C,) float32 compensation, None for a layer without (absent, or a row of zeros)."""
+        if center is None:
+            return []
+        return [row.float().to(device) if bool(row.any()) else None for row in center]
 
     def in_bytes_saved_by_mid(self, gated: bool) -> float:
         return 0.0
@@ -61,9 +83,15 @@ class SparsityRule:
     def to(self, device: torch.device) -> None:
         self.tau = {k: v.to(device) for k, v in self.tau.items()}
         self.weight = {k: v.to(device) for k, v in self.weight.items()}
+        self.centers = {k: [None if c is None else c.to(device) for c in v] for k, v in self.centers.items()}
 
     def channel_weight(self, layer: int, side: str) -> torch.Tensor:
         return self.weight[side][layer]
+
+    def center(self, layer: int, side: str) -> torch.Tensor | None:
+        """(C,) float32 value a skipped channel of ``layer``'s ``side`` stands for, or None (0: no compensation)."""
+        centers = self.centers[side]
+        return centers[layer] if centers else None
 
     def step_tau(self, layer: int, side: str, multiplier: torch.Tensor) -> torch.Tensor:
         """Thresholds tau_base[layer] * m, float32, of the shape of ``multiplier`` (..., 1)."""
@@ -78,12 +106,14 @@ class SparsityRule:
 
 
 class ThresholdRule(SparsityRule):
-    """CLADA and the threshold baselines: keep iff |x|·w > tau_base[l]·m (both sides)."""
+    """CLADA and the threshold baselines: keep iff |x - c|·w > tau_base[l]·m (both sides; c = 0 without
+    compensation)."""
 
     name = "threshold"
     threshold_form = True
 
     def keep(self, layer, side, x, multiplier):
+        x = centred(x, self.center(layer, side))
         return threshold_keep(x, self.weight[side][layer], self.step_tau(layer, side, multiplier))
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .backends import DENSE, MASKED, PATH_NAMES, BackendChooser
 from .calls import CallState
-from .rules import SIDES, SparsityRule, threshold_keep
+from .rules import SIDES, SparsityRule, centred, compensated, threshold_keep
 
 DENSITY_ROWS = 16  # token rows at the end of a dense call whose keep shares estimate a side's density
 # runtime.stats()["decode_steps"]: sparse decode calls, their token positions (rows x new tokens), and those of calls
@@ -131,7 +131,7 @@ class SparsityState:
     def observe_density(self, side: str, layer: int, x: torch.Tensor) -> None:
         """Add the share of channels the last ``DENSITY_ROWS`` token rows of a dense call's ``x`` (..., C) keep at
         the base thresholds (multiplier 1) to ``density`` (a float; on CUDA this synchronises, during prefill)."""
-        rows = x.reshape(-1, x.shape[-1])[-DENSITY_ROWS:]
+        rows = centred(x.reshape(-1, x.shape[-1])[-DENSITY_ROWS:], self.rule.center(layer, side))
         keep = threshold_keep(rows, self.rule.channel_weight(layer, side), self.rule.step_tau(layer, side, torch.ones(
             (), device=rows.device)))
         acc = self.density[side]
@@ -189,6 +189,7 @@ class ChannelGate(nn.Module):
         self.state, self.layer, self.side = state, layer, side
         self._last: tuple | None = None  # masked reference: (last input, its masked copy), one attribute: thread-safe
         self._last_counted: torch.Tensor | None = None  # gathering: last input whose kept count was recorded
+        self._center_terms: dict = {}  # compensation: weight rows' key -> (out,) projection of the center
 
     def observe(self, x: torch.Tensor) -> None:
         """A dense call: show the rule the activations if it watches the prefill, and estimate the side's
@@ -223,21 +224,36 @@ class ChannelGate(nn.Module):
         keep = st.rule.keep(self.layer, self.side, x, row_multipliers(st.multiplier, x))
         st.record_mask(self.side, self.layer, keep)
         st.path_calls["masked"] += 1
-        out = x * keep.to(x.dtype)
+        out = compensated(x, keep, st.rule.center(self.layer, self.side))
         self.__dict__["_last"] = (x, out)  # nn.Module.__setattr__ costs ~7 us
         return out
 
     def gather(self, backend, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(N, out) for ``x`` (N token rows of C, any leading shape) and weight ``rows`` (C, out) by ``backend``."""
         st, rule = self.state, self.state.rule
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        center = rule.center(self.layer, self.side)
+        flat = centred(x.reshape(-1, x.shape[-1]), center).contiguous()
         tau = rule.step_tau(self.layer, self.side, row_multipliers(st.multiplier, flat))
         out, kept = backend.gather(flat, rule.channel_weight(self.layer, self.side), tau, rows)
+        if center is not None:
+            out = out + self.center_term(center, rows)
         if x is not self._last_counted:  # gate and up gathering their own rows: count the input once
             st.record_kept(self.side, self.layer, flat.shape[0], kept, flat.shape[1])
             st.path_calls[backend.name] += 1
             self.__dict__["_last_counted"] = x
         return out
+
+
+    def center_term(self, center: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(out,) ``center`` (C,) times weight ``rows`` (C, out), in the rows' dtype (summed in float32): what the
+        skipped channels stand for under compensation. Computed once per weight storage."""
+        key = (rows.data_ptr(), tuple(rows.shape), rows.stride(), rows.dtype, rows.device)
+        term = self._center_terms.get(key)
+        if term is None:
+            term = (center.to(rows.dtype).float() @ rows.float()).to(rows.dtype)
+            terms = self._center_terms if len(self._center_terms) < 4 else {}  # old storages (model.to) drop out
+            self.__dict__["_center_terms"] = {**terms, key: term}
+        return term
 
 
 class RowGroup:
