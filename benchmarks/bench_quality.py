@@ -35,7 +35,7 @@ import optuna
 import torch
 
 from clada import runtime
-from clada.artifacts import Artifact, atomic_path, load_artifact, write_atomic
+from clada.artifacts import Artifact, load_artifact, write_atomic
 from clada.calibrate.baselines import THRESHOLD_BASELINES, CalibrationActivations, baseline_artifacts
 from clada.calibrate.methods import METHODS, build_method, method_artifact
 from clada.calibrate.cache import cache_dir
@@ -43,7 +43,6 @@ from clada.calibrate.compare import threshold_sensitivity
 from clada.calibrate.data import load_documents
 from clada.calibrate.evaluate import (QUALITY_BACKEND, ProxyEvaluator, Sparsifier, TeacherForcedEvaluator, generation_eval, greedy_agreement,
                                       greedy_tokens, tokenize_documents)
-from clada.calibrate.measure import LayerTable
 from clada.calibrate.models import load_model
 from clada.calibrate.multiple_choice import load_questions, multiple_choice_eval
 from clada.calibrate.pipeline import ARTIFACT_NAME, Measurements, measure, point_artifact, study_name, token_splits
@@ -70,18 +69,15 @@ def measurements(recipe, model, adapter, act_tokens: torch.Tensor) -> Measuremen
     """``pipeline.measure`` of the recipe, cached by what it depends on (model fingerprint and every recipe field
     but the search, eval and output settings) -- it is deterministic, and a new budget needs no new tables."""
     inputs = {k: v for k, v in recipe.to_dict().items() if k not in ("search", "eval", "output")}
-    inputs["tables_format"] = 2  # LayerTable fields tau_in, tau_mid (format 1: t_in, t_mid)
     key = hashlib.sha256((json.dumps(inputs, sort_keys=True) + repr(runtime.mlp_fingerprint(model, adapter).tolist())).encode())
-    path = cache_dir() / "tables" / f"{key.hexdigest()[:16]}.pt"
-    if path.is_file():
-        d = torch.load(path, weights_only=True)
-        tables = [LayerTable(*row) for row in zip(d["tau_in"], d["tau_mid"], d["error"], d["saved"])]
-        return Measurements(d["weight_in"], d["weight_mid"], tables, d["ratios"])
+    path = cache_dir() / "tables" / f"{key.hexdigest()[:16]}.safetensors"
+    cached = Measurements.load(path, key.hexdigest())
+    if cached is not None:
+        return cached
     log("measuring per-layer error tables (once; cached)")
     m = measure(recipe, model, adapter, act_tokens, progress=False)
-    with atomic_path(path) as tmp:
-        torch.save({"weight_in": m.weight_in, "weight_mid": m.weight_mid, "ratios": m.ratios,
-                    **{k: [getattr(t, k) for t in m.tables] for k in ("tau_in", "tau_mid", "error", "saved")}}, tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m.save(path, key.hexdigest())
     return m
 
 
@@ -181,13 +177,14 @@ def study_points(bench: Bench, study_dir: Path, default: Artifact) -> tuple[list
                                                for t in trials])]
     m = measurements(r, bench.model, bench.adapter, bench.splits.act)
     fingerprint = runtime.mlp_fingerprint(bench.model, bench.adapter)
-    artifact_of = partial(point_artifact, weight_in=m.weight_in, weight_mid=m.weight_mid, fingerprint=fingerprint)
+    artifact_of = partial(point_artifact, weight_in=m.weight_in, weight_mid=m.weight_mid, fingerprint=fingerprint,
+                          centers=m.centers)
     search = ThresholdSearch(m.tables, m.ratios, ProxyEvaluator(bench.model, bench.splits.search, bench.prompt,
                                                                r.eval.batch_size), SearchSettings(), artifact_of)
     points = []
     for t in front:
         point = search.point_of(t)
-        points.append({"trial": t.number, "params": t.params, "artifact": point_artifact(point, m.weight_in, m.weight_mid, fingerprint),
+        points.append({"trial": t.number, "params": t.params, "artifact": artifact_of(point),
                        "proxy": {k: t.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}})
     chosen = default.figures.get("calibration_proxy", {})
     match = [p for p in points if abs(p["proxy"]["mlp_reads_saved"] - chosen.get("mlp_reads_saved", -1)) < 1e-9]
@@ -227,7 +224,7 @@ def run_default(bench: Bench, default: Artifact, rows: list[dict], args) -> dict
 
     ``rows``: the CLADA rows, whose default point gives the "clada" and "clada-noadapt" ablations."""
     out = {"ablations": []}
-    for name in ("clada", "clada-surprisal", "clada-entropy", "clada-noadapt"):
+    for name in ("clada", "clada-surprisal", "clada-entropy", "clada-noadapt", "clada-nocomp"):
         variant = method_artifact(name, bench.model, artifact=default)
         extra = {"lam": variant.lam, "gam": variant.gam}
         done = [r for r in rows if r.get("default") and r["method"] == name]

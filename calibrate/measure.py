@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..runtime.adapters import MLPAdapter, MLPParts
-from ..runtime.rules import channel_scores
+from ..runtime.rules import centred, channel_scores, compensated
 
 SCORE_RULES = ("magnitude", "wina")
 
@@ -128,36 +128,52 @@ def score_quantiles(scores: torch.Tensor, qs: torch.Tensor | list[float], method
 
 @dataclass
 class LayerTable:
-    """Grid results for one layer; every tensor is (Qi, Qm) except ``tau_in`` (Qi,)."""
+    """Grid results for one layer; every tensor is (Qi, Qm) except ``tau_in`` and ``centred`` (Qi,).
+
+    ``centred[i]``: row i was measured with compensation on the input side (scores |x - c|, skipped channels
+    standing for c; c the calibration mean of x); a table may hold both kinds of rows (``LayerTable.stack``).
+    """
 
     tau_in: torch.Tensor
     tau_mid: torch.Tensor
     error: torch.Tensor
     saved: torch.Tensor
+    centred: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.centred is None:
+            self.centred = torch.zeros(len(self.tau_in), dtype=torch.bool)
+
+    @classmethod
+    def stack(cls, tables: list[LayerTable]) -> LayerTable:
+        """One table holding the rows of ``tables`` (same intermediate quantiles), in order."""
+        return cls(*(torch.cat([getattr(t, f) for t in tables]) for f in ("tau_in", "tau_mid", "error", "saved",
+                                                                            "centred")))
 
 
 class LayerErrorModel:
     """One layer's MLP on calibration inputs x (N, D): the thresholds of a quantile pair and the output error.
 
-    For (q_in, q_mid): tau_in is the q_in quantile of the input scores |x|·w_in; tau_mid the q_mid quantile of
-    the intermediate scores |h'|·w_mid, where h' is computed from x with the skipped input channels zeroed (as at
-    run time). ``error`` is ||y' - y||^2 / ||y||^2 of the MLP output with both keep masks applied (the runtime's
+    For (q_in, q_mid): tau_in is the q_in quantile of the input scores |x - c_in|·w_in; tau_mid the q_mid quantile
+    of the intermediate scores |h'|·w_mid, where h' is computed from x with the skipped input channels set to
+    c_in (as at run time; ``center_in`` c_in (D,), default None: 0, no compensation). ``error`` is ||y' - y||^2 / ||y||^2 of the MLP output with both keep masks applied (the runtime's
     rule, ``threshold_keep``); ``saved`` the share of the layer's MLP weight bytes skipped. The grid search
     (``table``) and TEAL-greedy's walk both use it; ``quantiles`` is ``score_quantiles``' method.
     """
 
     def __init__(self, adapter: MLPAdapter, part: MLPParts, x: torch.Tensor, weight_in: torch.Tensor,
-                 weight_mid: torch.Tensor, quantiles: str = "sampled"):
+                 weight_mid: torch.Tensor, quantiles: str = "sampled", center_in: torch.Tensor | None = None):
         self.adapter, self.part, self.quantiles = adapter, part, quantiles
         self.out = getattr(part.owner, part.out_name)
         device, self.dtype = adapter.weight(self.out).device, adapter.weight(self.out).dtype
         self.x = x.to(device).float()
         self.weight_in, self.weight_mid = weight_in.to(device).float(), weight_mid.to(device).float()
+        self.center_in = None if center_in is None else center_in.to(device).float()
         self.bytes_in, self.bytes_mid = adapter.projection_bytes(part)
         with torch.no_grad():
             self.y = self._output(self._intermediate(self.x))
         self.y_norm = self.y.pow(2).sum()
-        self.score_in = channel_scores(self.x, self.weight_in)
+        self.score_in = channel_scores(centred(self.x, self.center_in), self.weight_in)
         self._by_q_in: dict[float, tuple] = {}
 
     def _intermediate(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +191,7 @@ class LayerErrorModel:
         if key not in self._by_q_in:
             tau_in = float(score_quantiles(self.score_in, [key], self.quantiles)[0])
             keep_in = self.score_in > tau_in
-            h = self._intermediate(self.x * keep_in)
+            h = self._intermediate(compensated(self.x, keep_in, self.center_in))
             self._by_q_in[key] = (tau_in, 1.0 - keep_in.float().mean(), h, channel_scores(h, self.weight_mid))
         return self._by_q_in[key]
 
@@ -211,24 +227,37 @@ class LayerErrorModel:
             tau_mid[i] = self.mid_taus(qi, q_mid)
             for j, tj in enumerate(tau_mid[i].tolist()):
                 error[i, j], saved[i, j] = self.measure(qi, tj)
-        return LayerTable(tau_in, tau_mid, error, saved)
+        centred = torch.full((len(q_in),), self.center_in is not None)
+        return LayerTable(tau_in, tau_mid, error, saved, centred)
+
+
+def input_centers(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """(L, D) float32 calibration mean of each layer's MLP input: the compensation a centred layer uses."""
+    return torch.stack([x.float().mean(0) for x in inputs])
 
 
 def build_tables(model: nn.Module, adapter: MLPAdapter, inputs: list[torch.Tensor], weight_in: torch.Tensor,
                  weight_mid: torch.Tensor, q_in: torch.Tensor, q_mid: torch.Tensor,
-                 progress: bool = True) -> list[LayerTable]:
-    """``LayerErrorModel.table`` for every layer (scores and quantiles as the grid search uses them), with a progress bar."""
-    parts = adapter.mlp_parts(model)
-    return [LayerErrorModel(adapter, part, inputs[l], weight_in[l], weight_mid[l]).table(q_in, q_mid)
-            for l, part in enumerate(tqdm(parts, desc="per-layer error tables", unit="layer", disable=not progress))]
+                 progress: bool = True, centers: torch.Tensor | None = None) -> list[LayerTable]:
+    """``LayerErrorModel.table`` for every layer (scores and quantiles as the grid search uses them), with a progress
+    bar. With ``centers`` (L, D) each table also holds the rows of the compensated input side (``LayerTable.stack``),
+    so that the allocation chooses per layer whether compensation pays."""
+    tables = []
+    for l, part in enumerate(tqdm(adapter.mlp_parts(model), desc="per-layer error tables", unit="layer",
+                                  disable=not progress)):
+        variants = [None] if centers is None else [None, centers[l]]
+        tables.append(LayerTable.stack([LayerErrorModel(adapter, part, inputs[l], weight_in[l], weight_mid[l],
+                                                        center_in=c).table(q_in, q_mid) for c in variants]))
+    return tables
 
 
 ALLOCATION_RULES = ("budget", "marginal")
 
 
 def allocate(tables: list[LayerTable], budgets: torch.Tensor, error_weights: torch.Tensor | None = None,
-             rule: str = "budget") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer thresholds from the error tables; returns (tau_in, tau_mid), each (L,) float32.
+             rule: str = "budget") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-layer thresholds from the error tables; returns (tau_in, tau_mid) (L,) float32 and ``centred`` (L,) bool
+    (whether the chosen cell is a compensated one, ``LayerTable.centred``).
 
     ``budget``: each layer takes the cell that skips most bytes with error * weight[l] <= budget[l].
     ``marginal``: each layer takes the cell maximising saved - error * weight[l] / budget[l], i.e. it keeps
@@ -239,7 +268,7 @@ def allocate(tables: list[LayerTable], budgets: torch.Tensor, error_weights: tor
     """
     if rule not in ALLOCATION_RULES:
         raise ValueError(f"allocation rule {rule!r} is not one of {ALLOCATION_RULES}")
-    tau_in, tau_mid = [], []
+    tau_in, tau_mid, centred_rows = [], [], []
     weights = error_weights if error_weights is not None else torch.ones(len(tables))
     for table, budget, weight in zip(tables, budgets, weights):
         if rule == "marginal":
@@ -251,4 +280,6 @@ def allocate(tables: list[LayerTable], budgets: torch.Tensor, error_weights: tor
         i, j = divmod(int(flat.argmax()), table.saved.shape[1])
         tau_in.append(float(table.tau_in[i]))
         tau_mid.append(float(table.tau_mid[i, j]))
-    return torch.tensor(tau_in, dtype=torch.float32), torch.tensor(tau_mid, dtype=torch.float32)
+        centred_rows.append(bool(table.centred[i]))
+    return (torch.tensor(tau_in, dtype=torch.float32), torch.tensor(tau_mid, dtype=torch.float32),
+            torch.tensor(centred_rows, dtype=torch.bool))

@@ -54,10 +54,11 @@ def _threshold(name: str) -> Build:
     return lambda model, q, artifact, calibration: baseline_artifacts(name, model, calibration, [q])[0]
 
 
-def _ablation(keep_lam: bool, keep_gam: bool) -> Build:
+def _ablation(keep_lam: bool, keep_gam: bool, keep_compensation: bool = True) -> Build:
     def build(model, q, artifact, calibration):
+        centers = {} if keep_compensation else {"center_in": None, "center_mid": None}
         return dataclasses.replace(artifact, lam=artifact.lam if keep_lam else 0.0,
-                                   gam=artifact.gam if keep_gam else 0.0)
+                                   gam=artifact.gam if keep_gam else 0.0, **centers)
     return build
 
 
@@ -82,6 +83,8 @@ register(MethodSpec("clada-surprisal", "the CLADA artifact, surprisal only (gam 
                     _ablation(True, False)))
 register(MethodSpec("clada-entropy", "the CLADA artifact, entropy only (lam = 0)", "artifact",
                     _ablation(False, True)))
+register(MethodSpec("clada-nocomp", "the CLADA artifact without compensation (skipped channels count as 0)",
+                    "artifact", _ablation(True, True, keep_compensation=False)))
 
 
 def check_method(name: str, sparsity: float | None, has_artifact: bool) -> MethodSpec:

@@ -18,7 +18,7 @@ from .. import __version__, runtime
 from ..artifacts import Artifact, save_artifact, write_atomic
 from .data import load_documents
 from .evaluate import QUALITY_BACKEND, ProxyEvaluator, generation_eval
-from .measure import LayerTable, build_tables, channel_weights, collect_mlp_inputs, residual_ratios
+from .measure import LayerTable, build_tables, channel_weights, collect_mlp_inputs, input_centers, residual_ratios
 from .models import load_model
 from .recipe import Recipe
 from .report import HEADLINE_KEYS, write_reports
@@ -47,16 +47,20 @@ def _log(msg: str) -> None:
 
 @dataclass
 class Measurements:
-    """Channel score weights (L, D) and (L, I), per-layer error tables and residual ratios (L,)."""
+    """Channel score weights (L, D) and (L, I), per-layer error tables, residual ratios (L,) and, with compensation,
+    the input centers (L, D) the tables' centred rows use."""
 
     weight_in: torch.Tensor
     weight_mid: torch.Tensor
     tables: list
     ratios: torch.Tensor
+    centers: torch.Tensor | None = None
 
     def save(self, path: Path, key: str) -> None:
         """Write them (safetensors, atomically) with ``key``: what they were measured from."""
         tensors = {"weight_in": self.weight_in, "weight_mid": self.weight_mid, "ratios": self.ratios}
+        if self.centers is not None:
+            tensors["centers"] = self.centers
         for layer, table in enumerate(self.tables):
             tensors.update({f"table.{layer}.{f.name}": getattr(table, f.name) for f in dataclasses.fields(table)})
         write_atomic(path, save({k: v.detach().cpu().clone() for k, v in tensors.items()}, metadata={"key": key}))
@@ -72,9 +76,9 @@ class Measurements:
         except (OSError, SafetensorError):
             return None
         layers = len(t["ratios"])
-        tables = [LayerTable(**{f.name: t[f"table.{l}.{f.name}"] for f in dataclasses.fields(LayerTable)})
-                  for l in range(layers)]
-        return cls(t["weight_in"], t["weight_mid"], tables, t["ratios"])
+        tables = [LayerTable(**{f.name: t[f"table.{l}.{f.name}"] for f in dataclasses.fields(LayerTable)
+                                if f"table.{l}.{f.name}" in t}) for l in range(layers)]
+        return cls(t["weight_in"], t["weight_mid"], tables, t["ratios"], t.get("centers"))
 
 
 def measurement_key(recipe: Recipe, identity: dict, fingerprint: torch.Tensor, data_sha256: str) -> str:
@@ -90,17 +94,23 @@ def measure(recipe: Recipe, model, adapter, act_tokens: torch.Tensor, progress: 
     """The offline measurements on the dense model that the search allocates thresholds from."""
     weight_in, weight_mid = channel_weights(model, adapter, recipe.calibration.score)
     inputs = collect_mlp_inputs(model, adapter, act_tokens, recipe.prompt_tokens, recipe.calibration.activation_tokens)
+    centers = input_centers(inputs) if recipe.calibration.compensation else None
     tables = build_tables(model, adapter, inputs, weight_in, weight_mid, torch.tensor(recipe.calibration.q_in),
-                          torch.tensor(recipe.calibration.q_mid), progress=progress)
+                          torch.tensor(recipe.calibration.q_mid), progress=progress, centers=centers)
     del inputs
     ratios = residual_ratios(model, adapter, act_tokens[:8], recipe.prompt_tokens)
-    return Measurements(weight_in, weight_mid, tables, ratios)
+    return Measurements(weight_in, weight_mid, tables, ratios, centers)
 
 
 def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tensor, fingerprint: torch.Tensor,
-                   **metadata) -> Artifact:
-    """The artifact of a search point (``metadata``: Artifact's model, recipe, data, signals dicts)."""
-    return Artifact(
+                   centers: torch.Tensor | None = None, **metadata) -> Artifact:
+    """The artifact of a search point (``metadata``: Artifact's model, recipe, data, signals dicts); ``centers``
+    (L, D): the input centers of the layers the point compensates (``point.centred``)."""
+    centred = torch.tensor(point.centred, dtype=torch.bool) if point.centred else None
+    center_in = None
+    if centers is not None and centred is not None and bool(centred.any()):
+        center_in = torch.where(centred[:, None], centers.float(), torch.zeros(()))
+    return Artifact(center_in=center_in,
         tau_base_in=torch.tensor(point.tau_in, dtype=torch.float32),
         tau_base_mid=torch.tensor(point.tau_mid, dtype=torch.float32),
         channel_weight_in=weight_in, channel_weight_mid=weight_mid, fingerprint=fingerprint, rule={"name": "threshold"},
@@ -150,7 +160,8 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     weight_in, weight_mid, tables, ratios = measured.weight_in, measured.weight_mid, measured.tables, measured.ratios
     timings["measure"] = time.time() - t
 
-    artifact_of = partial(point_artifact, weight_in=weight_in, weight_mid=weight_mid, fingerprint=fingerprint)
+    artifact_of = partial(point_artifact, weight_in=weight_in, weight_mid=weight_mid, fingerprint=fingerprint,
+                          centers=measured.centers)
 
     t = time.time()
     _log(f"[3/6] dense reference on {search_tokens.shape[0]} search documents")
@@ -188,7 +199,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
         _log("      warning: no trial met the quality constraint; using the one with the smallest ppl_increase")
     point = search.point_of(best)
     artifact = point_artifact(
-        point, weight_in, weight_mid, fingerprint,
+        point, weight_in, weight_mid, fingerprint, measured.centers,
         model={**identity, "spec": recipe.model, "checkpoint": str(checkpoint)},
         recipe=recipe.to_dict(),
         data={**docs.identity, "heldout_fraction": recipe.heldout_fraction, "split_seed": recipe.seed},
@@ -221,7 +232,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
         "residual_ratio": [round(v, 5) for v in ratios.tolist()],
         "chosen": {"trial": best.number, "params": best.params, "lam": point.lam, "gam": point.gam,
                    "tau_s": point.tau_s, "tau_H": point.tau_H, "tau_base_in": point.tau_in,
-                   "tau_base_mid": point.tau_mid,
+                   "tau_base_mid": point.tau_mid, "compensated_layers": [l for l, c in enumerate(point.centred) if c],
                    "proxy": {k: best.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}},
         "search": {"study": settings.study_name, "storage": redact(settings.storage), "trials": len(trials),
                    "feasible_trials": len(feasible_trials(study)), "max_ppl_increase": settings.max_ppl_increase,

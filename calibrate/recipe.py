@@ -24,8 +24,9 @@ class CalibrationSection:
     activation_tokens: int = 1024
     search_docs: int = 16
     score: str = "wina"
-    q_in: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
-    q_mid: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    q_in: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4])
+    q_mid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(16)])  # 0 .. 0.75
+    compensation: bool = True  # tables also hold compensated input sides; the allocation picks per layer
 
 
 @dataclass

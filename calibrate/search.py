@@ -33,7 +33,7 @@ from .evaluate import ProxyEvaluator
 from .measure import LayerTable, allocate
 from .storage import is_shared, open_storage, study_lock
 
-POINT_ATTRS = ("tau_in", "tau_mid", "tau_s", "tau_H")  # trial user attributes: the thresholds the trial chose
+POINT_ATTRS = ("tau_in", "tau_mid", "tau_s", "tau_H", "centred")  # trial user attributes: the thresholds the trial chose
 FIGURE_KEYS = ("mlp_reads_saved", "mlp_sparsity", "input_sparsity", "ppl_increase", "kl", "relaxed_share")
 
 
@@ -71,6 +71,7 @@ class Point:
     tau_H: float
     figures: dict = field(default_factory=dict)
     number: int = -1
+    centred: list[bool] = field(default_factory=list)  # per layer: input side compensated (empty: none)
 
 
 class ThresholdSearch:
@@ -90,10 +91,10 @@ class ThresholdSearch:
         rule = "marginal" if "price" in params else "budget"
         budgets = params.get("price", params.get("budget")) * torch.exp(params.get("depth_slope", 0.0) * depth)
         weights = self.residual_ratio ** params.get("mix", 1.0)
-        tau_in, tau_mid = allocate(self.tables, budgets, weights, rule)
+        tau_in, tau_mid, centred = allocate(self.tables, budgets, weights, rule)
         q_s, q_H = params.get("q_s", 1.0), params.get("q_H", 1.0)
         return Point(
-            params=dict(params), tau_in=tau_in.tolist(), tau_mid=tau_mid.tolist(),
+            params=dict(params), tau_in=tau_in.tolist(), tau_mid=tau_mid.tolist(), centred=centred.tolist(),
             lam=params.get("lam", 0.0), gam=params.get("gam", 0.0),
             tau_s=float(torch.quantile(self.surprisal, q_s)) if q_s < 1 else 1e6,
             tau_H=float(torch.quantile(self.entropy, q_H)) if q_H < 1 else 1.0,

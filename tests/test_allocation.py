@@ -22,22 +22,22 @@ TABLES = [_table([0.0, 0.001, 0.002, 0.010, 0.050]),   # cheap layer
 
 
 def test_budget_rule_takes_the_most_skipping_cell_within_each_budget():
-    _, tau_mid = allocate(TABLES, torch.tensor([0.005, 0.005]))
+    _, tau_mid, _ = allocate(TABLES, torch.tensor([0.005, 0.005]))
     assert tau_mid.tolist() == [2.0, 1.0]
 
 
 def test_marginal_rule_stops_where_the_next_step_costs_more_than_the_price():
     # price 0.05 error per unit saved: a 0.1 step is taken while it adds <= 0.005 error
-    _, tau_mid = allocate(TABLES, torch.tensor([0.05, 0.05]), rule="marginal")
+    _, tau_mid, _ = allocate(TABLES, torch.tensor([0.05, 0.05]), rule="marginal")
     assert tau_mid.tolist() == [2.0, 1.0]
-    _, tau_mid = allocate(TABLES, torch.tensor([0.1, 0.1]), rule="marginal")
+    _, tau_mid, _ = allocate(TABLES, torch.tensor([0.1, 0.1]), rule="marginal")
     assert tau_mid.tolist() == [3.0, 1.0]
 
 
 def test_marginal_rule_is_optimal_for_the_bytes_it_skips():
     """No other choice of cells skips as many bytes with less total error (the Lagrangian property)."""
     for price in (0.01, 0.03, 0.1, 0.5, 2.0):
-        _, tau_mid = allocate(TABLES, torch.tensor([price, price]), rule="marginal")
+        _, tau_mid, _ = allocate(TABLES, torch.tensor([price, price]), rule="marginal")
         cells = [int(c) for c in tau_mid]
         saved = sum(cells) / 10
         error = sum(t.error[0, c].item() for t, c in zip(TABLES, cells))
