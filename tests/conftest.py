@@ -134,7 +134,7 @@ class MaskRecorder:
     Per layer and sparse call (threshold multiplier set): the MLP input x entering the input projections,
     the intermediate h entering the output projection, and the per-row multiplier. ``check`` then asserts
     that the runtime's realised sparsity is the share of channels those recomputed masks skip, and that h
-    was computed from the input-masked x.
+    was computed from the input-masked x (skipped entries replaced by the artifact's ``center_in`` if it has one).
     """
 
     def __init__(self, model):
@@ -169,16 +169,19 @@ class MaskRecorder:
         after ``runtime.remove`` so that the dense projections compute that reference.
         """
         skipped_in, skipped_mid = [], []
+        center_of = lambda side, l: 0.0 if artifact.center(side) is None else artifact.center(side)[l]
         for l, (part, calls) in enumerate(zip(self.adapter.mlp_parts(self.model), self.calls)):
             keep_in, keep_mid = [], []
+            c_in, c_mid = center_of("in", l), center_of("mid", l)  # compensation: scored as x - c, a skipped entry is c
             for call in calls:
                 x, h = call["x"], call["h"]
                 m = call["multiplier"].reshape(x.shape[:-1] + (1,))
-                k_in = x.abs() * artifact.channel_weight_in[l] > artifact.tau_base_in[l] * m
+                k_in = (x - c_in).abs() * artifact.channel_weight_in[l] > artifact.tau_base_in[l] * m
+                x_in = torch.where(k_in, x, torch.as_tensor(c_in, dtype=x.dtype))
                 with torch.no_grad():
-                    torch.testing.assert_close(h, self.adapter.intermediate(part, x * k_in), rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(h, self.adapter.intermediate(part, x_in), rtol=1e-4, atol=1e-5)
                 keep_in.append(k_in.reshape(-1, x.shape[-1]))
-                keep_mid.append((h.abs() * artifact.channel_weight_mid[l] > artifact.tau_base_mid[l] * m)
+                keep_mid.append(((h - c_mid).abs() * artifact.channel_weight_mid[l] > artifact.tau_base_mid[l] * m)
                                 .reshape(-1, h.shape[-1]))
             skipped_in.append(1 - torch.cat(keep_in).float().mean().item())
             skipped_mid.append(1 - torch.cat(keep_mid).float().mean().item())
