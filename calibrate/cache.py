@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import zipfile
 from functools import lru_cache
 from pathlib import Path
 
+from ..artifacts import atomic_path
 from ..runtime.machine import cache_root
 
 
@@ -74,7 +76,68 @@ def download_sdist(requirement: str) -> Path:
         stem = archive.name[: -len(".tar.gz")]
         if stem.lower().replace("_", "-") == f"{name}-{version}".lower().replace("_", "-"):
             return archive
-    return _pip_download(requirement, "--no-binary=:all:", sdist_dir, "*.tar.gz", "source distribution")
+    try:
+        return _pip_download(requirement, "--no-binary=:all:", sdist_dir, "*.tar.gz", "source distribution")
+    except FetchError as pip_error:  # pip >= 25 refuses an index sdist declaring a direct URL dependency
+        try:                        # (bigbench's bleurt) while preparing its metadata; the file itself is fine
+            return index_download(name, version, ".tar.gz", sdist_dir)
+        except FetchError as index_error:
+            raise FetchError(f"{pip_error}; from the index: {index_error}") from None
+
+
+def index_url() -> str:
+    """The package index pip uses: ``$PIP_INDEX_URL``, else pip's configured ``index-url``, else PyPI's."""
+    url = os.environ.get("PIP_INDEX_URL", "")
+    if not url:
+        proc = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                              capture_output=True, text=True)
+        url = proc.stdout.strip() if proc.returncode == 0 else ""
+    return (url or "https://pypi.org/simple").rstrip("/")
+
+
+def index_download(name: str, version: str, suffix: str, folder: Path, index: str | None = None) -> Path:
+    """Download ``name``'s file ``{name}-{version}{suffix}`` from a PEP 503 simple index (HTML or the PEP 691
+    JSON form), checking the sha256 the index states, into ``folder`` (written atomically); the file's path."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    index = (index or index_url()).rstrip("/")
+    project = re.sub(r"[-_.]+", "-", name).lower()  # PEP 503 normalised name
+    page_url = f"{index}/{project}/"
+    local = page_url + "index.html" if page_url.startswith("file:") else page_url  # a file:// index, as pip reads it
+    request = urllib.request.Request(local, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body, kind = response.read(), response.headers.get("Content-Type", "") or ""
+    except OSError as e:
+        raise FetchError(f"could not read {page_url}: {e}") from None
+    if "json" in kind:
+        files = [(f["filename"], urllib.parse.urljoin(page_url, f["url"]), f.get("hashes", {}).get("sha256"))
+                 for f in json.loads(body)["files"]]
+    else:
+        files = []
+        for href in re.findall(r'href="([^"]+)"', body.decode("utf-8", "replace")):
+            url, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
+            digest = fragment[len("sha256="):] if fragment.startswith("sha256=") else None
+            files.append((urllib.parse.unquote(url.rsplit("/", 1)[-1]), url, digest))
+    normal = lambda text: re.sub(r"[-_.]+", "-", text).lower()
+    match = [f for f in files if f[0].endswith(suffix) and normal(f[0][: -len(suffix)]) == normal(f"{name}-{version}")]
+    if not match:
+        raise FetchError(f"{page_url} lists no {name}-{version}{suffix}")
+    filename, url, digest = match[0]
+    target, sha = folder / filename, hashlib.sha256()
+    try:
+        with atomic_path(target) as tmp, urllib.request.urlopen(url, timeout=600) as response, \
+                open(tmp, "wb") as out:
+            while chunk := response.read(1 << 20):
+                sha.update(chunk)
+                out.write(chunk)
+            if digest and sha.hexdigest() != digest:  # raising inside atomic_path leaves nothing behind
+                raise FetchError(f"{filename}: sha256 differs from the one {page_url} states (corrupt download?)")
+    except OSError as e:
+        raise FetchError(f"could not download {url}: {e}") from None
+    return target
 
 
 def _member_name(zf: zipfile.ZipFile, wheel: Path, pattern: str) -> str:
