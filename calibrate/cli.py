@@ -19,13 +19,13 @@ SPARSITY_HELP = "Sparsity level (quantile or target) of the methods that take on
 
 # Errors that mean "bad input": one line on stderr, exit code 2.
 def _input_errors() -> tuple[type[BaseException], ...]:
-    from clada.artifacts import ArtifactError
-    from clada.calibrate.cache import FetchError
-    from clada.calibrate.data import DataSpecError
-    from clada.calibrate.extras import MissingDependency
-    from clada.calibrate.models import ModelSpecError
-    from clada.calibrate.recipe import RecipeError
-    from clada.runtime.adapters import UnsupportedModelError
+    from ..artifacts import ArtifactError
+    from .cache import FetchError
+    from .data import DataSpecError
+    from .extras import MissingDependency
+    from .models import ModelSpecError
+    from .recipe import RecipeError
+    from ..runtime.adapters import UnsupportedModelError
 
     return (ArtifactError, DataSpecError, ModelSpecError, RecipeError, UnsupportedModelError, FetchError,
             MissingDependency)
@@ -34,7 +34,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 def _require(model_spec: str, data_spec: str | None, *modules: str) -> None:
     """MissingDependency unless the optional modules a command uses with these model and data specs (and
     ``modules``) are installed; checked before anything is loaded or downloaded."""
-    from clada.calibrate import data, extras, models
+    from . import data, extras, models
 
     extras.require([*modules, *models.required_modules(model_spec),
                     *(data.required_modules(data_spec) if data_spec else [])])
@@ -94,12 +94,12 @@ def main() -> None:
 @QUIET_OPT
 def calibrate_cmd(recipe: str, output: str | None, storage: str | None, quiet: bool) -> None:
     """Calibrate thresholds as described by RECIPE (YAML); writes clada.safetensors and reports."""
-    from clada.calibrate.recipe import load_recipe
+    from .recipe import load_recipe
 
     try:
         recipe_obj = load_recipe(recipe, output, storage)
         _require(recipe_obj.model, recipe_obj.data, "optuna", "matplotlib")
-        from clada.calibrate.pipeline import run_calibration
+        from .pipeline import run_calibration
 
         report = run_calibration(recipe_obj, progress=not quiet)
     except _input_errors() as exc:
@@ -108,7 +108,7 @@ def calibrate_cmd(recipe: str, output: str | None, storage: str | None, quiet: b
         click.echo("clada: interrupted; completed trials are kept in the study, run the same command to resume",
                    err=True)
         sys.exit(130)
-    from clada.calibrate.report import budget_warning
+    from .report import budget_warning
 
     _print_figures(f"chosen point, held-out {report['data']['spec']} ({report['regime']}):", report)
     click.echo(f"  wall time        {report['timings_s']['total']:.0f} s")
@@ -147,14 +147,14 @@ def eval_cmd(model_spec, artifact, method, sparsity, mc_specs, greedy_prompts, d
              split, dtype, device, force, json_out, quiet):
     """Dense vs a sparse method on DATA in the generation regime (perplexity, KL, realised sparsity), or
     multiple-choice accuracy with --mc."""
-    from clada import runtime
-    from clada.artifacts import write_atomic
-    from clada.calibrate.compare import attach_method, recipe_of
-    from clada.calibrate.methods import check_method
-    from clada.calibrate.data import load_documents, split_documents
-    from clada.calibrate.evaluate import generation_eval, greedy_agreement, tokenize_documents
-    from clada.calibrate.models import load_model
-    from clada.calibrate.multiple_choice import load_questions, multiple_choice_eval
+    from .. import runtime
+    from ..artifacts import write_atomic
+    from .compare import attach_method, recipe_of
+    from .methods import check_method
+    from .data import load_documents, split_documents
+    from .evaluate import generation_eval, greedy_agreement, tokenize_documents
+    from .models import load_model
+    from .multiple_choice import load_questions, multiple_choice_eval
 
     name = method or "clada"
     try:
@@ -240,17 +240,17 @@ def lm_eval_cmd(model_spec, artifact, method, sparsity, tasks_spec, include_path
     runs the patched generate."""
     import tempfile
 
-    from clada import runtime
-    from clada.artifacts import write_atomic
-    from clada.calibrate.methods import check_method
+    from .. import runtime
+    from ..artifacts import write_atomic
+    from .methods import check_method
 
     try:
         _require(model_spec, None, "lm_eval")
-        from clada.calibrate.compare import attach_method
-        from clada.calibrate.lm_eval_tasks import parse_tasks, prepare_tasks
-        from clada.calibrate.lm_eval_wrapper import (comparison_rows, evaluate_side_by_side, lm_eval_version,
+        from .compare import attach_method
+        from .lm_eval_tasks import parse_tasks, prepare_tasks
+        from .lm_eval_wrapper import (comparison_rows, evaluate_side_by_side, lm_eval_version,
                                                      task_manager)
-        from clada.calibrate.models import load_model
+        from .models import load_model
 
         check_method(method, sparsity, artifact is not None)
         tasks = parse_tasks(tasks_spec)
@@ -342,12 +342,12 @@ def bench_cmd(model_spec, artifact, method, sparsity, backend, batch, prompt_tok
               dtype, device, force, sweep, sweep_new_tokens, sweep_reps, cache, threads, json_out):
     """Decode tokens/s of dense vs a sparse method (default: the CLADA artifact), alternating in one process,
     with the bound the savings allow."""
-    from clada import runtime
-    from clada.artifacts import write_atomic
-    from clada.calibrate.bench import BenchConfig, bench_texts, run_bench, text_prompts
-    from clada.calibrate.compare import calibrated_method_artifact
-    from clada.calibrate.methods import check_method
-    from clada.calibrate.models import load_model
+    from .. import runtime
+    from ..artifacts import write_atomic
+    from .bench import BenchConfig, bench_texts, run_bench, text_prompts
+    from .compare import calibrated_method_artifact
+    from .methods import check_method
+    from .models import load_model
 
     try:
         _require(model_spec, data)
@@ -399,7 +399,7 @@ def export_cmd(artifact: str, checkpoint: str) -> None:
 
     Afterwards ``runtime.from_pretrained(CHECKPOINT)`` or ``runtime.apply(model)`` finds it.
     """
-    from clada import runtime
+    from .. import runtime
 
     try:
         target = runtime.declare_in_checkpoint(artifact, checkpoint)
@@ -413,7 +413,7 @@ def export_cmd(artifact: str, checkpoint: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 def inspect_cmd(artifact: str, as_json: bool) -> None:
     """Print an artifact's thresholds, adaptation parameters and metadata."""
-    from clada.artifacts import load_artifact
+    from ..artifacts import load_artifact
 
     try:
         art = load_artifact(artifact)

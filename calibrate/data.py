@@ -27,9 +27,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from clada.artifacts import write_atomic
-from clada.calibrate.cache import extract_member
-from clada.calibrate.extras import require
+from ..artifacts import write_atomic
+from .cache import extract_member
+from .extras import require
 
 GENSIM_WHEEL = "gensim==4.4.0"
 TEST_DATA = "gensim/test/test_data/"

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from clada.artifacts import write_atomic
-from clada.calibrate.data import DataSpecError
-from clada.calibrate.multiple_choice import load_bigbench, questions_jsonl
+from ..artifacts import write_atomic
+from .data import DataSpecError
+from .multiple_choice import load_bigbench, questions_jsonl
 
 SHIPPED = Path(__file__).parent / "tasks"
 SHIPPED_TASK = "clada_cause_and_effect"

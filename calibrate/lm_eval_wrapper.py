@@ -27,10 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from clada.calibrate.data import DataSpecError
-from clada.calibrate.evaluate import Sparsifier
-from clada.calibrate.lm_eval_tasks import SHIPPED_TASK
-from clada.calibrate.multiple_choice import Question, encode, score_choices
+from .data import DataSpecError
+from .evaluate import Sparsifier
+from .lm_eval_tasks import SHIPPED_TASK
+from .multiple_choice import Question, encode, score_choices
 
 MODES = ("dense", "sparse")
 DEFAULT_MAX_GEN_TOKS = 256

@@ -35,11 +35,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from clada.artifacts import write_atomic
-from clada.calibrate.cache import cache_dir, download_sdist
-from clada.calibrate.data import DataSpecError
-from clada.calibrate.evaluate import Sparsifier
-from clada.runtime.compat import cache_kwargs, output_cache
+from ..artifacts import write_atomic
+from .cache import cache_dir, download_sdist
+from .data import DataSpecError
+from .evaluate import Sparsifier
+from ..runtime.compat import cache_kwargs, output_cache
 
 BIGBENCH_SDIST = "bigbench==1.0.0"
 BIGBENCH_TASKS = "bigbench/benchmark_tasks/"

@@ -132,7 +132,7 @@ def _build(cls, data: dict, prefix: str):
 
 
 def _check_device(device: str) -> None:
-    from clada.calibrate.models import device_problem  # imports torch; only when a recipe names a device
+    from .models import device_problem  # imports torch; only when a recipe names a device
 
     problem = device_problem(device)
     if problem:
@@ -140,7 +140,7 @@ def _check_device(device: str) -> None:
 
 
 def _check_storage(url: str, field: str) -> str:
-    from clada.calibrate.storage import check_url  # imports SQLAlchemy; only when a storage is given
+    from .storage import check_url  # imports SQLAlchemy; only when a storage is given
 
     return check_url(url, field)
 

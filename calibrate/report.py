@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clada.artifacts import atomic_path, write_atomic
+from ..artifacts import atomic_path, write_atomic
 
 HEADLINE_KEYS = ("dense_ppl", "sparse_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
                  "mlp_reads_saved", "relaxed_share", "tokens")

@@ -13,7 +13,7 @@ from pathlib import Path
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
-from clada.calibrate.recipe import RecipeError
+from .recipe import RecipeError
 
 SCHEMES = ("sqlite", "postgresql")
 HEARTBEAT_S = 5       # a running trial records a heartbeat this often (shared storages only)
