@@ -144,6 +144,11 @@ class LayerTable:
         if self.centred is None:
             self.centred = torch.zeros(len(self.tau_in), dtype=torch.bool)
 
+    def plain(self) -> LayerTable:
+        """The table's rows without compensation (all of them for a table without centred rows)."""
+        rows = ~self.centred
+        return LayerTable(self.tau_in[rows], self.tau_mid[rows], self.error[rows], self.saved[rows], self.centred[rows])
+
     @classmethod
     def stack(cls, tables: list[LayerTable]) -> LayerTable:
         """One table holding the rows of ``tables`` (same intermediate quantiles), in order."""
@@ -266,9 +271,18 @@ def allocate(tables: list[LayerTable], budgets: torch.Tensor, error_weights: tor
     smallest possible for the bytes skipped, among the table's cells; each layer's error budget is then the
     error of the cell it lands on.
     """
+    cells = allocation_cells(tables, budgets, error_weights, rule)
+    return (torch.tensor([float(t.tau_in[i]) for t, (i, _) in zip(tables, cells)], dtype=torch.float32),
+            torch.tensor([float(t.tau_mid[i, j]) for t, (i, j) in zip(tables, cells)], dtype=torch.float32),
+            torch.tensor([bool(t.centred[i]) for t, (i, _) in zip(tables, cells)], dtype=torch.bool))
+
+
+def allocation_cells(tables: list[LayerTable], budgets: torch.Tensor, error_weights: torch.Tensor | None = None,
+                     rule: str = "budget") -> list[tuple[int, int]]:
+    """The (row, column) cell of each layer's table that ``allocate`` takes (see there for the rules)."""
     if rule not in ALLOCATION_RULES:
         raise ValueError(f"allocation rule {rule!r} is not one of {ALLOCATION_RULES}")
-    tau_in, tau_mid, centred_rows = [], [], []
+    cells = []
     weights = error_weights if error_weights is not None else torch.ones(len(tables))
     for table, budget, weight in zip(tables, budgets, weights):
         if rule == "marginal":
@@ -277,9 +291,11 @@ def allocate(tables: list[LayerTable], budgets: torch.Tensor, error_weights: tor
             ok = table.error * weight <= budget
             ok[0, 0] = True
             flat = torch.where(ok, table.saved, torch.full_like(table.saved, -1.0)).flatten()
-        i, j = divmod(int(flat.argmax()), table.saved.shape[1])
-        tau_in.append(float(table.tau_in[i]))
-        tau_mid.append(float(table.tau_mid[i, j]))
-        centred_rows.append(bool(table.centred[i]))
-    return (torch.tensor(tau_in, dtype=torch.float32), torch.tensor(tau_mid, dtype=torch.float32),
-            torch.tensor(centred_rows, dtype=torch.bool))
+        cells.append(divmod(int(flat.argmax()), table.saved.shape[1]))
+    return cells
+
+
+def tables_saved(tables: list[LayerTable], cells: list[tuple[int, int]]) -> float:
+    """Share of all layers' MLP bytes the ``cells`` skip on the calibration tokens (layers of equal size), at the
+    base thresholds (before any per-token relaxation)."""
+    return sum(float(t.saved[i, j]) for t, (i, j) in zip(tables, cells)) / len(tables)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import Artifact
 from .evaluate import ProxyEvaluator
-from .measure import LayerTable, allocate
+from .measure import LayerTable, allocate, allocation_cells, tables_saved
 from .storage import is_shared, open_storage, study_lock
 
 POINT_ATTRS = ("tau_in", "tau_mid", "tau_s", "tau_H", "centred")  # trial user attributes: the thresholds the trial chose
@@ -84,14 +84,18 @@ class ThresholdSearch:
         self.artifact_of = artifact_of
         self.surprisal, self.entropy = evaluator.signals()
 
-    def point(self, params: dict) -> Point:
-        """Thresholds and adaptation parameters for ``params`` (no evaluation)."""
+    def _budgets(self, params: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Per-layer budgets (L,), error weights (L,) and allocation rule of ``params``."""
         L = len(self.tables)
         depth = torch.linspace(-0.5, 0.5, L) if L > 1 else torch.zeros(1)
         rule = "marginal" if "price" in params else "budget"
         budgets = params.get("price", params.get("budget")) * torch.exp(params.get("depth_slope", 0.0) * depth)
-        weights = self.residual_ratio ** params.get("mix", 1.0)
-        tau_in, tau_mid, centred = allocate(self.tables, budgets, weights, rule)
+        return budgets, self.residual_ratio ** params.get("mix", 1.0), rule
+
+    def point(self, params: dict, tables: list[LayerTable] | None = None) -> Point:
+        """Thresholds and adaptation parameters for ``params`` (no evaluation); ``tables``: other error tables of
+        the same layers to allocate from (default: the search's)."""
+        tau_in, tau_mid, centred = allocate(tables or self.tables, *self._budgets(params))
         q_s, q_H = params.get("q_s", 1.0), params.get("q_H", 1.0)
         return Point(
             params=dict(params), tau_in=tau_in.tolist(), tau_mid=tau_mid.tolist(), centred=centred.tolist(),
@@ -99,6 +103,24 @@ class ThresholdSearch:
             tau_s=float(torch.quantile(self.surprisal, q_s)) if q_s < 1 else 1e6,
             tau_H=float(torch.quantile(self.entropy, q_H)) if q_H < 1 else 1.0,
         )
+
+    def point_at_saved(self, params: dict, target: float, plain: bool = False) -> Point:
+        """The point of ``params`` with the price (marginal rule) set so that the error tables skip ``target`` of
+        the MLP bytes at the base thresholds (the nearest the tables allow; per-token relaxation then skips a
+        little less): the search's allocation, shape and adaptation at another level. ``plain``: allocate from
+        the tables' uncompensated rows only (the no-compensation ablation at the same level)."""
+        tables = [t.plain() for t in self.tables] if plain else self.tables
+        shape = {k: v for k, v in params.items() if k not in ("price", "budget", "rule")}
+
+        def saved(log_price: float) -> float:
+            return tables_saved(tables, allocation_cells(tables, *self._budgets({**shape, "price": math.exp(log_price)})))
+
+        lo, hi = math.log(1e-7), math.log(10.0)  # saved grows with the price
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if saved(mid) < target else (lo, mid)
+        price = math.exp(hi if abs(saved(hi) - target) <= abs(saved(lo) - target) else lo)
+        return self.point({**shape, "price": price}, tables)
 
     def point_of(self, trial: optuna.trial.FrozenTrial) -> Point:
         """The point a completed trial evaluated: its stored thresholds (``POINT_ATTRS``), or, for trials of
