@@ -48,7 +48,7 @@ def _fail(exc: BaseException) -> None:
 def _print_figures(title: str, figures: dict) -> None:
     click.echo(title)
     for key in ("rule", "dense_ppl", "sparse_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
-                "mlp_reads_saved", "relaxed_share", "greedy_agreement", "tokens"):
+                "mlp_reads_saved", "reads_saved", "relaxed_share", "greedy_agreement", "tokens"):
         if key in figures:
             value = figures[key]
             click.echo(f"  {key:16s} {value:.4f}" if isinstance(value, float) else f"  {key:16s} {value}")
@@ -294,7 +294,7 @@ def _print_bench(r: dict) -> None:
     click.echo(f"  dense_tok_s      {r['dense_tok_s']:.2f}")
     click.echo(f"  clada_tok_s      {r['clada_tok_s']:.2f}")
     click.echo(f"  ratio            {r['ratio']:.3f}")
-    for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "mlp_share", "bound", "gain_of_bound",
+    for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "reads_saved", "mlp_share", "bound", "gain_of_bound",
                 "signal_overhead", "layout_ratio", "sparsity_ratio", "layout_mlp_share", "skip_bound",
                 "skip_gain_of_bound", "paired_ratio", "paired_sparsity_ratio", "best_ratio", "best_layout_ratio",
                 "best_sparsity_ratio", "prefill_overhead"):

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..artifacts import atomic_path, write_atomic
 
 HEADLINE_KEYS = ("dense_ppl", "sparse_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
-                 "mlp_reads_saved", "relaxed_share", "tokens")
+                 "mlp_reads_saved", "reads_saved", "relaxed_share", "tokens")
 
 
 def _fmt(value) -> str:

@@ -72,7 +72,8 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
 
     parts = adapter.mlp_parts(model)
     sizes = [adapter.projection_bytes(part) for part in parts]
-    state = SparsityState(rule, chooser, [s[0] for s in sizes], [s[1] for s in sizes], adapter.gated)
+    state = SparsityState(rule, chooser, [s[0] for s in sizes], [s[1] for s in sizes], adapter.gated,
+                          adapter.decode_weight_bytes(model))
     gathering = backend != "masked" and rule.threshold_form
     rows_of = rows_view(adapter) if gathering else None
     # auto re-lays a shape's weights only where measurement shows that gathering pays (runtime.selection)
@@ -183,7 +184,7 @@ def applied_artifact(model: nn.Module) -> Artifact:
 
 def stats(model: nn.Module, reset: bool = False) -> dict:
     """Realised figures since the last reset: rule, tokens, mlp_sparsity, input_sparsity, mlp_reads_saved,
-    relaxed_share, path_calls (gate inputs per backend name), decode_steps (sparse decode calls and token positions,
+    reads_saved (skipped bytes over all weight bytes a decode step reads), mlp_weight_share, relaxed_share, path_calls (gate inputs per backend name), decode_steps (sparse decode calls and token positions,
     of which in calls of several new tokens per row), backends (the choice per device, dtype and
     token rows) and per_layer lists."""
     st = _patch_of(model).state

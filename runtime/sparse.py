@@ -52,12 +52,14 @@ class SparsityState:
     """The rule, backend choices, current multiplier and running statistics of one patched model.
 
     ``multiplier`` is None (dense) or a tensor (see ``row_multipliers``). ``in_bytes``, ``mid_bytes``: per layer,
-    the weight bytes a decode step reads in the input projections and in the output projection.
+    the weight bytes a decode step reads in the input projections and in the output projection; ``decode_bytes``:
+    those of the whole model (``MLPAdapter.decode_weight_bytes``; 0: unknown, no ``reads_saved``).
     """
 
     def __init__(self, rule: SparsityRule, chooser: BackendChooser, in_bytes: list[float], mid_bytes: list[float],
-                 gated: bool):
+                 gated: bool, decode_bytes: float = 0.0):
         self.rule, self.chooser = rule, chooser
+        self.decode_bytes = decode_bytes
         self.num_layers = len(in_bytes)
         self.bytes = {"in": torch.tensor(in_bytes, dtype=torch.float64), "mid": torch.tensor(mid_bytes, dtype=torch.float64)}
         self.in_share_of_mid = rule.in_bytes_saved_by_mid(gated)
@@ -167,6 +169,9 @@ class SparsityState:
             "mlp_sparsity": float(share["mid"].mean()),
             "input_sparsity": float(share["in"].mean()),
             "mlp_reads_saved": float(saved.sum() / total.sum()),
+            # over every weight byte a decode step reads (attention, MLP, head); the MLP's share of them
+            "reads_saved": float(saved.sum() / self.decode_bytes) if self.decode_bytes else None,
+            "mlp_weight_share": float(total.sum() / self.decode_bytes) if self.decode_bytes else None,
             "relaxed_share": float(relaxed[1] / relaxed[0]) if relaxed[0] > 0 else 0.0,
             "path_calls": dict(self.path_calls),
             "decode_steps": dict(self.decode_steps),

@@ -73,9 +73,13 @@ def tiny_config(family: str):
                                            **settings)
 
 
-def tiny_model(family: str, seed: int = 0):
+def tiny_model(family: str, seed: int = 0, **config):
+    """A random ``family`` model of ``tiny_config`` (``config``: fields to override)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    cfg = tiny_config(family)
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    model = AutoModelForCausalLM.from_config(cfg)
     return model.eval()
 
 

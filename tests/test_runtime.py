@@ -170,6 +170,23 @@ def test_realised_sparsity_matches_masks(family_model):
     assert st["tokens"] == PROMPT.shape[0] and 0 < st["mlp_reads_saved"] < 1
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_reads_saved_counts_every_weight_a_decode_step_reads(tied):
+    """reads_saved = skipped MLP bytes / (all Linear weights: attention, MLP, head; a tied head once)."""
+    model = tiny_model("llama", tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    linear = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    total = sum(w.numel() * w.element_size() for w in linear.values())
+    mlp = sum(getattr(layer.mlp, n).weight.numel() * 4 for layer in model.model.layers for n in
+              ("gate_proj", "up_proj", "down_proj"))
+    runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.02))
+    decode_logits(model, PROMPT)
+    st = runtime.stats(model)
+    runtime.remove(model)
+    assert 0 < st["mlp_reads_saved"] < 1 and st["mlp_weight_share"] == pytest.approx(mlp / total)
+    assert st["reads_saved"] == pytest.approx(st["mlp_reads_saved"] * mlp / total)
+
+
 def test_full_relaxation_gives_dense_and_counts_relaxed_tokens(family_model):
     dense = decode_logits(family_model, PROMPT)
     runtime.apply(family_model, make_artifact(family_model, tau_in=0.2, tau_mid=0.2, lam=-1.0, tau_s=0.0), backend="masked")
