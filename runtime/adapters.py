@@ -136,17 +136,6 @@ class Phi3Adapter(MLPAdapter):
     out_name = "down_proj"
     act_name = "activation_fn"
 
-    def decode_weight_bytes(self, model: nn.Module) -> float:
-        """Weight bytes one decode step reads in the whole model: every matrix (2-D or larger parameter) outside
-        the embedding tables, and the output head (a tied head: the embedding matrix, counted once); an
-        embedding lookup reads one row and is left out. ``reads_saved`` divides the skipped bytes by it."""
-        embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        tensors = {id(p): p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings}
-        if head is not None and getattr(head, "weight", None) is not None:
-            tensors[id(head.weight)] = head.weight
-        return float(sum(p.numel() * p.element_size() for p in tensors.values()))
-
     def intermediate(self, part: MLPParts, x: torch.Tensor) -> torch.Tensor:
         gate, up = getattr(part.owner, part.in_names[0])(x).chunk(2, dim=-1)
         return getattr(part.owner, self.act_name)(gate) * up
