@@ -9,15 +9,18 @@ What is measured (recipe recipes/smollm2-135m.yaml: prompt 64, scored 128 tokens
 - data: the recipe's held-out lee documents (never seen by the calibration) and the first enwiki documents;
 - baselines (clada.calibrate.baselines): uniform, teal, teal-greedy and cats are calibrated on the recipe's
   activation documents (the calibration's); griffin needs no calibration; each at several sparsity levels;
-- CLADA: no new calibration. The points of the default calibration study's Pareto front (out/<name>/study.db,
-  proxy figures on the search documents) nearest each of CLADA_TARGETS (proxy reads saved), rebuilt from the
-  study (thresholds re-derived from the per-layer error tables, which are cached in the clada cache), plus
-  the default artifact file itself; each also without adaptation (lam = gam = 0: the "clada-noadapt" line).
-  For the default artifact also its ablations (surprisal only, entropy only), the threshold sensitivity
-  (tau_s, tau_H +-0.2) and multiple choice (BIG-bench cause_and_effect and physical_intuition);
+- CLADA: no new calibration. From the default calibration study (out/<name>/study.db) the default artifact's
+  trial: its allocation shape (depth slope, mix) and adaptation, with the allocation's price moved so that the
+  per-layer error tables (cached in the clada cache) skip each of CLADA_LEVELS of the MLP bytes
+  (ThresholdSearch.point_at_saved), plus the default artifact file itself. At each level the ablations: without
+  adaptation (lam = gam = 0: "clada-noadapt") and without compensation (allocated from the uncompensated rows
+  at the same level: "clada-nocomp"). For the default artifact also the surprisal-only and entropy-only
+  ablations, the threshold sensitivity (tau_s, tau_H +-0.2) and multiple choice (BIG-bench cause_and_effect and
+  physical_intuition);
 - regime: methods without adaptation are scored with clada.calibrate.evaluate.TeacherForcedEvaluator, exact
   for them (tests/test_baselines.py checks it against the token-by-token regime); adaptive CLADA points with
-  generation_eval, token by token; greedy_agreement over 64 greedy tokens from held-out lee prompts.
+  generation_eval, token by token; greedy_agreement over 64 greedy tokens from 32 held-out lee prompts
+  (--greedy-prompts; reused baseline rows get theirs re-measured when the earlier run used other prompts).
 """
 
 from __future__ import annotations
@@ -47,16 +50,16 @@ from clada.calibrate.models import load_model
 from clada.calibrate.multiple_choice import load_questions, multiple_choice_eval
 from clada.calibrate.pipeline import ARTIFACT_NAME, Measurements, measure, point_artifact, study_name, token_splits
 from clada.calibrate.recipe import load_recipe
-from clada.calibrate.search import SearchSettings, ThresholdSearch, pareto_front
+from clada.calibrate.search import SearchSettings, ThresholdSearch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frontier_report import render  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = {name: list(spec.levels) for name, spec in METHODS.items() if spec.levels}  # sparsity levels per baseline
-CLADA_TARGETS = (0.10, 0.20, 0.25, 0.30)  # proxy reads saved; the nearest front point of each
+CLADA_LEVELS = (0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40)  # reads saved in the error tables (base thresholds)
 DATASETS = ("lee", "enwiki")
-KEYS = ("ppl_increase", "kl", "mlp_reads_saved", "mlp_sparsity", "input_sparsity", "relaxed_share", "dense_ppl")
+KEYS = ("ppl_increase", "kl", "mlp_reads_saved", "reads_saved", "mlp_sparsity", "input_sparsity", "relaxed_share", "dense_ppl")
 MC_TASKS = ("bigbench:cause_and_effect", "bigbench:physical_intuition")
 GREEDY_TOKENS = 64
 
@@ -129,19 +132,40 @@ class Bench:
         return row
 
 
-def run_baselines(bench: Bench, levels: dict) -> list[dict]:
+def baseline_methods(bench: Bench, levels: dict):
+    """(name, level, attached method) of every baseline point, one at a time (the caller removes each)."""
     r = bench.recipe
     calib = CalibrationActivations.collect(bench.model, bench.splits.act, r.prompt_tokens, r.calibration.activation_tokens)
-    rows = []
     for name, qs in levels.items():
         if name in THRESHOLD_BASELINES:  # all levels from one greedy walk per layer
             for q, art in zip(qs, baseline_artifacts(name, bench.model, calib, qs)):
                 runtime.apply(bench.model, art, backend=QUALITY_BACKEND)
-                rows.append(bench.evaluate(Sparsifier(bench.model), name, q))
+                yield name, q, Sparsifier(bench.model)
         else:
             for q in qs:
-                rows.append(bench.evaluate(build_method(name, bench.model, sparsity=q, calibration=calib), name, q))
-    return rows
+                yield name, q, build_method(name, bench.model, sparsity=q, calibration=calib)
+
+
+def run_baselines(bench: Bench, levels: dict) -> list[dict]:
+    return [bench.evaluate(method, name, q) for name, q, method in baseline_methods(bench, levels)]
+
+
+def regreedy(bench: Bench, rows: list[dict]) -> None:
+    """Re-measure only the greedy agreement of reused baseline ``rows`` (in place), with this run's prompts."""
+    by_point = {(r["method"], r["level"]): r for r in rows}
+    levels = {name: [q for (m, q) in by_point if m == name] for name in LEVELS if any(m == name for m, _ in by_point)}
+    for name, q, method in baseline_methods(bench, levels):
+        t = time.time()
+        try:
+            agreement = greedy_agreement(bench.model, bench.prompts, method, bench.args.greedy_tokens,
+                                         reference=bench.greedy_reference)
+        finally:
+            method.remove()
+        by_point[(name, q)].update(greedy_agreement=agreement, greedy_remeasured=True)
+        log(f"{name:16s} {q!s:>8s}: greedy agreement {agreement:.3f} on {bench.prompts.shape[0]} prompts "
+            f"({time.time() - t:.0f} s)")
+    if ("dense", 0.0) in by_point:
+        by_point[("dense", 0.0)]["greedy_agreement"] = 1.0
 
 
 BASELINES = ("dense", *LEVELS)
@@ -155,67 +179,66 @@ def reused_rows(path: Path, bench: Bench) -> tuple[list[dict], dict]:
     same = {"recipe model/data/lengths/split": all(earlier["recipe"][k] == r.to_dict()[k] for k in
                                                    ("model", "data", "dtype", "prompt_tokens", "scored_tokens",
                                                     "heldout_fraction", "seed")),
-            "documents": earlier["data"] == {k: int(v.shape[0]) for k, v in bench.tokens.items()},
-            "greedy": earlier["greedy"] == {"prompts": int(bench.prompts.shape[0]), "tokens": bench.args.greedy_tokens}}
+            "documents": earlier["data"] == {k: int(v.shape[0]) for k, v in bench.tokens.items()}}
     if not all(same.values()):
         raise SystemExit(f"{path}: cannot reuse its baselines, it differs in " + ", ".join(k for k, v in same.items() if not v))
     rows = [row for row in earlier["rows"] if row["method"] in BASELINES]
+    if earlier["greedy"] != {"prompts": int(bench.prompts.shape[0]), "tokens": bench.args.greedy_tokens}:
+        log(f"baselines: greedy agreement re-measured ({earlier['greedy']} before)")
+        regreedy(bench, rows)
     if earlier["reconstruction"].get("study") != study_name(r):
         rows += [{**row, "method": "clada-earlier", "study": earlier["reconstruction"].get("study")}
                  for row in earlier["rows"] if row["method"] == "clada"]
     return rows, {"file": str(path), "command": earlier["command"], "study": earlier["reconstruction"].get("study")}
 
 
-def study_points(bench: Bench, study_dir: Path, default: Artifact) -> tuple[list[dict], dict]:
-    """Pareto-front trials of the calibration study with their rebuilt artifacts, and a reconstruction check."""
+def study_search(bench: Bench, study_dir: Path, default: Artifact) -> tuple[ThresholdSearch, dict, dict]:
+    """The calibration study's search (its error tables, cached), the default artifact's trial (number, params,
+    proxy figures) and a check that the study reproduces the default artifact."""
     r = bench.recipe
     storage = f"sqlite:///{(study_dir / 'study.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=study_name(r), storage=storage)
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    front = [trials[i] for i in pareto_front([(t.user_attrs["mlp_reads_saved"], t.user_attrs["ppl_increase"])
-                                               for t in trials])]
     m = measurements(r, bench.model, bench.adapter, bench.splits.act)
     fingerprint = runtime.mlp_fingerprint(bench.model, bench.adapter)
     artifact_of = partial(point_artifact, weight_in=m.weight_in, weight_mid=m.weight_mid, fingerprint=fingerprint,
                           centers=m.centers)
     search = ThresholdSearch(m.tables, m.ratios, ProxyEvaluator(bench.model, bench.splits.search, bench.prompt,
                                                                r.eval.batch_size), SearchSettings(), artifact_of)
-    points = []
-    for t in front:
-        point = search.point_of(t)
-        points.append({"trial": t.number, "params": t.params, "artifact": artifact_of(point),
-                       "proxy": {k: t.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}})
     chosen = default.figures.get("calibration_proxy", {})
-    match = [p for p in points if abs(p["proxy"]["mlp_reads_saved"] - chosen.get("mlp_reads_saved", -1)) < 1e-9]
-    check = {"study": study_name(r), "trials": len(trials), "front": len(front)}
-    if match:
-        a = match[0]["artifact"]
-        check.update(trial=match[0]["trial"], max_abs_diff=max(
-            float((a.tau_base_in - default.tau_base_in).abs().max()), float((a.tau_base_mid - default.tau_base_mid).abs().max()),
-            abs(a.lam - default.lam), abs(a.gam - default.gam), abs(a.tau_s - default.tau_s), abs(a.tau_H - default.tau_H)))
-    return points, check
+    match = [t for t in trials if abs(t.user_attrs["mlp_reads_saved"] - chosen.get("mlp_reads_saved", -1)) < 1e-9]
+    if not match:
+        raise SystemExit(f"{study_dir}: the study has no trial with the default artifact's proxy figures {chosen}")
+    trial = match[0]
+    a = artifact_of(search.point_of(trial))
+    check = {"study": study_name(r), "trials": len(trials), "trial": trial.number, "max_abs_diff": max(
+        float((a.tau_base_in - default.tau_base_in).abs().max()), float((a.tau_base_mid - default.tau_base_mid).abs().max()),
+        abs(a.lam - default.lam), abs(a.gam - default.gam), abs(a.tau_s - default.tau_s), abs(a.tau_H - default.tau_H))}
+    proxy = {k: trial.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}
+    return search, {"trial": trial.number, "params": dict(trial.params), "proxy": proxy}, check
 
 
-def pick_points(points: list[dict], targets: tuple[float, ...], default_trial: int | None) -> list[dict]:
-    """The front point nearest each target (proxy reads saved), and the default artifact's, without repeats."""
-    chosen = {min(points, key=lambda p: abs(p["proxy"]["mlp_reads_saved"] - x))["trial"] for x in targets}
-    chosen.add(default_trial)
-    return [p for p in points if p["trial"] in chosen]
-
-
-def run_clada(bench: Bench, points: list[dict], default: Artifact, default_trial: int | None) -> list[dict]:
-    """Each point as calibrated ("clada", adaptive: token by token) and without adaptation ("clada-noadapt")."""
+def run_clada(bench: Bench, search: ThresholdSearch, default: Artifact, chosen: dict, levels: tuple[float, ...]
+              ) -> list[dict]:
+    """CLADA at each level of reads saved (``ThresholdSearch.point_at_saved``: the default trial's allocation shape
+    and adaptation, its price moved to skip ``level`` of the bytes in the error tables), with its ablations at the
+    same level: "clada-noadapt" (the same thresholds, lam = gam = 0) and "clada-nocomp" (allocated from the
+    uncompensated rows, at the same level); then the default artifact file itself (level "default")."""
     rows = []
-    for p in points:
-        art = default if p["trial"] == default_trial else p["artifact"]  # the file itself for the default
-        extra = {"trial": p["trial"], "params": p["params"], "proxy": p["proxy"], "default": p["trial"] == default_trial}
-        rows.append(bench.evaluate(build_method("clada", bench.model, artifact=art), "clada", f"t{p['trial']}", extra))
-        if art.lam != 0 or art.gam != 0:
-            rows.append(bench.evaluate(build_method("clada-noadapt", bench.model, artifact=art), "clada-noadapt",
-                                       f"t{p['trial']}", extra))
-        else:
-            rows.append({**rows[-1], "method": "clada-noadapt"})  # no adaptation to drop: the same point
+    for level in levels:
+        for name, plain in (("clada", False), ("clada-nocomp", True)):
+            point = search.point_at_saved(chosen["params"], level, plain=plain)
+            art = search.artifact_of(point)
+            extra = {"target": level, "compensated_layers": sum(point.centred)}
+            rows.append(bench.evaluate(build_method("clada", bench.model, artifact=art), name, level, extra))
+            if name == "clada":
+                rows.append(bench.evaluate(build_method("clada-noadapt", bench.model, artifact=art), "clada-noadapt",
+                                           level, extra))
+    extra = {**chosen, "default": True}
+    rows.append(bench.evaluate(build_method("clada", bench.model, artifact=default), "clada", "default", extra))
+    rows.append(bench.evaluate(build_method("clada-noadapt", bench.model, artifact=default), "clada-noadapt",
+                               "default", extra))
     return rows
 
 
@@ -255,15 +278,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(ROOT / "results" / "quality"))
     parser.add_argument("--docs", type=int, default=32, help="Documents per data set.")
     parser.add_argument("--batch-size", type=int, default=32, help="Documents per forward (all 32 at once by default).")
-    parser.add_argument("--greedy-prompts", type=int, default=8)
+    parser.add_argument("--greedy-prompts", type=int, default=32, help="Held-out lee prompts of greedy agreement.")
     parser.add_argument("--greedy-tokens", type=int, default=GREEDY_TOKENS)
     parser.add_argument("--mc", nargs="*", default=list(MC_TASKS))
     parser.add_argument("--mc-limit", type=int, default=None, help="Questions per task (default: all).")
     parser.add_argument("--quick", action="store_true", help="Smoke run: 2 levels per baseline, 2 CLADA points.")
     parser.add_argument("--reuse-baselines", default=None, metavar="FRONTIER_JSON",
                         help="Take the baseline rows from an earlier frontier.json of the same recipe and data instead "
-                             "of measuring them again (they do not depend on the CLADA study); its CLADA rows are kept "
-                             "as 'clada-earlier' when that run used another study.")
+                             "of measuring them again (they do not depend on the CLADA study); only their greedy "
+                             "agreement is measured again if that run used other greedy settings. Its CLADA rows are "
+                             "kept as 'clada-earlier' when that run used another study.")
     args = parser.parse_args(argv)
     t0 = time.time()
     torch.manual_seed(0)
@@ -280,10 +304,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = [bench.evaluate(build_method("dense", bench.model), "dense", 0.0)]
         rows += run_baselines(bench, levels)
         reused = None
-    log("CLADA study points")
-    points, check = study_points(bench, study_dir, default)
-    points = pick_points(points, (0.15,) if args.quick else CLADA_TARGETS, check.get("trial"))
-    clada_rows = run_clada(bench, points, default, check.get("trial"))
+    log("CLADA at each level, with its ablations")
+    search, chosen, check = study_search(bench, study_dir, default)
+    clada_rows = run_clada(bench, search, default, chosen, (0.15,) if args.quick else CLADA_LEVELS)
     rows += clada_rows
     default_figures = run_default(bench, default, clada_rows, args)
     if args.reuse_baselines:
