@@ -19,7 +19,8 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class MLPParts:
-    """The MLP projections of one decoder layer: ``owner.<name>`` for each name."""
+    """The projections of one block of a decoder layer (its MLP, or its attention: ``attention_parts``):
+    ``owner.<name>`` for each name; ``in_names`` read the block's input, ``out_name`` its inner activation."""
 
     owner: nn.Module
     in_names: tuple[str, ...]
@@ -37,6 +38,9 @@ class MLPAdapter:
     act_name: str = "act_fn"
     gated: bool = True
     residual_path: str = ""  # module of a decoder layer whose output is the MLP's write to the residual stream
+    attn_path: str = "self_attn"  # the attention block: projections reading its input, and the output projection
+    attn_in_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    attn_out_name: str = "o_proj"
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         """The decoder layers, in order."""
@@ -49,6 +53,12 @@ class MLPAdapter:
             owner = layer.get_submodule(self.mlp_path) if self.mlp_path else layer
             parts.append(MLPParts(owner, self.in_names, self.out_name))
         return parts
+
+    def attention_parts(self, model: nn.Module) -> list[MLPParts]:
+        """Attention projections of every decoder layer: those reading the attention input (q, k, v, or one fused
+        projection) and the output projection reading the attention's output (o)."""
+        return [MLPParts(layer.get_submodule(self.attn_path), self.attn_in_names, self.attn_out_name)
+                for layer in self.layers(model)]
 
     def residual_write(self, layer: nn.Module, part: MLPParts) -> nn.Module:
         """The module whose output the decoder layer adds to its residual stream as the MLP's contribution.
@@ -135,6 +145,7 @@ class Phi3Adapter(MLPAdapter):
     in_names = ("gate_up_proj",)
     out_name = "down_proj"
     act_name = "activation_fn"
+    attn_in_names = ("qkv_proj",)
 
     def intermediate(self, part: MLPParts, x: torch.Tensor) -> torch.Tensor:
         gate, up = getattr(part.owner, part.in_names[0])(x).chunk(2, dim=-1)
@@ -151,6 +162,7 @@ class OPTAdapter(MLPAdapter):
     out_name = "fc2"
     act_name = "activation_fn"
     gated = False
+    attn_out_name = "out_proj"
 
 
 class GPT2Adapter(MLPAdapter):
@@ -162,6 +174,7 @@ class GPT2Adapter(MLPAdapter):
     out_name = "c_proj"
     act_name = "act"
     gated = False
+    attn_path, attn_in_names, attn_out_name = "attn", ("c_attn",), "c_proj"
 
     def weight_of(self, proj: nn.Module) -> torch.Tensor:
         return proj.weight.t()
@@ -176,6 +189,7 @@ class NeoXAdapter(MLPAdapter):
     out_name = "dense_4h_to_h"
     act_name = "act"
     gated = False
+    attn_path, attn_in_names, attn_out_name = "attention", ("query_key_value",), "dense"
 
 
 class FalconAdapter(NeoXAdapter):
@@ -183,6 +197,7 @@ class FalconAdapter(NeoXAdapter):
 
     model_types = ("falcon",)
     layers_path = "transformer.h"
+    attn_path = "self_attention"
 
 
 class PhiAdapter(MLPAdapter):
@@ -193,6 +208,7 @@ class PhiAdapter(MLPAdapter):
     out_name = "fc2"
     act_name = "activation_fn"
     gated = False
+    attn_out_name = "dense"
 
 
 ADAPTERS: tuple[type[MLPAdapter], ...] = (GatedAdapter, GraniteAdapter, PostNormGatedAdapter, Phi3Adapter, OPTAdapter,

@@ -133,3 +133,20 @@ def test_remove_restores_dense(calibrated):
     assert torch.equal(decode_logits(model, PROMPT), dense)
     assert torch.equal(greedy(model, ids, n=NEW_TOKENS, attention_mask=mask), dense_gen)
     assert not any(isinstance(m, runtime.sparse.GatedProjection) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_attention_parts_name_every_attention_projection(family):
+    """Per layer: the projections reading the attention input (D in-features) and the output projection (D out-
+    features) are all the modules with a 2-D weight in the attention block."""
+    model = tiny_model(family)
+    adapter = runtime.adapter_for(model)
+    parts = adapter.attention_parts(model)
+    assert len(parts) == len(adapter.mlp_parts(model))
+    hidden = model.config.hidden_size
+    for part in parts:
+        assert all(adapter.weight(getattr(part.owner, n)).shape[1] == hidden for n in part.in_names)
+        assert adapter.weight(getattr(part.owner, part.out_name)).shape[0] == hidden
+        projections = {name for name, m in part.owner.named_modules()
+                       if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2}
+        assert projections == {*part.in_names, part.out_name}
