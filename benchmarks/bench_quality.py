@@ -189,7 +189,10 @@ def reused_rows(path: Path, bench: Bench) -> tuple[list[dict], dict]:
     if earlier["reconstruction"].get("study") != study_name(r):
         rows += [{**row, "method": "clada-earlier", "study": earlier["reconstruction"].get("study")}
                  for row in earlier["rows"] if row["method"] == "clada"]
-    return rows, {"file": str(path), "command": earlier["command"], "study": earlier["reconstruction"].get("study")}
+    origin = earlier.get("baselines_from") or {}  # rows the earlier run reused themselves: where they were measured
+    return rows, {"file": str(path), "command": origin.get("command", earlier["command"]),
+                  "study": earlier["reconstruction"].get("study"),
+                  "greedy_remeasured": any(row.get("greedy_remeasured") for row in rows)}
 
 
 def study_search(bench: Bench, study_dir: Path, default: Artifact) -> tuple[ThresholdSearch, dict, dict]:

@@ -121,9 +121,11 @@ def render_markdown(result: dict) -> str:
     if result.get("baselines_from"):
         src = result["baselines_from"]
         earlier = any(row["method"] == "clada-earlier" for row in result["rows"])
-        md += [f"Baseline rows" + (f" (and `clada-earlier`: the CLADA points of study `{src['study']}`)" if earlier else "")
+        md += [f"Baseline rows" + (f" (and `clada-earlier`: the CLADA points of study `{src['study']}`, whose greedy agreement is "
+                                   "the earlier run's)" if earlier else "")
                + f" reused from `{src['file']}`, measured by `{src['command']}` on the same model, documents and "
-               "settings.", ""]
+               "settings" + ("; their greedy agreement re-measured by this run." if src.get("greedy_remeasured")
+                             else "."), ""]
     md += [
         f"Model `{r['model']}`, {r['dtype']}. Data: {result['data']['lee']} held-out `lee` documents (never seen by the "
         f"calibration) and {result['data']['enwiki']} `enwiki` documents; each scored on {result['scored_tokens']} tokens after a "
