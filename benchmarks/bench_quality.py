@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--greedy-tokens", type=int, default=GREEDY_TOKENS)
     parser.add_argument("--mc", nargs="*", default=list(MC_TASKS))
     parser.add_argument("--mc-limit", type=int, default=None, help="Questions per task (default: all).")
-    parser.add_argument("--quick", action="store_true", help="Smoke run: 2 levels per baseline, 2 CLADA points.")
+    parser.add_argument("--quick", action="store_true", help="Smoke run: 2 levels per baseline, CLADA at one level.")
     parser.add_argument("--reuse-baselines", default=None, metavar="FRONTIER_JSON",
                         help="Take the baseline rows from an earlier frontier.json of the same recipe and data instead "
                              "of measuring them again (they do not depend on the CLADA study); only their greedy "

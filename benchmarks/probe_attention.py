@@ -71,8 +71,7 @@ def attention_top_k(model, share: float):
         hooks += [m.register_forward_pre_hook(masked_in) for m in ins]
         hooks.append(out.register_forward_pre_hook(lambda module, args, w=w_out: (top_k_keep(args[0], w, share),
                                                                                    *args[1:])))
-        size = lambda m: adapter.weight(m).numel() * adapter.weight(m).element_size()
-        skipped += share * (sum(size(m) for m in ins) + size(out))
+        skipped += share * sum(adapter.projection_bytes(part))
     try:
         yield skipped
     finally:

@@ -103,8 +103,8 @@ def index_download(name: str, version: str, suffix: str, folder: Path, index: st
     import urllib.request
 
     index = (index or index_url()).rstrip("/")
-    project = re.sub(r"[-_.]+", "-", name).lower()  # PEP 503 normalised name
-    page_url = f"{index}/{project}/"
+    normal = lambda text: re.sub(r"[-_.]+", "-", text).lower()  # PEP 503 name normalisation
+    page_url = f"{index}/{normal(name)}/"
     local = page_url + "index.html" if page_url.startswith("file:") else page_url  # a file:// index, as pip reads it
     request = urllib.request.Request(local, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
     try:
@@ -121,7 +121,6 @@ def index_download(name: str, version: str, suffix: str, folder: Path, index: st
             url, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
             digest = fragment[len("sha256="):] if fragment.startswith("sha256=") else None
             files.append((urllib.parse.unquote(url.rsplit("/", 1)[-1]), url, digest))
-    normal = lambda text: re.sub(r"[-_.]+", "-", text).lower()
     match = [f for f in files if f[0].endswith(suffix) and normal(f[0][: -len(suffix)]) == normal(f"{name}-{version}")]
     if not match:
         raise FetchError(f"{page_url} lists no {name}-{version}{suffix}")

@@ -248,8 +248,7 @@ def lm_eval_cmd(model_spec, artifact, method, sparsity, tasks_spec, include_path
         _require(model_spec, None, "lm_eval")
         from .compare import attach_method
         from .lm_eval_tasks import parse_tasks, prepare_tasks
-        from .lm_eval_wrapper import (comparison_rows, evaluate_side_by_side, lm_eval_version,
-                                                     task_manager)
+        from .lm_eval_wrapper import comparison_rows, evaluate_side_by_side, lm_eval_version, task_manager
         from .models import load_model
 
         check_method(method, sparsity, artifact is not None)

@@ -146,14 +146,15 @@ class LayerTable:
 
     def plain(self) -> LayerTable:
         """The table's rows without compensation (all of them for a table without centred rows)."""
-        rows = ~self.centred
-        return LayerTable(self.tau_in[rows], self.tau_mid[rows], self.error[rows], self.saved[rows], self.centred[rows])
+        return LayerTable(*(getattr(self, f)[~self.centred] for f in _TABLE_FIELDS))
 
     @classmethod
     def stack(cls, tables: list[LayerTable]) -> LayerTable:
         """One table holding the rows of ``tables`` (same intermediate quantiles), in order."""
-        return cls(*(torch.cat([getattr(t, f) for t in tables]) for f in ("tau_in", "tau_mid", "error", "saved",
-                                                                            "centred")))
+        return cls(*(torch.cat([getattr(t, f) for t in tables]) for f in _TABLE_FIELDS))
+
+
+_TABLE_FIELDS = ("tau_in", "tau_mid", "error", "saved", "centred")  # LayerTable's tensors, in constructor order
 
 
 class LayerErrorModel:

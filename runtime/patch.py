@@ -184,9 +184,10 @@ def applied_artifact(model: nn.Module) -> Artifact:
 
 def stats(model: nn.Module, reset: bool = False) -> dict:
     """Realised figures since the last reset: rule, tokens, mlp_sparsity, input_sparsity, mlp_reads_saved,
-    reads_saved (skipped bytes over all weight bytes a decode step reads), mlp_weight_share, relaxed_share, path_calls (gate inputs per backend name), decode_steps (sparse decode calls and token positions,
-    of which in calls of several new tokens per row), backends (the choice per device, dtype and
-    token rows) and per_layer lists."""
+    reads_saved (skipped bytes over all weight bytes a decode step reads), mlp_weight_share, relaxed_share,
+    path_calls (gate inputs per backend name), decode_steps (sparse decode calls and token positions, of which in
+    calls of several new tokens per row), backends (the choice per device, dtype and token rows) and per_layer
+    lists."""
     st = _patch_of(model).state
     out = st.summary()
     if reset:
