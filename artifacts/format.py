@@ -9,6 +9,9 @@ Tensors (L = decoder layers, D = hidden size, I = intermediate size):
 - ``fingerprint`` (L, P) float64: Frobenius norms of each layer's P MLP projection weights.
 - (format 4, optional) ``center_in`` (L, D), ``center_mid`` (L, I) float32: compensation. Where present, scores are
   |x - center| * channel_weight and a skipped channel counts as ``center`` instead of 0 (a row of zeros: none).
+- (format 5, optional, all four or none) attention projections: ``tau_base_attn_in`` (L,) and
+  ``channel_weight_attn_in`` (L, D) on the attention input (the columns of q/k/v), ``tau_base_attn_out`` (L,) and
+  ``channel_weight_attn_out`` (L, A) on the attention output (the columns of o; A = heads x head size), float32.
 Metadata: ``format``, ``format_version`` and JSON strings ``model``, ``recipe``, ``data``, ``figures``, ``signals``,
 (format 2) ``rule``: the sparsity rule, ``{"name": ..., <its parameters>}`` (format 1: the threshold rule), and
 (format 3) ``sha256``: ``{tensor name: hex sha256 of its bytes in the data section}``, checked on load.
@@ -31,12 +34,13 @@ from safetensors.torch import load, save
 from .atomic import write_atomic
 
 FORMAT_NAME = "clada"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 DIGEST_KEY = "sha256"  # metadata key (format 3): {tensor name: hex sha256 of the tensor's bytes in the file}
 SCALAR_KEYS = ("lam", "gam", "tau_s", "tau_H")
 JSON_METADATA_KEYS = ("model", "recipe", "data", "figures", "signals", "rule")
 TENSOR_KEYS = ("tau_base_in", "tau_base_mid", "channel_weight_in", "channel_weight_mid", "fingerprint") + SCALAR_KEYS
 CENTER_KEYS = ("center_in", "center_mid")  # optional (format 4): compensation of skipped channels
+ATTENTION_KEYS = ("tau_base_attn_in", "tau_base_attn_out", "channel_weight_attn_in", "channel_weight_attn_out")  # format 5
 FORMAT1_TENSOR_NAMES = {"channel_scale_in": "channel_weight_in", "channel_scale_mid": "channel_weight_mid"}
 DEFAULT_RULE = {"name": "threshold"}
 
@@ -66,15 +70,32 @@ class Artifact:
     rule: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_RULE))  # the sparsity rule and its parameters
     center_in: torch.Tensor | None = None  # (L, D) float32: value a skipped input channel stands for (None: 0)
     center_mid: torch.Tensor | None = None  # (L, I) float32: the same for intermediate neurons
+    tau_base_attn_in: torch.Tensor | None = None  # (L,) float32: attention input thresholds (None: attention dense)
+    tau_base_attn_out: torch.Tensor | None = None  # (L,) float32: attention output thresholds
+    channel_weight_attn_in: torch.Tensor | None = None  # (L, D) float32: score weights of the attention input
+    channel_weight_attn_out: torch.Tensor | None = None  # (L, A) float32: score weights of the attention output
     source: str = field(default="artifact", compare=False)  # where it was loaded from, for error messages
 
     @property
     def num_layers(self) -> int:
         return int(self.tau_base_in.shape[0])
 
+    @property
+    def has_attention(self) -> bool:
+        """Whether the artifact sparsifies the attention projections too (format 5 tensors present)."""
+        return self.tau_base_attn_in is not None
+
+    def tau_base(self, side: str) -> torch.Tensor | None:
+        """(L,) base thresholds of ``side`` (``in``, ``mid``, ``attn_in``, ``attn_out``); None if absent."""
+        return getattr(self, f"tau_base_{side}")
+
+    def channel_weight(self, side: str) -> torch.Tensor | None:
+        """(L, C) channel score weights of ``side``; None if absent."""
+        return getattr(self, f"channel_weight_{side}")
+
     def center(self, side: str) -> torch.Tensor | None:
-        """(L, C) compensation of ``side`` (``in`` or ``mid``), or None where the artifact has none."""
-        return self.center_in if side == "in" else self.center_mid
+        """(L, C) compensation of ``side``, or None where the artifact has none (attention sides never have)."""
+        return {"in": self.center_in, "mid": self.center_mid}.get(side)
 
     def validate(self, source: str = "artifact") -> None:
         """Raise ArtifactError if shapes, dtypes or values are inconsistent."""
@@ -87,13 +108,7 @@ class Artifact:
             "fingerprint": (torch.float64, (L, None)),
         }
         for name, (dtype, shape) in expect.items():
-            t = getattr(self, name)
-            if t.dtype != dtype:
-                raise ArtifactError(f"{source}: tensor {name} has dtype {t.dtype}, expected {dtype}")
-            if L < 1 or t.dim() != len(shape) or any(s is not None and t.shape[i] != s for i, s in enumerate(shape)):
-                raise ArtifactError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
-            if not torch.isfinite(t).all() or (t < 0).any():
-                raise ArtifactError(f"{source}: tensor {name} holds NaN, inf or negative values")
+            _check_tensor(getattr(self, name), name, shape, source, dtype)
         for name, weights in (("center_in", self.channel_weight_in), ("center_mid", self.channel_weight_mid)):
             t = getattr(self, name)
             if t is None:
@@ -103,6 +118,7 @@ class Artifact:
                                     f"expected {tuple(weights.shape)} float32")
             if not torch.isfinite(t).all():
                 raise ArtifactError(f"{source}: tensor {name} holds NaN or inf values")
+        self._validate_attention(L, source)
         for name in ("lam", "gam"):
             value = getattr(self, name)
             if not (-1.0 <= value <= 0.0):
@@ -113,6 +129,31 @@ class Artifact:
                 raise ArtifactError(f"{source}: {name}={value} must be finite and >= 0")
         if not isinstance(self.rule.get("name"), str):
             raise ArtifactError(f"{source}: metadata 'rule' has no rule name")
+
+    def _validate_attention(self, L: int, source: str) -> None:
+        """The format-5 attention tensors: all four or none, (L,) thresholds and (L, C) weights."""
+        present = [name for name in ATTENTION_KEYS if getattr(self, name) is not None]
+        if not present:
+            return
+        if len(present) < len(ATTENTION_KEYS):
+            missing = [name for name in ATTENTION_KEYS if name not in present]
+            raise ArtifactError(f"{source}: attention tensors must come together; missing {missing}")
+        for name in ATTENTION_KEYS:
+            _check_tensor(getattr(self, name), name, (L,) if name.startswith("tau") else (L, None), source)
+        if self.channel_weight_attn_in.shape != self.channel_weight_in.shape:  # both read the hidden state
+            raise ArtifactError(f"{source}: tensor channel_weight_attn_in has shape "
+                                f"{tuple(self.channel_weight_attn_in.shape)}, expected {tuple(self.channel_weight_in.shape)}")
+
+
+def _check_tensor(t: torch.Tensor, name: str, shape: tuple, source: str, dtype: torch.dtype = torch.float32) -> None:
+    """ArtifactError unless ``t`` is a finite, non-negative tensor of ``dtype`` and ``shape`` (None: any size; the
+    first dimension, the layers, at least 1)."""
+    if t.dtype != dtype:
+        raise ArtifactError(f"{source}: tensor {name} has dtype {t.dtype}, expected {dtype}")
+    if shape[0] < 1 or t.dim() != len(shape) or any(s is not None and t.shape[i] != s for i, s in enumerate(shape)):
+        raise ArtifactError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+    if not torch.isfinite(t).all() or (t < 0).any():
+        raise ArtifactError(f"{source}: tensor {name} holds NaN, inf or negative values")
 
 
 def _scalar(value: float) -> torch.Tensor:
@@ -127,8 +168,10 @@ def save_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
     tensors.update({name: getattr(artifact, name).contiguous() for name in CENTER_KEYS
                     if getattr(artifact, name) is not None})
     tensors.update({name: _scalar(getattr(artifact, name)) for name in SCALAR_KEYS})
-    centred = any(name in tensors for name in CENTER_KEYS)  # without compensation: format 3, which older readers read
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION if centred else 3)}
+    tensors.update({name: getattr(artifact, name).contiguous() for name in ATTENTION_KEYS if artifact.has_attention})
+    # the oldest format that holds it, so that older readers read what they can: 3 plain, 4 compensated, 5 attention
+    version = 5 if artifact.has_attention else 4 if any(name in tensors for name in CENTER_KEYS) else 3
+    metadata = {"format": FORMAT_NAME, "format_version": str(version)}
     metadata.update({key: json.dumps(getattr(artifact, key), sort_keys=True) for key in JSON_METADATA_KEYS})
     header, data = _split(save(tensors), path)  # the digests are those of the bytes as safetensors lays them out
     metadata[DIGEST_KEY] = json.dumps(_digests(header, data), sort_keys=True)
@@ -199,7 +242,8 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     if version < 2:
         tensors = {FORMAT1_TENSOR_NAMES.get(k, k): v for k, v in tensors.items()}
     missing = sorted(set(TENSOR_KEYS) - set(tensors))
-    extra = sorted(set(tensors) - set(TENSOR_KEYS) - (set(CENTER_KEYS) if version >= 4 else set()))
+    optional = (set(CENTER_KEYS) if version >= 4 else set()) | (set(ATTENTION_KEYS) if version >= 5 else set())
+    extra = sorted(set(tensors) - set(TENSOR_KEYS) - optional)
     if missing or extra:
         raise ArtifactError(f"{path}: tensors missing {missing} / unexpected {extra}")
     fields: dict[str, Any] = {}

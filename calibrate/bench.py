@@ -22,14 +22,16 @@ Method (all figures come from one run):
 - ``threads``: torch's thread count during the run (the compiled kernel uses the same), set by ``--threads``.
 - ``mlp_share`` f: share of dense decode time spent inside the MLPs (first input projection called to
   output projection returned, every layer), from an extra profiled dense run in the same process.
-- ``bound`` = 1 / (1 - r * f) with r = ``mlp_reads_saved``: the best ratio if time were proportional to
-  bytes read; ``gain_of_bound`` = (ratio - 1) / (bound - 1). It can exceed 1 when the layout alone is faster.
-- ``reads_saved``: the skipped MLP bytes over every weight byte a decode step reads (attention, MLP, head);
-  today only MLP projections are sparsified, so it is ``mlp_reads_saved`` times the MLPs' share of the weights.
+- ``attention_share`` f_a (artifacts that sparsify attention): share of dense decode time inside the attention
+  projections (each of q/k/v or the fused one, and o, from its call to its return), from another profiled run.
+- ``bound`` = 1 / (1 - r * f - r_a * f_a) with r = ``mlp_reads_saved``, r_a = ``attention_reads_saved`` (0
+  without attention): the best ratio if time in every sparsified projection were proportional to bytes read;
+  ``gain_of_bound`` = (ratio - 1) / (bound - 1). It can exceed 1 when the layout alone is faster.
+- ``reads_saved``: the skipped bytes over every weight byte a decode step reads (attention, MLP, head).
 - ``signal_overhead``: share of CLADA decode time spent computing surprisal, entropy and the threshold
   multiplier (the runtime's model-level hooks), from an extra profiled CLADA run.
-- ``skip_bound`` = 1 / (1 - r * f_layout), f_layout = ``layout_mlp_share`` (the MLPs' share of the layout
-  mode's decode time, from an extra profiled run): the best ``sparsity_ratio`` (CLADA / layout) if skipping
+- ``skip_bound`` = 1 / (1 - r * f_layout - r_a * f_a,layout), f_layout = ``layout_mlp_share`` (the MLPs' share
+  of the layout mode's decode time, from an extra profiled run; ``layout_attention_share`` likewise): the best ``sparsity_ratio`` (CLADA / layout) if skipping
   saved MLP time in proportion to the bytes it saves on that path; ``skip_gain_of_bound`` = (sparsity_ratio - 1)
   / (skip_bound - 1): how much of it skipping realises.
 - ``profile=False`` (the long-context sweep) skips the profiled runs: the figures they give are NaN.
@@ -173,6 +175,17 @@ def _mlp_watch(model: nn.Module, watch: _Stopwatch) -> list:
     return hooks
 
 
+def _attention_watch(model: nn.Module, watch: _Stopwatch) -> list:
+    """Hooks timing every attention projection (q/k/v or the fused one, and o), each from its call to its return."""
+    adapter = runtime.adapter_for(model)
+    hooks = []
+    for part in adapter.attention_parts(model):
+        for name in part.in_names + (part.out_name,):
+            hooks.append(getattr(part.owner, name).register_forward_pre_hook(watch.start))
+            hooks.append(getattr(part.owner, name).register_forward_hook(watch.stop))
+    return hooks
+
+
 def _signal_watch(model: nn.Module, watch: _Stopwatch) -> list:
     """Hooks bracketing the runtime's own model-level hooks (load signals and threshold multiplier)."""
     return [model.register_forward_pre_hook(watch.start, prepend=True),
@@ -183,9 +196,13 @@ def _signal_watch(model: nn.Module, watch: _Stopwatch) -> list:
 
 def zero_artifact(artifact: Artifact) -> Artifact:
     """The same artifact with every threshold at zero and no adaptation: the gathering path skipping nothing."""
+    attention = {f"tau_base_{side}": torch.zeros_like(artifact.tau_base(side)) for side in ("attn_in", "attn_out")
+                 if artifact.has_attention}
     return Artifact(torch.zeros_like(artifact.tau_base_in), torch.zeros_like(artifact.tau_base_mid),
                     artifact.channel_weight_in, artifact.channel_weight_mid, artifact.fingerprint,
-                    model=artifact.model, rule=artifact.rule)
+                    model=artifact.model, rule=artifact.rule, **attention,
+                    **{f"channel_weight_{side}": artifact.channel_weight(side) for side in ("attn_in", "attn_out")
+                       if artifact.has_attention})
 
 
 def _set_mode(model: nn.Module, mode: str, artifacts: dict[str, Artifact], config: BenchConfig) -> None:
@@ -282,12 +299,17 @@ def _run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: 
         say(f"rep {rep + 1}/{config.warmup + config.reps}" + (" (warm-up)" if timed <= 0 else
             f": dense {decode_tokens / times['dense'][-1]:.1f} tok/s, clada {decode_tokens / times['clada'][-1]:.1f} tok/s"))
     mlp_share = layout_mlp_share = signal_overhead = float("nan")
+    attention_share = layout_attention_share = 0.0 if not artifact.has_attention else float("nan")
     if config.profile:
         _set_mode(model, "dense", artifacts, config)
         mlp_share = _profiled(model, ids, config.new_tokens, _mlp_watch, config.cache)
+        if artifact.has_attention:
+            attention_share = _profiled(model, ids, config.new_tokens, _attention_watch, config.cache)
         if layout:
             _set_mode(model, "layout", artifacts, config)
             layout_mlp_share = _profiled(model, ids, config.new_tokens, _mlp_watch, config.cache)
+            if artifact.has_attention:
+                layout_attention_share = _profiled(model, ids, config.new_tokens, _attention_watch, config.cache)
         _set_mode(model, "clada", artifacts, config)
         signal_overhead = _profiled(model, ids, config.new_tokens, _signal_watch, config.cache)
     if runtime.is_patched(model):
@@ -301,15 +323,18 @@ def _run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: 
     def mean_stat(key: str) -> float:
         return sum(s[key] * w for s, w in zip(stats, weight)) / max(sum(weight), 1)
     reads = mean_stat("mlp_reads_saved")
+    attention_reads = mean_stat("attention_reads_saved") if artifact.has_attention else 0.0
     ratio = tok_s["clada"] / tok_s["dense"]
-    bound = 1.0 / (1.0 - reads * mlp_share)
-    skip_bound = 1.0 / (1.0 - reads * layout_mlp_share)
+    bound = 1.0 / (1.0 - reads * mlp_share - attention_reads * attention_share)
+    skip_bound = 1.0 / (1.0 - reads * layout_mlp_share - attention_reads * layout_attention_share)
     sparsity_ratio = tok_s["clada"] / tok_s["layout"]
     return {
         "dense_tok_s": tok_s["dense"], "clada_tok_s": tok_s["clada"], "ratio": ratio,
         "mlp_sparsity": mean_stat("mlp_sparsity"), "input_sparsity": mean_stat("input_sparsity"),
         "mlp_reads_saved": reads, "reads_saved": mean_stat("reads_saved"), "relaxed_share": mean_stat("relaxed_share"),
-        "mlp_share": mlp_share, "bound": bound,
+        "attention_reads_saved": attention_reads if artifact.has_attention else None,
+        "mlp_share": mlp_share, "attention_share": attention_share if artifact.has_attention else None,
+        "layout_attention_share": layout_attention_share if artifact.has_attention else None, "bound": bound,
         "gain_of_bound": (ratio - 1.0) / (bound - 1.0) if bound > 1.0 else float("nan"),  # nan: not profiled
         "signal_overhead": signal_overhead,
         "layout_tok_s": tok_s["layout"], "layout_ratio": tok_s["layout"] / tok_s["dense"],

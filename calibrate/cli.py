@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from ..runtime import ATTENTION_FIGURES
 from ..runtime.backends import BACKEND_NAMES
 from .methods import METHODS
 
@@ -48,10 +49,10 @@ def _fail(exc: BaseException) -> None:
 def _print_figures(title: str, figures: dict) -> None:
     click.echo(title)
     for key in ("rule", "dense_ppl", "sparse_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
-                "mlp_reads_saved", "reads_saved", "relaxed_share", "greedy_agreement", "tokens"):
-        if key in figures:
+                "mlp_reads_saved", *ATTENTION_FIGURES, "reads_saved", "relaxed_share", "greedy_agreement", "tokens"):
+        if figures.get(key) is not None:
             value = figures[key]
-            click.echo(f"  {key:16s} {value:.4f}" if isinstance(value, float) else f"  {key:16s} {value}")
+            click.echo(f"  {key:25s} {value:.4f}" if isinstance(value, float) else f"  {key:25s} {value}")
 
 
 RECIPE_ARG = click.argument("recipe", type=click.Path(dir_okay=False))
@@ -111,7 +112,7 @@ def calibrate_cmd(recipe: str, output: str | None, storage: str | None, quiet: b
     from .report import budget_warning
 
     _print_figures(f"chosen point, held-out {report['data']['spec']} ({report['regime']}):", report)
-    click.echo(f"  wall time        {report['timings_s']['total']:.0f} s")
+    click.echo(f"  {'wall time':25s} {report['timings_s']['total']:.0f} s")
     click.echo(f"artifact: {report['artifact']}")
     if budget_warning(report):
         click.echo(f"clada: warning: {budget_warning(report)}", err=True)
@@ -293,11 +294,13 @@ def _print_bench(r: dict) -> None:
     click.echo(f"  dense_tok_s      {r['dense_tok_s']:.2f}")
     click.echo(f"  clada_tok_s      {r['clada_tok_s']:.2f}")
     click.echo(f"  ratio            {r['ratio']:.3f}")
-    for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "reads_saved", "mlp_share", "bound", "gain_of_bound",
-                "signal_overhead", "layout_ratio", "sparsity_ratio", "layout_mlp_share", "skip_bound",
-                "skip_gain_of_bound", "paired_ratio", "paired_sparsity_ratio", "best_ratio", "best_layout_ratio",
-                "best_sparsity_ratio", "prefill_overhead"):
-        click.echo(f"  {key:16s} {r[key]:.3f}")
+    for key in ("mlp_sparsity", "input_sparsity", "mlp_reads_saved", "attention_reads_saved", "reads_saved",
+                "mlp_share", "attention_share", "bound", "gain_of_bound",
+                "signal_overhead", "layout_ratio", "sparsity_ratio", "layout_mlp_share", "layout_attention_share",
+                "skip_bound", "skip_gain_of_bound", "paired_ratio", "paired_sparsity_ratio", "best_ratio",
+                "best_layout_ratio", "best_sparsity_ratio", "prefill_overhead"):
+        if r.get(key) is not None:  # the attention figures: artifacts that sparsify attention only
+            click.echo(f"  {key:16s} {r[key]:.3f}")
     click.echo("  fast_path        " + ", ".join(f"{path} {share:.0%}" for path, share in r["fast_path"].items()
                                              if share))
     click.echo(f"  clada_faster     {r['clada_faster']} of {r['reps']} repetitions")

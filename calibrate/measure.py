@@ -20,6 +20,24 @@ from ..runtime.rules import centred, channel_scores, compensated
 SCORE_RULES = ("magnitude", "wina")
 
 
+def _score_weights(adapter: MLPAdapter, parts: list[MLPParts], rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, C_in) and (L, C_out) float32 score weights of the channels read by ``parts``' input projections
+    (together) and by their output projection (``channel_weights``' rules)."""
+    if rule not in SCORE_RULES:
+        raise ValueError(f"score rule {rule!r} is not one of {SCORE_RULES}")
+    rows_in, rows_out = [], []
+    for part in parts:
+        w_in = [adapter.weight(getattr(part.owner, n)).float() for n in part.in_names]
+        w_out = adapter.weight(getattr(part.owner, part.out_name)).float()
+        if rule == "magnitude":
+            rows_in.append(torch.ones(w_in[0].shape[1]))
+            rows_out.append(torch.ones(w_out.shape[1]))
+        else:
+            rows_in.append(sum(w.pow(2).sum(0) for w in w_in).sqrt().cpu())
+            rows_out.append(w_out.norm(dim=0).cpu())
+    return torch.stack(rows_in), torch.stack(rows_out)
+
+
 @torch.no_grad()
 def channel_weights(model: nn.Module, adapter: MLPAdapter, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel score weights, (L, D) for the MLP input and (L, I) for the intermediate, float32.
@@ -27,35 +45,29 @@ def channel_weights(model: nn.Module, adapter: MLPAdapter, rule: str) -> tuple[t
     ``magnitude``: all ones (score = |activation|). ``wina``: the L2 norm of the weight column the
     channel multiplies (for the input, over all input projections together), so score = |a_i| * ||W[:, i]||.
     """
-    if rule not in SCORE_RULES:
-        raise ValueError(f"score rule {rule!r} is not one of {SCORE_RULES}")
-    rows_in, rows_mid = [], []
-    for part in adapter.mlp_parts(model):
-        w_in = [adapter.weight(getattr(part.owner, n)).float() for n in part.in_names]
-        w_out = adapter.weight(getattr(part.owner, part.out_name)).float()
-        if rule == "magnitude":
-            rows_in.append(torch.ones(w_in[0].shape[1]))
-            rows_mid.append(torch.ones(w_out.shape[1]))
-        else:
-            rows_in.append(sum(w.pow(2).sum(0) for w in w_in).sqrt().cpu())
-            rows_mid.append(w_out.norm(dim=0).cpu())
-    return torch.stack(rows_in), torch.stack(rows_mid)
+    return _score_weights(adapter, adapter.mlp_parts(model), rule)
 
 
 @torch.no_grad()
-def collect_mlp_inputs(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tensor, prompt: int,
-                       max_tokens: int, batch_size: int = 8) -> list[torch.Tensor]:
-    """Dense MLP inputs x of every layer at scored positions (>= prompt): list of (N, D), N <= max_tokens."""
-    parts = adapter.mlp_parts(model)
-    store: list[list[torch.Tensor]] = [[] for _ in parts]
+def attention_channel_weights(model: nn.Module, adapter: MLPAdapter, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same for the attention projections: (L, D) for the attention input (q/k/v together) and (L, A) for
+    the attention output (o's input)."""
+    return _score_weights(adapter, adapter.attention_parts(model), rule)
+
+
+@torch.no_grad()
+def collect_inputs(model: nn.Module, modules: list[nn.Module], tokens: torch.Tensor, prompt: int, max_tokens: int,
+                   batch_size: int = 8) -> list[torch.Tensor]:
+    """Dense inputs of each of ``modules`` at scored positions (>= prompt): list of (N, C), N <= max_tokens."""
+    store: list[list[torch.Tensor]] = [[] for _ in modules]
     hooks = []
-    for layer, part in enumerate(parts):
-        def grab(module, args, layer=layer):
+    for i, module in enumerate(modules):
+        def grab(module, args, i=i):
             x = args[0]
             if x.dim() == 2:  # some families flatten (B*T, D)
                 x = x.view(current["shape"][0], -1, x.shape[-1])
-            store[layer].append(x[:, prompt:].reshape(-1, x.shape[-1]).cpu())
-        hooks.append(getattr(part.owner, part.in_names[0]).register_forward_pre_hook(grab))
+            store[i].append(x[:, prompt:].reshape(-1, x.shape[-1]).cpu())
+        hooks.append(module.register_forward_pre_hook(grab))
     current: dict = {}
     device = next(model.parameters()).device
     try:
@@ -69,6 +81,31 @@ def collect_mlp_inputs(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tens
         for h in hooks:
             h.remove()
     return [torch.cat(rows)[:max_tokens] for rows in store]
+
+
+def collect_mlp_inputs(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tensor, prompt: int,
+                       max_tokens: int, batch_size: int = 8) -> list[torch.Tensor]:
+    """Dense MLP inputs x of every layer at scored positions (>= prompt): list of (N, D), N <= max_tokens."""
+    modules = [getattr(part.owner, part.in_names[0]) for part in adapter.mlp_parts(model)]
+    return collect_inputs(model, modules, tokens, prompt, max_tokens, batch_size)
+
+
+def attention_thresholds(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tensor, prompt: int, max_tokens: int,
+                         sparsity: float, rule: str) -> dict[str, torch.Tensor]:
+    """The artifact's attention tensors (``Artifact`` fields ``tau_base_attn_*``, ``channel_weight_attn_*``) that
+    skip ``sparsity`` of each layer's attention input and output channels on the calibration tokens: per layer
+    and side the ``sparsity`` quantile of the dense scores |a|·w (float32)."""
+    parts = adapter.attention_parts(model)
+    weights = dict(zip(("in", "out"), attention_channel_weights(model, adapter, rule)))
+    modules = [getattr(p.owner, p.in_names[0]) for p in parts] + [getattr(p.owner, p.out_name) for p in parts]
+    inputs = collect_inputs(model, modules, tokens, prompt, max_tokens)
+    out = {}
+    for k, side in enumerate(("in", "out")):
+        taus = [score_quantiles(channel_scores(x, weights[side][l]), [sparsity])[0]
+                for l, x in enumerate(inputs[k * len(parts) : (k + 1) * len(parts)])]
+        out[f"tau_base_attn_{side}"] = torch.stack(taus).float()
+        out[f"channel_weight_attn_{side}"] = weights[side].float()
+    return out
 
 
 @torch.no_grad()

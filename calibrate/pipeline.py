@@ -18,7 +18,8 @@ from .. import __version__, runtime
 from ..artifacts import Artifact, save_artifact, write_atomic
 from .data import load_documents
 from .evaluate import QUALITY_BACKEND, ProxyEvaluator, generation_eval
-from .measure import LayerTable, build_tables, channel_weights, collect_mlp_inputs, input_centers, residual_ratios
+from .measure import (LayerTable, attention_thresholds, build_tables, channel_weights, collect_mlp_inputs, input_centers,
+                      residual_ratios)
 from .models import load_model
 from .recipe import Recipe
 from .report import HEADLINE_KEYS, write_reports
@@ -36,6 +37,8 @@ def study_name(recipe: Recipe) -> str:
     """Study identity: everything that changes what a trial computes (not output, storage or trial count)."""
     d = recipe.to_dict()
     d.pop("output")
+    if not d["calibration"]["attention_sparsity"]:  # attention dense: the same study as before the setting existed
+        d["calibration"].pop("attention_sparsity")
     d["search"] = {k: v for k, v in d["search"].items() if k not in ("storage", "trials", "validation_docs", "candidates")}
     d.pop("eval")
     return "clada-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -85,7 +88,9 @@ def measurement_key(recipe: Recipe, identity: dict, fingerprint: torch.Tensor, d
     """What the measurements depend on: the model's weights, the documents, and every recipe setting that picks
     the activation documents or shapes the tables."""
     settings = {"version": __version__, "model": identity, "fingerprint": fingerprint.tolist(), "data": data_sha256,
-                "calibration": dataclasses.asdict(recipe.calibration), "device": torch.device(recipe.device).type,
+                "calibration": {k: v for k, v in dataclasses.asdict(recipe.calibration).items()
+                                if k != "attention_sparsity"},  # the attention thresholds are not measurements
+                "device": torch.device(recipe.device).type,
                 **{k: getattr(recipe, k) for k in ("dtype", "seed", "prompt_tokens", "scored_tokens", "heldout_fraction")}}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -103,9 +108,11 @@ def measure(recipe: Recipe, model, adapter, act_tokens: torch.Tensor, progress: 
 
 
 def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tensor, fingerprint: torch.Tensor,
-                   centers: torch.Tensor | None = None, **metadata) -> Artifact:
+                   centers: torch.Tensor | None = None, attention: dict[str, torch.Tensor] | None = None,
+                   **metadata) -> Artifact:
     """The artifact of a search point (``metadata``: Artifact's model, recipe, data, signals dicts); ``centers``
-    (L, D): the input centers of the layers the point compensates (``point.centred``)."""
+    (L, D): the input centers of the layers the point compensates (``point.centred``); ``attention``: the
+    attention tensors (``measure.attention_thresholds``), the same for every point, or None (attention dense)."""
     centred = torch.tensor(point.centred, dtype=torch.bool) if point.centred else None
     center_in = None
     if centers is not None and centred is not None and bool(centred.any()):
@@ -114,7 +121,7 @@ def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tens
         tau_base_in=torch.tensor(point.tau_in, dtype=torch.float32),
         tau_base_mid=torch.tensor(point.tau_mid, dtype=torch.float32),
         channel_weight_in=weight_in, channel_weight_mid=weight_mid, fingerprint=fingerprint, rule={"name": "threshold"},
-        lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H, **metadata)
+        lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H, **(attention or {}), **metadata)
 
 
 def _trial_rows(study) -> list[dict]:
@@ -160,8 +167,15 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     weight_in, weight_mid, tables, ratios = measured.weight_in, measured.weight_mid, measured.tables, measured.ratios
     timings["measure"] = time.time() - t
 
+    attention = None
+    if recipe.calibration.attention_sparsity:
+        _log(f"      attention thresholds skipping {recipe.calibration.attention_sparsity:.0%} of the attention input "
+             "and output channels per layer")
+        attention = attention_thresholds(model, adapter, splits.act, recipe.prompt_tokens,
+                                         recipe.calibration.activation_tokens, recipe.calibration.attention_sparsity,
+                                         recipe.calibration.score)
     artifact_of = partial(point_artifact, weight_in=weight_in, weight_mid=weight_mid, fingerprint=fingerprint,
-                          centers=measured.centers)
+                          centers=measured.centers, attention=attention)
 
     t = time.time()
     _log(f"[3/6] dense reference on {search_tokens.shape[0]} search documents")
@@ -198,8 +212,8 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
         best = min((tr for tr in study.trials if tr.state.name == "COMPLETE"), key=lambda tr: tr.user_attrs["ppl_increase"])
         _log("      warning: no trial met the quality constraint; using the one with the smallest ppl_increase")
     point = search.point_of(best)
-    artifact = point_artifact(
-        point, weight_in, weight_mid, fingerprint, measured.centers,
+    artifact = artifact_of(
+        point,
         model={**identity, "spec": recipe.model, "checkpoint": str(checkpoint)},
         recipe=recipe.to_dict(),
         data={**docs.identity, "heldout_fraction": recipe.heldout_fraction, "split_seed": recipe.seed},

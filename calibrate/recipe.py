@@ -27,6 +27,7 @@ class CalibrationSection:
     q_in: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4])
     q_mid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(16)])  # 0 .. 0.75
     compensation: bool = True  # tables also hold compensated input sides; the allocation picks per layer
+    attention_sparsity: float = 0.0  # share of attention input/output channels skipped per layer (0: attention dense)
 
 
 @dataclass
@@ -71,6 +72,7 @@ SECTIONS = {"calibration": CalibrationSection, "search": SearchSection, "eval": 
 RANGES = {
     "seed": (0, None), "prompt_tokens": (1, None), "scored_tokens": (1, None), "heldout_fraction": (0.01, 0.99),
     "calibration.activation_tokens": (16, None), "calibration.search_docs": (1, None),
+    "calibration.attention_sparsity": (0.0, 0.9),
     "search.trials": (1, None), "search.max_ppl_increase": (0.0, 10.0),
     "search.validation_docs": (0, None), "search.candidates": (1, None),
     "eval.heldout_docs": (1, None), "eval.batch_size": (1, None),

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 from ..artifacts import atomic_path, write_atomic
+from ..runtime import ATTENTION_FIGURES
 
 HEADLINE_KEYS = ("dense_ppl", "sparse_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
-                 "mlp_reads_saved", "reads_saved", "relaxed_share", "tokens")
+                 "mlp_reads_saved", *ATTENTION_FIGURES, "reads_saved", "relaxed_share", "tokens")
 
 
 def _fmt(value) -> str:
@@ -42,7 +43,7 @@ def render_markdown(report: dict) -> str:
         "|---|---|",
     ]
     lines += [f"| {k} | {_fmt(held[k])}" + (" **above the budget**" if k == "ppl_increase" and warning else "") + " |"
-              for k in HEADLINE_KEYS if k in held]
+              for k in HEADLINE_KEYS if held.get(k) is not None]
     if warning:
         lines += ["", f"**Warning:** {warning}."]
     chosen = report["chosen"]

@@ -21,10 +21,10 @@ from .checkpoint import declare_in_checkpoint, from_pretrained
 from .identity import mlp_fingerprint, model_identity
 from .patch import (applied_artifact, apply, dense, fixed_multiplier, is_patched, multiplier, remove, reset_stats,
                     set_thresholds, stats)
-from .rules import RULES
+from .rules import ATTENTION_FIGURES, RULES
 
 __all__ = [
-    "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "RULES", "UnsupportedModelError", "adapter_for",
+    "ATTENTION_FIGURES", "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "RULES", "UnsupportedModelError", "adapter_for",
     "applied_artifact", "apply", "declare_in_checkpoint", "dense", "first_gathering", "fixed_multiplier",
     "from_pretrained",
     "is_patched", "load_artifact", "mlp_fingerprint", "model_identity", "multiplier", "remove", "reset_stats",

@@ -47,6 +47,10 @@ def check_compatible(artifact: Artifact, model: nn.Module, adapter: MLPAdapter, 
         if want is not None and want != ident[key]:
             raise ArtifactError(f"{source}: calibrated for {key}={want}, model has {ident[key]}")
     shapes = {"channel_weight_in": ident["hidden_size"], "channel_weight_mid": ident["intermediate_size"]}
+    if artifact.has_attention:  # the input widths of q/k/v and of o, layer 0's (every layer's is the same)
+        part = adapter.attention_parts(model)[0]
+        shapes.update({f"channel_weight_attn_{side}": int(adapter.weight(getattr(part.owner, name)).shape[1])
+                       for side, name in (("in", part.in_names[0]), ("out", part.out_name))})
     for name, width in shapes.items():
         t = getattr(artifact, name)
         if t.shape != (ident["num_layers"], width):

@@ -23,7 +23,7 @@ from .checkpoint import CONFIG_KEY, declaration, find_declared_artifact, save_wi
 from .identity import check_compatible
 from .layout import can_share_rows, restore_layout, rows_view, store_rows
 from .routing import Routing
-from .rules import build_rule
+from .rules import ATTENTION_SIDES, MLP_SIDES, build_rule
 from .selection import MeasuredLayout, Shape
 from .signals import SignalTracker
 from .sparse import ChannelGate, GatedActivation, GatedProjection, RowGroup, SparsityState
@@ -37,7 +37,7 @@ class Patch:
 
     state: SparsityState
     tracker: SignalTracker
-    parts: list[MLPParts]
+    parts: list[MLPParts]  # the MLP parts, then (artifacts that sparsify attention) the attention parts
     act_name: str
     hooks: list
     artifact: Artifact
@@ -71,9 +71,13 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     rule = build_rule(artifact, device)
 
     parts = adapter.mlp_parts(model)
-    sizes = [adapter.projection_bytes(part) for part in parts]
-    state = SparsityState(rule, chooser, [s[0] for s in sizes], [s[1] for s in sizes], adapter.gated,
-                          adapter.decode_weight_bytes(model))
+    attention = adapter.attention_parts(model) if set(ATTENTION_SIDES) & set(rule.sides) else []
+    side_bytes = {side: [] for side in MLP_SIDES + (ATTENTION_SIDES if attention else ())}
+    for group, sides in ((parts, MLP_SIDES), (attention, ATTENTION_SIDES)):
+        for part in group:
+            for side, size in zip(sides, adapter.projection_bytes(part)):
+                side_bytes[side].append(size)
+    state = SparsityState(rule, chooser, side_bytes, adapter.gated, adapter.decode_weight_bytes(model))
     gathering = backend != "masked" and rule.threshold_form
     rows_of = rows_view(adapter) if gathering else None
     # auto re-lays a shape's weights only where measurement shows that gathering pays (runtime.selection)
@@ -87,6 +91,9 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
         if "mid" in rule.sides and rule.mid_at == "activation":
             gate_mid = ChannelGate(state, layer, "mid")
             setattr(part.owner, adapter.act_name, GatedActivation(getattr(part.owner, adapter.act_name), gate_mid))
+    for layer, part in enumerate(attention):
+        for side, names in zip(ATTENTION_SIDES, (part.in_names, (part.out_name,))):
+            _gate(adapter, part.owner, names, ChannelGate(state, layer, side), rows_of, layout, routing)
     if layout is not None:
         chooser.selector = layout.select
         state.density_wanted = True
@@ -97,7 +104,7 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
         model.register_forward_hook(tracker.post_forward, with_kwargs=True),
     ]
     tracker.follow_model(model)  # beam search with legacy tuple caches reorders through the model
-    setattr(model, PATCH_ATTR, Patch(state, tracker, parts, adapter.act_name, hooks, artifact, routing))
+    setattr(model, PATCH_ATTR, Patch(state, tracker, parts + attention, adapter.act_name, hooks, artifact, routing))
     setattr(model.config, CONFIG_KEY, declaration())
     model.save_pretrained = types.MethodType(_save_pretrained, model)  # shadows the class's until remove
 
@@ -108,8 +115,7 @@ def _save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwar
     ``runtime.from_pretrained(save_directory)`` restores the patched model."""
     patch = _patch_of(model)
     tau = patch.state.rule.tau
-    artifact = dataclasses.replace(patch.artifact, tau_base_in=tau["in"].float().cpu(),
-                                   tau_base_mid=tau["mid"].float().cpu())
+    artifact = dataclasses.replace(patch.artifact, **{f"tau_base_{side}": t.float().cpu() for side, t in tau.items()})
     save_with_artifact(model, save_directory, artifact, **kwargs)
 
 
@@ -200,10 +206,17 @@ def reset_stats(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def set_thresholds(model: nn.Module, tau_in: torch.Tensor, tau_mid: torch.Tensor) -> None:
-    """Replace the base thresholds (L,) of the input side and the intermediate side (units of the artifact)."""
+def set_thresholds(model: nn.Module, tau_in: torch.Tensor, tau_mid: torch.Tensor, *,
+                   tau_attn_in: torch.Tensor | None = None, tau_attn_out: torch.Tensor | None = None) -> None:
+    """Replace the base thresholds (L,) of the input side and the intermediate side (units of the artifact), and
+    of the attention sides where given (an artifact that sparsifies attention)."""
     rule = _patch_of(model).state.rule
-    for side, tau in (("in", tau_in), ("mid", tau_mid)):
+    given = {"in": tau_in, "mid": tau_mid, "attn_in": tau_attn_in, "attn_out": tau_attn_out}
+    for side, tau in given.items():
+        if tau is None:
+            continue
+        if side not in rule.tau:
+            raise ValueError(f"set_thresholds: the applied artifact has no {side} side (it leaves attention dense)")
         tau = torch.as_tensor(tau, dtype=torch.float32)
         if tau.shape != rule.tau[side].shape:
             raise ValueError(f"set_thresholds: tau_{side} has shape {tuple(tau.shape)}, "

@@ -6,7 +6,9 @@ threshold multiplier ``m`` (one per token row, 1 = base, < 1 = relaxed), a boole
 - side ``"in"``: the MLP input x (columns of gate/up, fc1); a skipped channel saves its column of every
   input projection;
 - side ``"mid"``: the intermediate neurons (columns of down, fc2); ``mid_at`` says where the rule looks at
-  them: ``"down_input"`` (h, the input of the output projection) or ``"activation"`` (act(gate(x)), CATS).
+  them: ``"down_input"`` (h, the input of the output projection) or ``"activation"`` (act(gate(x)), CATS);
+- sides ``"attn_in"`` and ``"attn_out"`` (artifacts that carry them, threshold-form rules only): the attention
+  block's input (columns of q/k/v or the fused projection) and its output (columns of o), under the same rule.
 
 The threshold rule ``|x|·w > tau·m`` is written once, in :func:`threshold_keep`; the masked reference, every
 kernel backend (``runtime.backends``; the compiled and Triton kernels make the same float32 comparison) and the
@@ -23,7 +25,14 @@ from typing import ClassVar
 
 import torch
 
-SIDES = ("in", "mid")
+MLP_SIDES = ("in", "mid")
+ATTENTION_SIDES = ("attn_in", "attn_out")  # the attention input (columns of q/k/v) and output (columns of o)
+SIDES = MLP_SIDES + ATTENTION_SIDES
+# runtime.stats() key of each side's realised share of skipped channels (mean over layers)
+SPARSITY_KEYS = {"in": "input_sparsity", "mid": "mlp_sparsity", "attn_in": "attention_input_sparsity",
+                 "attn_out": "attention_output_sparsity"}
+# runtime.stats() figures of the attention projections (None where the artifact leaves attention dense)
+ATTENTION_FIGURES = ("attention_input_sparsity", "attention_output_sparsity", "attention_reads_saved")
 
 
 def channel_scores(x: torch.Tensor, channel_weight: torch.Tensor) -> torch.Tensor:
@@ -58,17 +67,19 @@ class SparsityRule:
     """
 
     name: ClassVar[str] = ""
-    sides: ClassVar[tuple[str, ...]] = SIDES
+    sides: tuple[str, ...] = MLP_SIDES  # per instance: a threshold-form rule adds the artifact's attention sides
     mid_at: ClassVar[str] = "down_input"
     threshold_form: ClassVar[bool] = False
     observes_prefill: ClassVar[bool] = False
 
     def __init__(self, artifact, device: torch.device | str = "cpu"):
         self.params = dict(artifact.rule)
-        self.tau = {"in": artifact.tau_base_in.float().to(device), "mid": artifact.tau_base_mid.float().to(device)}
-        self.weight = {"in": artifact.channel_weight_in.float().to(device),
-                       "mid": artifact.channel_weight_mid.float().to(device)}
-        self.centers = {side: self._layer_centers(artifact.center(side), device) for side in SIDES}
+        if self.threshold_form and artifact.has_attention:
+            self.sides = type(self).sides + ATTENTION_SIDES
+        known = MLP_SIDES + (ATTENTION_SIDES if artifact.has_attention else ())
+        self.tau = {side: artifact.tau_base(side).float().to(device) for side in known}
+        self.weight = {side: artifact.channel_weight(side).float().to(device) for side in known}
+        self.centers = {side: self._layer_centers(artifact.center(side), device) for side in MLP_SIDES}
 
     @staticmethod
     def _layer_centers(center: torch.Tensor | None, device) -> list[torch.Tensor | None]:
@@ -90,7 +101,7 @@ class SparsityRule:
 
     def center(self, layer: int, side: str) -> torch.Tensor | None:
         """(C,) float32 value a skipped channel of ``layer``'s ``side`` stands for, or None (0: no compensation)."""
-        centers = self.centers[side]
+        centers = self.centers.get(side)
         return centers[layer] if centers else None
 
     def step_tau(self, layer: int, side: str, multiplier: torch.Tensor) -> torch.Tensor:
@@ -106,8 +117,8 @@ class SparsityRule:
 
 
 class ThresholdRule(SparsityRule):
-    """CLADA and the threshold baselines: keep iff |x - c|·w > tau_base[l]·m (both sides; c = 0 without
-    compensation)."""
+    """CLADA and the threshold baselines: keep iff |x - c|·w > tau_base[l]·m (every side the artifact has; c = 0
+    without compensation, and always on the attention sides)."""
 
     name = "threshold"
     threshold_form = True

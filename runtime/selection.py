@@ -39,6 +39,7 @@ import torch
 from torch.nn import functional as F
 
 from .machine import cache_root, cpu_identity, last_level_cache_bytes
+from .rules import SPARSITY_KEYS
 
 ROW_COUNTS = (1, 2, 4, 8)  # token rows per call that are timed; a call of n rows follows the next count up
 # The gathering layout must win by more than this share at the deciding row count. The timed calls are the kernels
@@ -310,8 +311,7 @@ class MeasuredLayout:
         self.adapter, self.state = adapter, state
         self.layers: dict[Shape, tuple[str, list[list]]] = {}  # shape -> (side, per layer: its projections)
         heldout = (artifact.figures or {}).get("heldout", {})
-        self.fallback = {"in": 1.0 - float(heldout.get("input_sparsity", 0.0)),
-                         "mid": 1.0 - float(heldout.get("mlp_sparsity", 0.0))}
+        self.fallback = {side: 1.0 - float(heldout.get(key) or 0.0) for side, key in SPARSITY_KEYS.items()}
 
     def add(self, shape: Shape, side: str, members: list) -> None:
         self.layers.setdefault(shape, (side, []))[1].append(list(members))

@@ -23,7 +23,7 @@ from torch import nn
 
 from .backends import DENSE, MASKED, PATH_NAMES, BackendChooser
 from .calls import CallState
-from .rules import SIDES, SparsityRule, centred, compensated, threshold_keep
+from .rules import ATTENTION_SIDES, SIDES, SPARSITY_KEYS, SparsityRule, centred, compensated, threshold_keep
 
 DENSITY_ROWS = 16  # token rows at the end of a dense call whose keep shares estimate a side's density
 # runtime.stats()["decode_steps"]: sparse decode calls, their token positions (rows x new tokens), and those of calls
@@ -51,17 +51,18 @@ def row_multipliers(multiplier: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class SparsityState:
     """The rule, backend choices, current multiplier and running statistics of one patched model.
 
-    ``multiplier`` is None (dense) or a tensor (see ``row_multipliers``). ``in_bytes``, ``mid_bytes``: per layer,
-    the weight bytes a decode step reads in the input projections and in the output projection; ``decode_bytes``:
-    those of the whole model (``MLPAdapter.decode_weight_bytes``; 0: unknown, no ``reads_saved``).
+    ``multiplier`` is None (dense) or a tensor (see ``row_multipliers``). ``side_bytes``: per side, per layer, the
+    weight bytes a decode step reads in the projections reading that side's input (``in``: gate/up; ``mid``: down;
+    ``attn_in``: q/k/v; ``attn_out``: o); ``decode_bytes``: those of the whole model
+    (``MLPAdapter.decode_weight_bytes``; 0: unknown, no ``reads_saved``).
     """
 
-    def __init__(self, rule: SparsityRule, chooser: BackendChooser, in_bytes: list[float], mid_bytes: list[float],
+    def __init__(self, rule: SparsityRule, chooser: BackendChooser, side_bytes: dict[str, list[float]],
                  gated: bool, decode_bytes: float = 0.0):
         self.rule, self.chooser = rule, chooser
         self.decode_bytes = decode_bytes
-        self.num_layers = len(in_bytes)
-        self.bytes = {"in": torch.tensor(in_bytes, dtype=torch.float64), "mid": torch.tensor(mid_bytes, dtype=torch.float64)}
+        self.num_layers = len(side_bytes["in"])
+        self.bytes = {side: torch.tensor(b, dtype=torch.float64) for side, b in side_bytes.items()}
         self.in_share_of_mid = rule.in_bytes_saved_by_mid(gated)
         self.call = CallState()  # per thread: multiplier, batch, observing, signals (runtime.calls)
         self.density_wanted = False  # dense calls estimate each side's density for the measured backend choice
@@ -162,15 +163,18 @@ class SparsityState:
         total = self.bytes["in"] + self.bytes["mid"]
         saved = share["in"] * self.bytes["in"] + share["mid"] * (self.bytes["mid"] + self.in_share_of_mid * self.bytes["in"])
         reads = saved / total
+        attn = {side: share[side] * self.bytes[side] for side in ATTENTION_SIDES if side in self.bytes}
+        attn_saved = float(sum(float(v.sum()) for v in attn.values()))
         relaxed = self.relaxed.cpu()
         return {
             "rule": self.rule.name,
             "tokens": int(tokens),
-            "mlp_sparsity": float(share["mid"].mean()),
-            "input_sparsity": float(share["in"].mean()),
+            # per side (the attention sides: None where the artifact leaves attention dense)
+            **{key: float(share[side].mean()) if side in self.bytes else None for side, key in SPARSITY_KEYS.items()},
             "mlp_reads_saved": float(saved.sum() / total.sum()),
+            "attention_reads_saved": attn_saved / sum(float(self.bytes[s].sum()) for s in attn) if attn else None,
             # over every weight byte a decode step reads (attention, MLP, head); the MLP's share of them
-            "reads_saved": float(saved.sum() / self.decode_bytes) if self.decode_bytes else None,
+            "reads_saved": float(saved.sum() + attn_saved) / self.decode_bytes if self.decode_bytes else None,
             "mlp_weight_share": float(total.sum() / self.decode_bytes) if self.decode_bytes else None,
             "relaxed_share": float(relaxed[1] / relaxed[0]) if relaxed[0] > 0 else 0.0,
             "path_calls": dict(self.path_calls),
