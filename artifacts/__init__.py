@@ -5,6 +5,7 @@ See docs/artifact-format.md for the specification.
 
 from .atomic import atomic_path, write_atomic
 from .format import (
+    ATTENTION_KEYS,
     FORMAT_NAME,
     FORMAT_VERSION,
     Artifact,
@@ -13,4 +14,4 @@ from .format import (
     save_artifact,
 )
 
-__all__ = ["atomic_path", "write_atomic", "FORMAT_NAME", "FORMAT_VERSION", "Artifact", "ArtifactError", "load_artifact", "save_artifact"]
+__all__ = ["ATTENTION_KEYS", "atomic_path", "write_atomic", "FORMAT_NAME", "FORMAT_VERSION", "Artifact", "ArtifactError", "load_artifact", "save_artifact"]

@@ -298,6 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     recipe = bench.recipe
     study_dir = Path(args.study_dir or ROOT / recipe.output)
     default = load_artifact(study_dir / ARTIFACT_NAME)
+    attention_dropped = default.has_attention  # the baselines sparsify MLPs only: compare the MLP part
+    if attention_dropped:
+        log("the default artifact also sparsifies attention projections; the frontier uses its MLP part "
+            "(clada-noattention)")
+        default = method_artifact("clada-noattention", bench.model, artifact=default)
     levels = {k: (v[1::3] if args.quick else v) for k, v in LEVELS.items()}
 
     if args.reuse_baselines:  # read at the end: an earlier run may still be writing it
@@ -324,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_tokens": recipe.prompt_tokens, "scored_tokens": recipe.scored_tokens,
         "greedy": {"prompts": int(bench.prompts.shape[0]), "tokens": args.greedy_tokens},
         "reconstruction": check, "default_artifact": str(study_dir / ARTIFACT_NAME), "baselines_from": reused,
+        "default_attention_dropped": attention_dropped,
         "default_calibration_figures": default.figures,
         "rows": rows, **default_figures,
     }

@@ -196,13 +196,12 @@ def _signal_watch(model: nn.Module, watch: _Stopwatch) -> list:
 
 def zero_artifact(artifact: Artifact) -> Artifact:
     """The same artifact with every threshold at zero and no adaptation: the gathering path skipping nothing."""
-    attention = {f"tau_base_{side}": torch.zeros_like(artifact.tau_base(side)) for side in ("attn_in", "attn_out")
-                 if artifact.has_attention}
+    attention = {} if not artifact.has_attention else {
+        **{f"tau_base_{side}": torch.zeros_like(artifact.tau_base(side)) for side in ("attn_in", "attn_out")},
+        **{f"channel_weight_{side}": artifact.channel_weight(side) for side in ("attn_in", "attn_out")}}
     return Artifact(torch.zeros_like(artifact.tau_base_in), torch.zeros_like(artifact.tau_base_mid),
                     artifact.channel_weight_in, artifact.channel_weight_mid, artifact.fingerprint,
-                    model=artifact.model, rule=artifact.rule, **attention,
-                    **{f"channel_weight_{side}": artifact.channel_weight(side) for side in ("attn_in", "attn_out")
-                       if artifact.has_attention})
+                    model=artifact.model, rule=artifact.rule, **attention)
 
 
 def _set_mode(model: nn.Module, mode: str, artifacts: dict[str, Artifact], config: BenchConfig) -> None:

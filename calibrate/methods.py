@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .. import runtime
-from ..artifacts import Artifact
+from ..artifacts import ATTENTION_KEYS, Artifact
 from .baselines import (CalibrationActivations, MethodError, baseline_artifacts, cats_artifact, check_levels,
                         griffin_artifact, rule_artifact)
 from .evaluate import QUALITY_BACKEND, Sparsifier
@@ -54,11 +54,12 @@ def _threshold(name: str) -> Build:
     return lambda model, q, artifact, calibration: baseline_artifacts(name, model, calibration, [q])[0]
 
 
-def _ablation(keep_lam: bool, keep_gam: bool, keep_compensation: bool = True) -> Build:
+def _ablation(keep_lam: bool, keep_gam: bool, keep_compensation: bool = True, keep_attention: bool = True) -> Build:
     def build(model, q, artifact, calibration):
         centers = {} if keep_compensation else {"center_in": None, "center_mid": None}
+        attention = {} if keep_attention else dict.fromkeys(ATTENTION_KEYS)
         return dataclasses.replace(artifact, lam=artifact.lam if keep_lam else 0.0,
-                                   gam=artifact.gam if keep_gam else 0.0, **centers)
+                                   gam=artifact.gam if keep_gam else 0.0, **centers, **attention)
     return build
 
 
@@ -85,6 +86,8 @@ register(MethodSpec("clada-entropy", "the CLADA artifact, entropy only (lam = 0)
                     _ablation(False, True)))
 register(MethodSpec("clada-nocomp", "the CLADA artifact without compensation (skipped channels count as 0)",
                     "artifact", _ablation(True, True, keep_compensation=False)))
+register(MethodSpec("clada-noattention", "the CLADA artifact with its attention projections dense (its MLP part)",
+                    "artifact", _ablation(True, True, keep_attention=False)))
 
 
 def check_method(name: str, sparsity: float | None, has_artifact: bool) -> MethodSpec:

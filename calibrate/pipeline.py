@@ -238,7 +238,8 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     report = {
         **{k: heldout[k] for k in HEADLINE_KEYS},
         "heldout": heldout,
-        "regime": REGIME.format(p=recipe.prompt_tokens, s=recipe.scored_tokens),
+        "regime": REGIME.format(p=recipe.prompt_tokens, s=recipe.scored_tokens)
+                  + (" and attention projections" if artifact.has_attention else ""),
         "model": artifact.model,
         "data": {**artifact.data, "spec": recipe.data, "calibration_docs": int(calib.shape[0]),
                  "heldout_docs": int(held.shape[0])},
