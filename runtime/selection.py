@@ -48,6 +48,13 @@ ROW_COUNTS = (1, 2, 4, 8)  # token rows per call that are timed; a call of n row
 # On an AMD EPYC (2 threads) bf16 gate+up at 4 rows measured 9% (2 threads) and 21% (1 thread) faster gathered, yet
 # end to end gathering lost 8% and 3-7% of a decode step; the wins that held end to end were 40-60% per call.
 TOLERANCE = 0.25
+# And, on CPU, the runtime's own work per gathered call (the wrappers, the gate's thresholds, a group's bookkeeping),
+# which the timed kernels leave out, is added to the gathering layout's timings before comparing. Measured on an AMD
+# EPYC (SmolLM2-135M, layer 3 of a patched model, float32 and bfloat16, 1 and 4 rows; a call through the wrappers
+# minus the bare kernel on the same input): 23-26 us for one projection (down, o), 54-64 us for a row group (gate+up,
+# q/k/v). For small shapes it decides: q/k/v in bfloat16 at 4 rows gathered 28% faster per kernel call (0.083 vs
+# 0.115 ms) and CLADA lost end to end (0.98x dense).
+CALL_OVERHEAD_MS = {1: 0.025, 2: 0.06}  # by members: one projection, or a row group of several
 DENSITY_STEP = 0.05
 REPS = 5  # timed passes per candidate (after one warm-up pass), median
 MIN_STREAM_BYTES = 64 << 20  # bytes each timed pass reads at least (or every layer of the shape)
@@ -115,11 +122,13 @@ def timed_count(rows: int) -> int:
     return next((n for n in ROW_COUNTS if rows <= n), ROW_COUNTS[-1])
 
 
-def decide(shape: Shape, backend: str, timings: Sequence[Timing], rows: int = 1) -> ShapeDecision:
+def decide(shape: Shape, backend: str, timings: Sequence[Timing], rows: int = 1,
+           overhead_ms: float = 0.0) -> ShapeDecision:
     """The layout (decided at ``rows``, the triggering call's token rows) and the choice per row count from
-    ``timings`` (one per ``ROW_COUNTS`` entry), as the module doc says."""
+    ``timings`` (one per ``ROW_COUNTS`` entry), as the module doc says; ``overhead_ms``: the runtime's own work
+    per gathered call of the shape, added to the gathering layout's timings before comparing."""
     at = next(t for t in timings if t.rows == timed_count(rows))
-    gathering = min(at.sparse, at.dense_rows) < at.dense * (1 - TOLERANCE)
+    gathering = min(at.sparse, at.dense_rows) + overhead_ms < at.dense * (1 - TOLERANCE)
     per_rows = {t.rows: (backend if gathering and t.sparse <= t.dense_rows else "dense") for t in timings}
     return ShapeDecision(shape, backend, at.rows, gathering, per_rows, list(timings))
 
@@ -288,7 +297,8 @@ def select(workloads: Sequence[Workload], densities: Sequence[float], backend, d
             timing = measure(workload, backend.gather, n, density, dtype, device, clock)
             fresh[key] = {k: v for k, v in asdict(timing).items() if k != "cached"}
             timings.append(timing)
-        decisions.append(decide(workload.shape, backend.name, timings, rows))
+        overhead = CALL_OVERHEAD_MS[min(workload.shape.members, 2)] if device.type == "cpu" else 0.0
+        decisions.append(decide(workload.shape, backend.name, timings, rows, overhead))
     if fresh:
         store_cache(device, fresh)
     return decisions

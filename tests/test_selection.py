@@ -62,6 +62,40 @@ def test_a_win_within_tolerance_keeps_the_original_layout():
     assert d.gathering_layout
 
 
+def test_the_runtime_overhead_per_call_decides_small_shapes():
+    """A kernel win that the wrappers' per-call work eats keeps the original layout: 0.5 vs 1.0 ms gathers with
+    0.2 ms of overhead (0.7 < 0.75), not with 0.3."""
+    t = timings(sparse=0.5, dense_rows=1.0)
+    assert decide(SHAPE, "native", t, rows=1, overhead_ms=0.2).gathering_layout
+    assert not decide(SHAPE, "native", t, rows=1, overhead_ms=0.3).gathering_layout
+    assert decide(SHAPE, "native", t, rows=1).gathering_layout
+
+
+def test_select_adds_the_cpu_overhead_of_a_row_group(monkeypatch, tmp_path):
+    """On CPU, a group's 0.06 ms of runtime work turns a 0.03 ms kernel win on a 0.1 ms product into the dense
+    choice; a single projection's 0.025 ms leaves a 0.09 ms win gathering."""
+    monkeypatch.setattr(selection, "_cache_file", lambda device: tmp_path / "cache.json")
+    group, single = Shape(64, 96, 3), Shape(64, 64, 1)
+    monkeypatch.setattr(selection, "measure", lambda workload, *a, **k: Timing(
+        a[1], 0.7, 0.1, 0.1, 0.07 if workload.shape.members > 1 else 0.01))
+    weights = lambda shape: [[torch.zeros(shape.width // shape.members, shape.channels)] * shape.members]
+    decisions = selection.select([selection.Workload(s, weights(s)) for s in (group, single)], [0.7, 0.7],
+                                 _native_stub(), torch.float32,
+                                 torch.device("cpu"))
+    assert [d.gathering_layout for d in decisions] == [False, True]
+
+
+def _native_stub():
+    """A gathering backend as ``select`` sees it when ``measure`` is replaced: a name and a timing identity."""
+    class Stub:
+        name = "native"
+        gather = None
+
+        def identity(self):
+            return "stub"
+    return Stub()
+
+
 def test_measure_times_each_candidate_with_the_clock():
     """``measure`` alternates the three candidates over the sampled layers: with a clock that advances by the
     number of products run, each candidate's milliseconds per call are exact."""
