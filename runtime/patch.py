@@ -46,7 +46,8 @@ class Patch:
 
 def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None, *, force: bool = False,
           backend: str = "auto") -> None:
-    """Validate ``artifact`` against ``model`` and patch its MLPs for adaptive sparse decoding.
+    """Validate ``artifact`` against ``model`` and patch its MLPs (and, for an artifact that sparsifies them, its
+    attention projections) for adaptive sparse decoding.
 
     ``artifact``: an Artifact, a path, or None for the one declared beside the model's checkpoint.
     ``backend``: ``"auto"`` (the fastest available kernel backend per device, dtype and token rows) or one of
@@ -190,7 +191,8 @@ def applied_artifact(model: nn.Module) -> Artifact:
 
 def stats(model: nn.Module, reset: bool = False) -> dict:
     """Realised figures since the last reset: rule, tokens, mlp_sparsity, input_sparsity, mlp_reads_saved,
-    reads_saved (skipped bytes over all weight bytes a decode step reads), mlp_weight_share, relaxed_share,
+    attention_input_sparsity, attention_output_sparsity, attention_reads_saved (None unless the artifact sparsifies
+    the attention projections), reads_saved (skipped bytes over all weight bytes a decode step reads), mlp_weight_share, relaxed_share,
     path_calls (gate inputs per backend name), decode_steps (sparse decode calls and token positions, of which in
     calls of several new tokens per row), backends (the choice per device, dtype and token rows) and per_layer
     lists."""
