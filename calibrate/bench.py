@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .. import runtime
-from ..artifacts import Artifact
+from ..artifacts import ATTENTION_KEYS, Artifact
 from ..runtime.machine import cpu_info
 
 MODES = ("dense", "clada", "layout")
@@ -196,9 +196,9 @@ def _signal_watch(model: nn.Module, watch: _Stopwatch) -> list:
 
 def zero_artifact(artifact: Artifact) -> Artifact:
     """The same artifact with every threshold at zero and no adaptation: the gathering path skipping nothing."""
-    attention = {} if not artifact.has_attention else {
-        **{f"tau_base_{side}": torch.zeros_like(artifact.tau_base(side)) for side in ("attn_in", "attn_out")},
-        **{f"channel_weight_{side}": artifact.channel_weight(side) for side in ("attn_in", "attn_out")}}
+    attention = {} if not artifact.has_attention else {  # zero thresholds, the same channel weights
+        name: torch.zeros_like(getattr(artifact, name)) if name.startswith("tau") else getattr(artifact, name)
+        for name in ATTENTION_KEYS}
     return Artifact(torch.zeros_like(artifact.tau_base_in), torch.zeros_like(artifact.tau_base_mid),
                     artifact.channel_weight_in, artifact.channel_weight_mid, artifact.fingerprint,
                     model=artifact.model, rule=artifact.rule, **attention)

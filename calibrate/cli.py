@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..runtime import ATTENTION_FIGURES
+from ..runtime import SPARSITY_FIGURES
 from ..runtime.backends import BACKEND_NAMES
 from .methods import METHODS
 
@@ -48,8 +48,8 @@ def _fail(exc: BaseException) -> None:
 
 def _print_figures(title: str, figures: dict) -> None:
     click.echo(title)
-    for key in ("rule", "dense_ppl", "sparse_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
-                "mlp_reads_saved", *ATTENTION_FIGURES, "reads_saved", "relaxed_share", "greedy_agreement", "tokens"):
+    for key in ("rule", "dense_ppl", "sparse_ppl", "ppl_increase", "kl", *SPARSITY_FIGURES, "greedy_agreement",
+                "tokens"):
         if figures.get(key) is not None:
             value = figures[key]
             click.echo(f"  {key:25s} {value:.4f}" if isinstance(value, float) else f"  {key:25s} {value}")

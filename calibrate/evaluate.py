@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import runtime
 from ..artifacts import Artifact
-from ..runtime import ATTENTION_FIGURES
+from ..runtime import SPARSITY_FIGURES
 from ..runtime.compat import cache_kwargs, output_cache
 from ..runtime.signals import load_signals, relax_multiplier
 
@@ -106,8 +106,7 @@ def _summarise(nll_sparse: list, nll_dense: list, kl: list, stats: dict) -> dict
         "ppl_increase": math.exp(sparse - dense) - 1.0,
         "kl": torch.cat(kl).double().mean().item(),
     }
-    out.update({k: stats.get(k) for k in ("rule", "mlp_sparsity", "input_sparsity", "mlp_reads_saved",
-                                          *ATTENTION_FIGURES, "reads_saved", "relaxed_share")})
+    out.update({k: stats.get(k) for k in ("rule", *SPARSITY_FIGURES)})
     out["tokens"] = int(torch.cat(nll_sparse).numel())
     out["per_layer"] = stats["per_layer"]
     return out

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 from ..artifacts import atomic_path, write_atomic
-from ..runtime import ATTENTION_FIGURES
+from ..runtime import SPARSITY_FIGURES
 
-HEADLINE_KEYS = ("dense_ppl", "sparse_ppl", "ppl_increase", "kl", "mlp_sparsity", "input_sparsity",
-                 "mlp_reads_saved", *ATTENTION_FIGURES, "reads_saved", "relaxed_share", "tokens")
+HEADLINE_KEYS = ("dense_ppl", "sparse_ppl", "ppl_increase", "kl", *SPARSITY_FIGURES, "tokens")
 
 
 def _fmt(value) -> str:

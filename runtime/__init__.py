@@ -21,10 +21,11 @@ from .checkpoint import declare_in_checkpoint, from_pretrained
 from .identity import mlp_fingerprint, model_identity
 from .patch import (applied_artifact, apply, dense, fixed_multiplier, is_patched, multiplier, remove, reset_stats,
                     set_thresholds, stats)
-from .rules import ATTENTION_FIGURES, RULES
+from .rules import RULES, SPARSITY_FIGURES
 
 __all__ = [
-    "ATTENTION_FIGURES", "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "RULES", "UnsupportedModelError", "adapter_for",
+    "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "RULES", "SPARSITY_FIGURES", "UnsupportedModelError",
+    "adapter_for",
     "applied_artifact", "apply", "declare_in_checkpoint", "dense", "first_gathering", "fixed_multiplier",
     "from_pretrained",
     "is_patched", "load_artifact", "mlp_fingerprint", "model_identity", "multiplier", "remove", "reset_stats",

@@ -31,8 +31,10 @@ SIDES = MLP_SIDES + ATTENTION_SIDES
 # runtime.stats() key of each side's realised share of skipped channels (mean over layers)
 SPARSITY_KEYS = {"in": "input_sparsity", "mid": "mlp_sparsity", "attn_in": "attention_input_sparsity",
                  "attn_out": "attention_output_sparsity"}
-# runtime.stats() figures of the attention projections (None where the artifact leaves attention dense)
-ATTENTION_FIGURES = ("attention_input_sparsity", "attention_output_sparsity", "attention_reads_saved")
+# runtime.stats() figures of realised sparsity, in the order reports show them (the attention ones None where the
+# artifact leaves attention dense)
+SPARSITY_FIGURES = (SPARSITY_KEYS["mid"], SPARSITY_KEYS["in"], "mlp_reads_saved", SPARSITY_KEYS["attn_in"],
+                    SPARSITY_KEYS["attn_out"], "attention_reads_saved", "reads_saved", "relaxed_share")
 
 
 def channel_scores(x: torch.Tensor, channel_weight: torch.Tensor) -> torch.Tensor:
