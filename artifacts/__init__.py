@@ -8,10 +8,11 @@ from .format import (
     ATTENTION_KEYS,
     FORMAT_NAME,
     FORMAT_VERSION,
+    PREFIX_KEYS,
     Artifact,
     ArtifactError,
     load_artifact,
     save_artifact,
 )
 
-__all__ = ["ATTENTION_KEYS", "atomic_path", "write_atomic", "FORMAT_NAME", "FORMAT_VERSION", "Artifact", "ArtifactError", "load_artifact", "save_artifact"]
+__all__ = ["ATTENTION_KEYS", "atomic_path", "write_atomic", "FORMAT_NAME", "FORMAT_VERSION", "PREFIX_KEYS", "Artifact", "ArtifactError", "load_artifact", "save_artifact"]

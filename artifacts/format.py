@@ -12,6 +12,10 @@ Tensors (L = decoder layers, D = hidden size, I = intermediate size):
 - (format 5, optional, all four or none) attention projections: ``tau_base_attn_in`` (L,) and
   ``channel_weight_attn_in`` (L, D) on the attention input (the columns of q/k/v), ``tau_base_attn_out`` (L,) and
   ``channel_weight_attn_out`` (L, A) on the attention output (the columns of o; A = heads x head size), float32.
+- (format 6, optional, both or none) prefix-driven sparsity: ``prefix_in`` and ``prefix_mid`` (L,) float32 exponents
+  alpha >= 0. While decoding, a sequence's scores on an MLP side are multiplied by its prompt prior ``p ** alpha``
+  (normalised to mean 1 over the channels), where ``p`` is the column norm of the dense prefill's row-normalised
+  activations (GRIFFIN's statistic); alpha = 0: the base rule.
 Metadata: ``format``, ``format_version`` and JSON strings ``model``, ``recipe``, ``data``, ``figures``, ``signals``,
 (format 2) ``rule``: the sparsity rule, ``{"name": ..., <its parameters>}`` (format 1: the threshold rule), and
 (format 3) ``sha256``: ``{tensor name: hex sha256 of its bytes in the data section}``, checked on load.
@@ -34,13 +38,14 @@ from safetensors.torch import load, save
 from .atomic import write_atomic
 
 FORMAT_NAME = "clada"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 DIGEST_KEY = "sha256"  # metadata key (format 3): {tensor name: hex sha256 of the tensor's bytes in the file}
 SCALAR_KEYS = ("lam", "gam", "tau_s", "tau_H")
 JSON_METADATA_KEYS = ("model", "recipe", "data", "figures", "signals", "rule")
 TENSOR_KEYS = ("tau_base_in", "tau_base_mid", "channel_weight_in", "channel_weight_mid", "fingerprint") + SCALAR_KEYS
 CENTER_KEYS = ("center_in", "center_mid")  # optional (format 4): compensation of skipped channels
 ATTENTION_KEYS = ("tau_base_attn_in", "tau_base_attn_out", "channel_weight_attn_in", "channel_weight_attn_out")  # format 5
+PREFIX_KEYS = ("prefix_in", "prefix_mid")  # optional (format 6): per-layer exponents of the prompt prior
 FORMAT1_TENSOR_NAMES = {"channel_scale_in": "channel_weight_in", "channel_scale_mid": "channel_weight_mid"}
 DEFAULT_RULE = {"name": "threshold"}
 
@@ -74,6 +79,8 @@ class Artifact:
     tau_base_attn_out: torch.Tensor | None = None  # (L,) float32: attention output thresholds
     channel_weight_attn_in: torch.Tensor | None = None  # (L, D) float32: score weights of the attention input
     channel_weight_attn_out: torch.Tensor | None = None  # (L, A) float32: score weights of the attention output
+    prefix_in: torch.Tensor | None = None  # (L,) float32: exponent of the prompt prior on the input side (None: 0)
+    prefix_mid: torch.Tensor | None = None  # (L,) float32: the same on the intermediate side
     source: str = field(default="artifact", compare=False)  # where it was loaded from, for error messages
 
     @property
@@ -84,6 +91,15 @@ class Artifact:
     def has_attention(self) -> bool:
         """Whether the artifact sparsifies the attention projections too (format 5 tensors present)."""
         return self.tau_base_attn_in is not None
+
+    @property
+    def has_prefix(self) -> bool:
+        """Whether decode-step scores follow each sequence's prompt prior (format 6 exponents, one of them > 0)."""
+        return self.prefix_in is not None and bool((self.prefix_in > 0).any() or (self.prefix_mid > 0).any())
+
+    def prefix(self, side: str) -> torch.Tensor | None:
+        """(L,) prompt-prior exponents of an MLP side, or None where the artifact has none."""
+        return {"in": self.prefix_in, "mid": self.prefix_mid}.get(side)
 
     def tau_base(self, side: str) -> torch.Tensor | None:
         """(L,) base thresholds of ``side`` (``in``, ``mid``, ``attn_in``, ``attn_out``); None if absent."""
@@ -119,6 +135,12 @@ class Artifact:
             if not torch.isfinite(t).all():
                 raise ArtifactError(f"{source}: tensor {name} holds NaN or inf values")
         self._validate_attention(L, source)
+        present = [name for name in PREFIX_KEYS if getattr(self, name) is not None]
+        if present and len(present) < len(PREFIX_KEYS):
+            raise ArtifactError(f"{source}: prefix tensors must come together; missing "
+                                f"{[n for n in PREFIX_KEYS if n not in present]}")
+        for name in present:
+            _check_tensor(getattr(self, name), name, (L,), source)
         for name in ("lam", "gam"):
             value = getattr(self, name)
             if not (-1.0 <= value <= 0.0):
@@ -169,8 +191,12 @@ def save_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
                     if getattr(artifact, name) is not None})
     tensors.update({name: _scalar(getattr(artifact, name)) for name in SCALAR_KEYS})
     tensors.update({name: getattr(artifact, name).contiguous() for name in ATTENTION_KEYS if artifact.has_attention})
-    # the oldest format that holds it, so that older readers read what they can: 3 plain, 4 compensated, 5 attention
-    version = 5 if artifact.has_attention else 4 if any(name in tensors for name in CENTER_KEYS) else 3
+    tensors.update({name: getattr(artifact, name).contiguous() for name in PREFIX_KEYS
+                    if getattr(artifact, name) is not None})
+    # the oldest format that holds it, so that older readers read what they can (and refuse what they would run
+    # differently): 3 plain, 4 compensated, 5 attention, 6 prompt prior
+    version = (6 if artifact.prefix_in is not None else 5 if artifact.has_attention
+               else 4 if any(name in tensors for name in CENTER_KEYS) else 3)
     metadata = {"format": FORMAT_NAME, "format_version": str(version)}
     metadata.update({key: json.dumps(getattr(artifact, key), sort_keys=True) for key in JSON_METADATA_KEYS})
     header, data = _split(save(tensors), path)  # the digests are those of the bytes as safetensors lays them out
@@ -242,7 +268,8 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     if version < 2:
         tensors = {FORMAT1_TENSOR_NAMES.get(k, k): v for k, v in tensors.items()}
     missing = sorted(set(TENSOR_KEYS) - set(tensors))
-    optional = (set(CENTER_KEYS) if version >= 4 else set()) | (set(ATTENTION_KEYS) if version >= 5 else set())
+    optional = ((set(CENTER_KEYS) if version >= 4 else set()) | (set(ATTENTION_KEYS) if version >= 5 else set())
+                | (set(PREFIX_KEYS) if version >= 6 else set()))
     extra = sorted(set(tensors) - set(TENSOR_KEYS) - optional)
     if missing or extra:
         raise ArtifactError(f"{path}: tensors missing {missing} / unexpected {extra}")

@@ -67,7 +67,7 @@ class Sparsifier:
         self.artifact = artifact = runtime.applied_artifact(model)
         self.adaptive = artifact.lam != 0.0 or artifact.gam != 0.0  # thresholds follow the model's own outputs
         # the sparse steps depend on what the dense prefill of the prompt saw
-        self.needs_prompt = runtime.RULES[artifact.rule.get("name", "threshold")].observes_prefill
+        self.needs_prompt = runtime.observes_prefill(artifact)
 
     def dense(self) -> AbstractContextManager:
         """Calls made inside run exactly dense and record nothing."""
@@ -168,6 +168,13 @@ class _DenseReference:
                 self.batches.append({"tokens": batch, "dense": logits, "cache": output_cache(prefill),
                                      "last": prefill.logits[:, -1:], "nll_dense": _nll(logits, batch[:, prompt + 1 :])})
 
+    def prompt_cache(self, batch: dict, observed: bool):
+        """A fresh KV cache of ``batch``'s prompt: the patched model's own prefill where its rule watches the prefill
+        (``observed``: it runs dense and shows the rule the prompt), else a copy of the cached dense one."""
+        if observed:
+            return output_cache(self.model(input_ids=batch["tokens"][:, : self.prompt], use_cache=True))
+        return copy.deepcopy(batch["cache"])
+
 
 class TeacherForcedEvaluator(_DenseReference):
     """``generation_eval``'s figures in one forward per batch, exact for methods without adaptation.
@@ -187,11 +194,8 @@ class TeacherForcedEvaluator(_DenseReference):
         method.reset_stats()
         nll_s, nll_d, kls = [], [], []
         for b in self.batches:
-            prompt_ids, scored_ids = b["tokens"][:, : self.prompt], b["tokens"][:, self.prompt : self.prompt + self.scored]
-            if method.needs_prompt:  # the method watches its own (dense) prefill
-                cache = output_cache(self.model(input_ids=prompt_ids, use_cache=True))
-            else:
-                cache = copy.deepcopy(b["cache"])
+            scored_ids = b["tokens"][:, self.prompt : self.prompt + self.scored]
+            cache = self.prompt_cache(b, method.needs_prompt)
             with method.teacher_forced():
                 out = self.model(input_ids=scored_ids, **cache_kwargs(self.model, cache))
             nll_s.append(_nll(out.logits, b["tokens"][:, self.prompt + 1 :]).cpu())
@@ -225,14 +229,16 @@ class ProxyEvaluator(_DenseReference):
     def __call__(self, artifact: Artifact) -> dict:
         """Proxy figures of ``artifact`` on the reference tokens: the keys of ``generation_eval``."""
         runtime.apply(self.model, artifact, backend=QUALITY_BACKEND)
+        observed = runtime.observes_prefill(artifact)
         nll_s, nll_d, kls = [], [], []
         try:
             for b in self.batches:
                 m = relax_multiplier(b["surprisal"], b["entropy"], artifact.lam, artifact.gam, artifact.tau_s,
                                      artifact.tau_H)
+                cache = self.prompt_cache(b, observed)
                 with runtime.fixed_multiplier(self.model, m):
                     out = self.model(input_ids=b["tokens"][:, self.prompt : self.prompt + self.scored],
-                                     **cache_kwargs(self.model, copy.deepcopy(b["cache"])))
+                                     **cache_kwargs(self.model, cache))
                 nll_s.append(_nll(out.logits, b["tokens"][:, self.prompt + 1 :]).cpu())
                 nll_d.append(b["nll_dense"].cpu())
                 kls.append(_kl(b["dense"], out.logits).flatten().cpu())

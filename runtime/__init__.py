@@ -11,7 +11,8 @@ Imports only torch, safetensors and transformers-compatible modules (no optuna, 
     runtime.remove(model)
 
 Driving a patched model (what calibration and the benchmarks use): ``is_patched``, ``set_thresholds``,
-``dense(model)`` and ``fixed_multiplier(model, m)`` (context managers), ``multiplier``, ``applied_artifact``.
+``dense(model)`` and ``fixed_multiplier(model, m)`` (context managers), ``multiplier``, ``applied_artifact``,
+``observes_prefill(artifact)`` (its decode steps depend on each sequence's dense prefill).
 """
 
 from ..artifacts import Artifact, ArtifactError, load_artifact
@@ -21,13 +22,13 @@ from .checkpoint import declare_in_checkpoint, from_pretrained
 from .identity import mlp_fingerprint, model_identity
 from .patch import (applied_artifact, apply, dense, fixed_multiplier, is_patched, multiplier, remove, reset_stats,
                     set_thresholds, stats)
-from .rules import RULES, SPARSITY_FIGURES
+from .rules import RULES, SPARSITY_FIGURES, observes_prefill
 
 __all__ = [
     "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "RULES", "SPARSITY_FIGURES", "UnsupportedModelError",
     "adapter_for",
     "applied_artifact", "apply", "declare_in_checkpoint", "dense", "first_gathering", "fixed_multiplier",
     "from_pretrained",
-    "is_patched", "load_artifact", "mlp_fingerprint", "model_identity", "multiplier", "remove", "reset_stats",
+    "is_patched", "load_artifact", "mlp_fingerprint", "model_identity", "multiplier", "observes_prefill", "remove", "reset_stats",
     "set_thresholds", "stats", "supported_model_types",
 ]

@@ -1,10 +1,11 @@
 """Kernel backends: how a decode step's thresholded product is computed, behind one interface.
 
-A backend computes, for token rows ``x`` (N, C), per-channel weights ``w`` (C,) float32, per-row thresholds
-``tau`` (N, 1) float32 and weight rows ``rows`` (C, out) (the projection's weight stored as contiguous
-input-channel rows, see ``runtime.layout``)::
+A backend computes, for token rows ``x`` (N, C), per-channel weights ``w`` float32 -- (C,), or (N, C) with one row
+per token row (a prompt prior per sequence, ``runtime.rules``) -- per-row thresholds ``tau`` (N, 1) float32 and
+weight rows ``rows`` (C, out) (the projection's weight stored as contiguous input-channel rows, see
+``runtime.layout``)::
 
-    out[r, :] = sum over channels c with threshold_keep(x[r, c], w[c], tau[r]) of x[r, c] * rows[c, :]
+    out[r, :] = sum over channels c with threshold_keep(x[r, c], w[r, c], tau[r]) of x[r, c] * rows[c, :]
 
 returning ``(out (N, out) in x's dtype, kept)`` where ``kept`` is the number of kept (row, channel) pairs
 (an int, or a 0-dim tensor on the device where counting must not synchronise). Skipped rows are never read.

@@ -53,7 +53,7 @@ class GatherKernel:
         for dtype, symbol in SYMBOLS.items():
             fn = getattr(lib, symbol, None)  # clada_gather_f16 only where the CPU has F16C
             if fn is not None:
-                fn.restype, fn.argtypes = ctypes.c_int64, [p, i, i, p, p, p, i, i, p, i]
+                fn.restype, fn.argtypes = ctypes.c_int64, [p, i, i, p, i, p, p, i, i, p, i]
                 self._fns[dtype] = fn
 
     @property
@@ -70,12 +70,16 @@ class GatherKernel:
         """(N, out) sums over each row's kept channels, in x's dtype (summed in float32), and the number of
         kept (row, channel) pairs.
 
-        x: (N, C) contiguous; scale: (C,) float32; thresholds: (N,) float32 (row r keeps channel c iff
-        |x[r, c]| * scale[c] > thresholds[r]); rows: (C, out) of x's dtype with unit column stride.
+        x: (N, C) contiguous; scale: contiguous float32 (C,), or (N, C) with one row per token row;
+        thresholds: (N,) float32 (row r keeps channel c iff |x[r, c]| * scale[r, c] > thresholds[r]);
+        rows: (C, out) of x's dtype with unit column stride.
         """
         n, channels = x.shape
+        if scale.shape not in ((channels,), (n, channels)):
+            raise ValueError(f"clada native gather: scale of shape {tuple(scale.shape)} for x of {tuple(x.shape)}")
         out = torch.empty(n, rows.shape[1], dtype=torch.float32)
-        kept = self._fns[x.dtype](x.data_ptr(), n, channels, scale.data_ptr(), thresholds.data_ptr(),
+        kept = self._fns[x.dtype](x.data_ptr(), n, channels, scale.data_ptr(), channels if scale.dim() == 2 else 0,
+                                  thresholds.data_ptr(),
                                   rows.data_ptr(), rows.shape[1], rows.stride(0), out.data_ptr(),
                                   torch.get_num_threads())
         if kept < 0:

@@ -2,8 +2,9 @@
  * Built and loaded by runtime/native.py; the runtime falls back to embedding_bag where it is unavailable.
  *
  * out (rows, width), for each token row r:
- *     out[r, :] = sum over channels c with |x[r, c]| * scale[c] > thr[r] of x[r, c] * w[c, :]
- * x: (rows, channels) row-major; scale: (channels,) float32; thr: (rows,) float32;
+ *     out[r, :] = sum over channels c with |x[r, c]| * scale[r * sld + c] > thr[r] of x[r, c] * w[c, :]
+ * x: (rows, channels) row-major; scale: float32, (channels,) shared by every row (sld = 0) or one row of channels per
+ * token row (sld = channels: a prompt prior per sequence); thr: (rows,) float32;
  * w: (channels, width) with row stride ld (the weight stored as (in_features, out_features) rows);
  * x and w share one element type: float32 (clada_gather_f32), bfloat16 (clada_gather_bf16) or float16
  * (clada_gather_f16, only where the CPU has F16C: converting halves one by one is slower than the dense
@@ -366,8 +367,8 @@ static void add_partials(void *arg, int64_t i) {
 }
 
 INLINE int64_t gather(enum kind kind, size_t elem, const void *x, int64_t rows, int64_t channels,
-                      const float *scale, const float *thr, const void *w, int64_t width, int64_t ld, float *out,
-                      int64_t nthreads) {
+                      const float *scale, int64_t sld, const float *thr, const void *w, int64_t width, int64_t ld,
+                      float *out, int64_t nthreads) {
     if (rows > 64) return -1;
     const int64_t nblocks = (channels + BLOCK - 1) / BLOCK, size = rows * width;
     /* idx/who: the union of active channels and which rows keep each; start[b]: its first entry in block b;
@@ -387,7 +388,7 @@ INLINE int64_t gather(enum kind kind, size_t elem, const void *x, int64_t rows, 
         for (int64_t c = b * BLOCK; c < end; c++) {
             uint64_t mask = 0;
             for (int64_t r = 0; r < rows; r++) {
-                if (fabsf(load(kind, x, r * channels + c)) * scale[c] > thr[r]) { mask |= (uint64_t)1 << r; kept++; }
+                if (fabsf(load(kind, x, r * channels + c)) * scale[r * sld + c] > thr[r]) { mask |= (uint64_t)1 << r; kept++; }
             }
             if (mask) { idx[n] = (int32_t)c; who[n] = mask; n++; }
         }
@@ -404,19 +405,22 @@ INLINE int64_t gather(enum kind kind, size_t elem, const void *x, int64_t rows, 
     return kept;
 }
 
-int64_t clada_gather_f32(const float *x, int64_t rows, int64_t channels, const float *scale, const float *thr,
+int64_t clada_gather_f32(const float *x, int64_t rows, int64_t channels, const float *scale, int64_t sld,
+                          const float *thr,
                          const float *w, int64_t width, int64_t ld, float *out, int64_t nthreads) {
-    return gather(F32, sizeof(float), x, rows, channels, scale, thr, w, width, ld, out, nthreads);
+    return gather(F32, sizeof(float), x, rows, channels, scale, sld, thr, w, width, ld, out, nthreads);
 }
 
-int64_t clada_gather_bf16(const uint16_t *x, int64_t rows, int64_t channels, const float *scale, const float *thr,
+int64_t clada_gather_bf16(const uint16_t *x, int64_t rows, int64_t channels, const float *scale, int64_t sld,
+                          const float *thr,
                           const uint16_t *w, int64_t width, int64_t ld, float *out, int64_t nthreads) {
-    return gather(BF16, sizeof(uint16_t), x, rows, channels, scale, thr, w, width, ld, out, nthreads);
+    return gather(BF16, sizeof(uint16_t), x, rows, channels, scale, sld, thr, w, width, ld, out, nthreads);
 }
 
 #ifdef HAVE_F16
-int64_t clada_gather_f16(const uint16_t *x, int64_t rows, int64_t channels, const float *scale, const float *thr,
+int64_t clada_gather_f16(const uint16_t *x, int64_t rows, int64_t channels, const float *scale, int64_t sld,
+                          const float *thr,
                          const uint16_t *w, int64_t width, int64_t ld, float *out, int64_t nthreads) {
-    return gather(F16, sizeof(uint16_t), x, rows, channels, scale, thr, w, width, ld, out, nthreads);
+    return gather(F16, sizeof(uint16_t), x, rows, channels, scale, sld, thr, w, width, ld, out, nthreads);
 }
 #endif

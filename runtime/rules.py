@@ -14,8 +14,14 @@ The threshold rule ``|x|·w > tau·m`` is written once, in :func:`threshold_keep
 kernel backend (``runtime.backends``; the compiled and Triton kernels make the same float32 comparison) and the
 calibration's error tables use it. With compensation (an artifact's ``center_in``/``center_mid``, per layer and
 channel) the rule looks at ``x - c`` (:func:`centred`, in x's dtype) and a skipped channel stands for ``c``
-instead of 0: the gathering backends sum the kept rows of ``x - c`` and add the projection of ``c``. Rules that need the dense prefill (GRIFFIN) observe it through
-``observe_prefill``. Rules are named in the artifact (metadata ``rule``) and built by :func:`build_rule`.
+instead of 0: the gathering backends sum the kept rows of ``x - c`` and add the projection of ``c``.
+
+Prefix-driven sparsity (an artifact's ``prefix_in``/``prefix_mid`` exponents alpha, per layer): the dense prefill of
+each sequence gives every channel of an MLP side its prompt norm ``p`` (:func:`prompt_norms`), and while that
+sequence decodes its channel weights are ``w * p**alpha / mean(p**alpha)`` (:meth:`SparsityRule.keep_weight`, one row
+per batch row; a long prompt costs one pass over activations the prefill computes anyway). Rules that need the dense
+prefill (GRIFFIN, a prefix-driven threshold rule) observe it through ``observe_prefill``. Rules are named in the
+artifact (metadata ``rule``) and built by :func:`build_rule`.
 """
 
 from __future__ import annotations
@@ -47,6 +53,20 @@ def threshold_keep(x: torch.Tensor, channel_weight: torch.Tensor, tau: torch.Ten
     return channel_scores(x, channel_weight) > tau
 
 
+def prompt_norms(h: torch.Tensor) -> torch.Tensor:
+    """(B, C) float32 squared prompt norms of activations ``h`` (B, T, C): per channel, the sum over the T tokens of
+    the squared row-normalised activation (GRIFFIN's statistic, squared so that chunks of a prompt add up)."""
+    z = h.float() / h.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return z.square().sum(1)
+
+
+def prior_weight(channel_weight: torch.Tensor, squared_norms: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(B, C) channel weights ``w * p**alpha / mean(p**alpha)`` of B sequences, ``p`` = sqrt(``squared_norms``)
+    (B, C) (:func:`prompt_norms`); ``channel_weight`` (C,) float32."""
+    prior = squared_norms.pow(alpha / 2)
+    return channel_weight * (prior / prior.mean(-1, keepdim=True).clamp_min(1e-12))
+
+
 def centred(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
     """``x - center`` in x's dtype (what a compensated rule scores and a gathering backend sums); ``x`` if None."""
     return x if center is None else x - center.to(x.dtype)
@@ -72,7 +92,7 @@ class SparsityRule:
     sides: tuple[str, ...] = MLP_SIDES  # per instance: a threshold-form rule adds the artifact's attention sides
     mid_at: ClassVar[str] = "down_input"
     threshold_form: ClassVar[bool] = False
-    observes_prefill: ClassVar[bool] = False
+    observes_prefill: bool = False  # per instance: a threshold-form rule with prompt-prior exponents watches too
 
     def __init__(self, artifact, device: torch.device | str = "cpu"):
         self.params = dict(artifact.rule)
@@ -82,6 +102,21 @@ class SparsityRule:
         self.tau = {side: artifact.tau_base(side).float().to(device) for side in known}
         self.weight = {side: artifact.channel_weight(side).float().to(device) for side in known}
         self.centers = {side: self._layer_centers(artifact.center(side), device) for side in MLP_SIDES}
+        # per MLP side and layer the prompt prior's exponent (0: none); only threshold-form rules follow it
+        with_prefix = self.threshold_form and artifact.has_prefix
+        self.prefix = {side: [float(a) for a in artifact.prefix(side)] if with_prefix else [] for side in MLP_SIDES}
+        self.observes_prefill = type(self).observes_prefill or with_prefix
+        self._sequences = threading.local()  # per thread (runtime.calls): what its last prefill showed
+
+    @property
+    def sequences(self) -> dict:
+        """The calling thread's per-sequence state of its last prefill, keyed by (layer, side) (rule-specific)."""
+        return self._sequences.__dict__.setdefault("state", {})
+
+    def forget_prefill(self) -> None:
+        """A new sequence starts (its prefill has not been seen yet): drop the calling thread's per-sequence state."""
+        if self.observes_prefill:
+            self._sequences.__dict__["state"] = {}
 
     @staticmethod
     def _layer_centers(center: torch.Tensor | None, device) -> list[torch.Tensor | None]:
@@ -99,7 +134,39 @@ class SparsityRule:
         self.centers = {k: [None if c is None else c.to(device) for c in v] for k, v in self.centers.items()}
 
     def channel_weight(self, layer: int, side: str) -> torch.Tensor:
+        """(C,) float32 base channel weights of ``layer``'s ``side``."""
         return self.weight[side][layer]
+
+    def keep_weight(self, layer: int, side: str, x: torch.Tensor) -> torch.Tensor:
+        """Channel weights a decode call with activations ``x`` (..., C) compares with: (C,), or, under a prompt prior
+        of several sequences, one row per token row (the shape of ``x``; the rows of ``x`` sequence-major).
+
+        Without a prior seen for this layer and side (no exponent, no prefill yet in this thread, or a call of
+        another batch than the prefill's) the base weights."""
+        prior = self.sequences.get((layer, side)) if self.observes_prefill else None
+        if prior is None:
+            return self.weight[side][layer]
+        weight = prior[1]
+        if weight.dim() == 1:
+            return weight
+        rows = x.numel() // x.shape[-1]
+        if rows % weight.shape[0]:
+            return self.weight[side][layer]
+        return weight.repeat_interleave(rows // weight.shape[0], 0).view(x.shape)
+
+    def observe_prior(self, layer: int, side: str, x: torch.Tensor, batch: int) -> None:
+        """Add a dense prefill's activations ``x`` ((B, T, C) or (B*T, C)) to the prompt prior of ``layer``'s
+        ``side`` (chunks of one prompt add up; ``forget_prefill`` starts anew)."""
+        alpha = self.prefix[side][layer] if self.prefix.get(side) else 0.0
+        if alpha == 0.0:
+            return
+        rows = centred(x, self.center(layer, side)).reshape(batch, -1, x.shape[-1])
+        norms = prompt_norms(rows)
+        known = self.sequences.get((layer, side))
+        if known is not None and known[0].shape == norms.shape:
+            norms = norms + known[0]
+        weight = prior_weight(self.weight[side][layer], norms, alpha)
+        self.sequences[(layer, side)] = (norms, weight[0].contiguous() if batch == 1 else weight.contiguous())
 
     def center(self, layer: int, side: str) -> torch.Tensor | None:
         """(C,) float32 value a skipped channel of ``layer``'s ``side`` stands for, or None (0: no compensation)."""
@@ -126,8 +193,13 @@ class ThresholdRule(SparsityRule):
     threshold_form = True
 
     def keep(self, layer, side, x, multiplier):
+        weight = self.keep_weight(layer, side, x)
         x = centred(x, self.center(layer, side))
-        return threshold_keep(x, self.weight[side][layer], self.step_tau(layer, side, multiplier))
+        return threshold_keep(x, weight, self.step_tau(layer, side, multiplier))
+
+    def observe_prefill(self, layer, side, x, batch):
+        if side in MLP_SIDES:
+            self.observe_prior(layer, side, x, batch)
 
 
 class DenseRule(SparsityRule):
@@ -162,7 +234,6 @@ class GriffinRule(SparsityRule):
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"griffin rule: sparsity {sparsity} is outside [0, 1)")
         self.sparsity = sparsity
-        self._sequences = threading.local()  # per thread (runtime.calls): masks of its last prefill
 
     @property
     def masks(self) -> dict[int, torch.Tensor]:
@@ -175,8 +246,7 @@ class GriffinRule(SparsityRule):
     @staticmethod
     def prompt_scores(h: torch.Tensor) -> torch.Tensor:
         """(B, I) GRIFFIN statistic of prompt activations h (B, T, I): column norms of row-normalised h."""
-        z = h.float() / h.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return z.norm(dim=1)
+        return prompt_norms(h).sqrt()
 
     def observe_prefill(self, layer, side, x, batch):
         rows = x.reshape(batch, -1, x.shape[-1])
@@ -194,6 +264,13 @@ class GriffinRule(SparsityRule):
 
 
 RULES: dict[str, type[SparsityRule]] = {cls.name: cls for cls in (ThresholdRule, DenseRule, CatsRule, GriffinRule)}
+
+
+def observes_prefill(artifact) -> bool:
+    """Whether the rule ``artifact`` names looks at each sequence's dense prefill (GRIFFIN; a threshold rule with
+    prompt-prior exponents), so that its decode steps depend on the prompt the model saw first."""
+    rule = RULES.get(artifact.rule.get("name", "threshold"))
+    return rule is not None and (rule.observes_prefill or (rule.threshold_form and artifact.has_prefix))
 
 
 def build_rule(artifact, device: torch.device | str = "cpu") -> SparsityRule:

@@ -44,7 +44,8 @@ MAX_DECODE_TOKENS = 16  # new tokens per row on top of a cache up to which a cal
 class SignalTracker:
     """Forward hooks on a causal LM that set the calling thread's multiplier (``runtime.calls``) for each call.
 
-    - Prefill (several new tokens and an empty cache, or more than ``MAX_DECODE_TOKENS``) runs dense.
+    - Prefill (several new tokens and an empty cache, or more than ``MAX_DECODE_TOKENS``) runs dense; a call on an
+      empty cache starts a new sequence (rules that watch the prefill forget the previous one's).
     - A decode step feeds k = 1..``MAX_DECODE_TOKENS`` new tokens per row on top of a cache (k > 1: speculative
       verification, chunked decoding). Its multiplier, one per row and shared by the row's k positions, comes from
       the distribution that predicted the row's first new token (kept from the previous call, by cache position,
@@ -71,6 +72,8 @@ class SignalTracker:
         new = ids.shape[1] if ids is not None and ids.dim() == 2 else 0
         position = cached_tokens(kwargs)
         call.end = position + new if position is not None and new else None  # for post_forward's history
+        if position == 0 or (position is None and new > 1):  # a new sequence: its prefill is still to be seen
+            self.state.rule.forget_prefill()
         if new == 0 or new > MAX_DECODE_TOKENS or (new > 1 and not position):
             call.multiplier = None  # prefill, chunked prefill or embeddings input: dense
             return None

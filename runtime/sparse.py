@@ -243,7 +243,7 @@ class ChannelGate(nn.Module):
         center = rule.center(self.layer, self.side)
         flat = centred(x.reshape(-1, x.shape[-1]), center).contiguous()
         tau = rule.step_tau(self.layer, self.side, row_multipliers(st.multiplier, flat))
-        out, kept = backend.gather(flat, rule.channel_weight(self.layer, self.side), tau, rows)
+        out, kept = backend.gather(flat, rule.keep_weight(self.layer, self.side, flat), tau, rows)
         if center is not None:
             out = out + self.center_term(center, rows)
         if x is not self._last_counted:  # gate and up gathering their own rows: count the input once

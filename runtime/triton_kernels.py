@@ -3,10 +3,10 @@
 Shapes and units of one call (``TritonBackend.gather``)::
 
     x           (N, C)    activations, float32 | bfloat16 | float16, contiguous, 1 <= N <= MAX_ROWS token rows
-    weight      (C,)      float32 per-channel score weight
+    weight      (C,)      float32 per-channel score weight, or (N, C): one row per token row (a prompt prior)
     thresholds  (N,)      float32, one per token row ((N, 1), or one value for all rows, accepted)
     rows        (C, OUT)  weight rows in x's dtype, unit column stride, row stride >= OUT
-    row r keeps channel c  iff  float32(|x[r, c]|) * weight[c] > thresholds[r]     (strict)
+    row r keeps channel c  iff  float32(|x[r, c]|) * weight[r, c] > thresholds[r]     (strict)
     out         (N, OUT)  sum over row r's kept channels c of x[r, c] * rows[c, :]; float32 sums, x's dtype
     kept        ()        int32 on x's device: kept (row, channel) pairs over all rows
 
@@ -83,7 +83,7 @@ def triton_available() -> bool:
 
 
 def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, kept_ptr, C, OUT, row_stride, SLOTS,
-                   N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, MIN_BLOCK_K: tl.constexpr):
+                   weight_stride, N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, MIN_BLOCK_K: tl.constexpr):
     """One (BLOCK_K channels) x (BLOCK_N outputs) block for all N rows; decorated by ``_kernel()``. ``out_ptr``:
     float32 (SLOTS, N, OUT) partial sums, one slot per MIN_BLOCK_K channels (a larger block fills its first slot
     and zeroes the others)."""
@@ -94,11 +94,11 @@ def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, kept_pt
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_k = offs_k < C
     in_n = offs_n < OUT
-    weight = tl.load(weight_ptr + offs_k, mask=in_k, other=0.0)
     # Pass 1: the union of the rows' keep masks decides which weight rows are read (once, for all rows).
     needed = tl.zeros([BLOCK_K], dtype=tl.int1)
     for r in tl.static_range(N):
         xr = tl.load(x_ptr + r * C + offs_k, mask=in_k, other=0.0).to(tl.float32)
+        weight = tl.load(weight_ptr + r * weight_stride + offs_k, mask=in_k, other=0.0)  # stride 0: shared
         needed = needed | ((tl.abs(xr) * weight > tl.load(thresholds_ptr + r)) & in_k)
     w_ptrs = rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :]
     w = tl.load(w_ptrs, mask=needed[:, None] & in_n[None, :], other=0.0).to(tl.float32)
@@ -106,6 +106,7 @@ def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, kept_pt
     kept = tl.zeros([BLOCK_K], dtype=tl.int32)  # per channel: rows keeping it
     for r in tl.static_range(N):
         xr = tl.load(x_ptr + r * C + offs_k, mask=in_k, other=0.0).to(tl.float32)
+        weight = tl.load(weight_ptr + r * weight_stride + offs_k, mask=in_k, other=0.0)
         keep = (tl.abs(xr) * weight > tl.load(thresholds_ptr + r)) & in_k
         partial = tl.sum(tl.where(keep, xr, 0.0)[:, None] * w, axis=0)
         tl.store(out_ptr + ((pid_k * SLOTS_PER_BLOCK) * N + r).to(tl.int64) * OUT + offs_n, partial, mask=in_n)
@@ -148,7 +149,8 @@ def _register_op() -> None:
         slots = -(-channels // MIN_BLOCK_K)
         partials = torch.empty(slots, n, width, dtype=torch.float32, device=x.device)
         grid = lambda meta: (-(-width // meta["BLOCK_N"]), -(-channels // meta["BLOCK_K"]))
-        wrap(kernel)[grid](x, weight, thresholds, rows, partials, kept, channels, width, rows.stride(0), slots, N=n,
+        wrap(kernel)[grid](x, weight, thresholds, rows, partials, kept, channels, width, rows.stride(0), slots,
+                           channels if weight.dim() == 2 else 0, N=n,
                            MIN_BLOCK_K=MIN_BLOCK_K, **(INTERPRETER_CONFIG if interpreted else {}))
         return partials.sum(0).to(x.dtype), kept
 
@@ -184,8 +186,10 @@ class TritonBackend:
         if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in DTYPES or not x.is_contiguous():
             raise ValueError(f"x must be contiguous (N <= {MAX_ROWS}, C) of {DTYPES}: {tuple(x.shape)} {x.dtype}")
         channels = x.shape[1]
-        if weight.shape != (channels,) or weight.dtype != torch.float32 or not weight.is_contiguous():
-            raise ValueError(f"weight must be contiguous float32 ({channels},): {tuple(weight.shape)} {weight.dtype}")
+        if (weight.shape not in ((channels,), (x.shape[0], channels)) or weight.dtype != torch.float32
+                or not weight.is_contiguous()):
+            raise ValueError(f"weight must be contiguous float32 ({channels},) or ({x.shape[0]}, {channels}): "
+                             f"{tuple(weight.shape)} {weight.dtype}")
         if thresholds.shape != (x.shape[0],) or thresholds.dtype != torch.float32 or not thresholds.is_contiguous():
             raise ValueError(f"thresholds must be float32 ({x.shape[0]},): {tuple(thresholds.shape)} "
                              f"{thresholds.dtype}")
