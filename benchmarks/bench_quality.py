@@ -226,7 +226,8 @@ def run_clada(bench: Bench, search: ThresholdSearch, default: Artifact, chosen: 
               ) -> list[dict]:
     """CLADA at each level of reads saved (``ThresholdSearch.point_at_saved``: the default trial's allocation shape
     and adaptation, its price moved to skip ``level`` of the bytes in the error tables), with its ablations at the
-    same level: "clada-noadapt" (the same thresholds, lam = gam = 0) and "clada-nocomp" (allocated from the
+    same level: "clada-noadapt" (the same thresholds, lam = gam = 0), "clada-noprefix" (the same thresholds without
+    the prompt prior, where the default has one) and "clada-nocomp" (allocated from the
     uncompensated rows, at the same level); then the default artifact file itself (level "default")."""
     rows = []
     for level in levels:
@@ -236,8 +237,9 @@ def run_clada(bench: Bench, search: ThresholdSearch, default: Artifact, chosen: 
             extra = {"target": level, "compensated_layers": sum(point.centred)}
             rows.append(bench.evaluate(build_method("clada", bench.model, artifact=art), name, level, extra))
             if name == "clada":
-                rows.append(bench.evaluate(build_method("clada-noadapt", bench.model, artifact=art), "clada-noadapt",
-                                           level, extra))
+                for ablation in ("clada-noadapt", *(("clada-noprefix",) if art.has_prefix else ())):
+                    rows.append(bench.evaluate(build_method(ablation, bench.model, artifact=art), ablation, level,
+                                               extra))
     extra = {**chosen, "default": True}
     rows.append(bench.evaluate(build_method("clada", bench.model, artifact=default), "clada", "default", extra))
     rows.append(bench.evaluate(build_method("clada-noadapt", bench.model, artifact=default), "clada-noadapt",
@@ -250,7 +252,8 @@ def run_default(bench: Bench, default: Artifact, rows: list[dict], args) -> dict
 
     ``rows``: the CLADA rows, whose default point gives the "clada" and "clada-noadapt" ablations."""
     out = {"ablations": []}
-    for name in ("clada", "clada-surprisal", "clada-entropy", "clada-noadapt", "clada-nocomp"):
+    for name in ("clada", "clada-surprisal", "clada-entropy", "clada-noadapt", "clada-nocomp",
+                 *(("clada-noprefix",) if default.has_prefix else ())):
         variant = method_artifact(name, bench.model, artifact=default)
         extra = {"lam": variant.lam, "gam": variant.gam}
         done = [r for r in rows if r.get("default") and r["method"] == name]

@@ -13,8 +13,8 @@ from clada.artifacts import atomic_path, write_atomic
 
 DATASETS = ("lee", "enwiki")
 METHOD_ORDER = ("uniform", "cats", "griffin", "teal", "teal-greedy", "clada-earlier", "clada-noadapt", "clada-nocomp",
-                "clada")
-ABLATIONS = ("clada", "clada-surprisal", "clada-entropy", "clada-noadapt", "clada-nocomp")
+                "clada-noprefix", "clada")
+ABLATIONS = ("clada", "clada-surprisal", "clada-entropy", "clada-noadapt", "clada-nocomp", "clada-noprefix")
 READS_GRID = (0.10, 0.15, 0.20, 0.25, 0.30, 0.35)
 TARGET = {"lee": 0.02, "enwiki": 0.04}  # issue 3: reads saved >= TARGET_READS at these ppl_increase
 TARGET_READS = 0.20
@@ -158,12 +158,15 @@ def render_markdown(result: dict) -> str:
            f"from the study to {rec['max_abs_diff']:.1e}) gives the allocation's shape and the adaptation; its price is "
            "moved so that the per-layer error tables skip each level's share of the MLP bytes at the base thresholds "
            "(per-token relaxation then skips a little less). `clada-nocomp` is allocated at the same level from the "
-           "uncompensated rows, `clada-noadapt` has the same thresholds without adaptation.",
+           "uncompensated rows, `clada-noadapt` has the same thresholds without adaptation, `clada-noprefix` (where the "
+           "default artifact has a prompt prior) the same thresholds without the prior.",
            ""] + clada_table(result["rows"]) + [""]
     md += ["## Ablation of the default artifact", "",
            "| variant | lam | gam | lee reads saved | lee ppl_increase | lee kl | relaxed share | enwiki reads saved | "
            "enwiki ppl_increase | greedy agreement |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in ABLATIONS:
+        if name not in default:  # clada-noprefix: only where the default artifact has a prompt prior
+            continue
         a = default[name]
         md.append(f"| {name} | {a['lam']:+.3f} | {a['gam']:+.3f} | {a['lee']['mlp_reads_saved']:.3f} | {a['lee']['ppl_increase']:+.4f} | {a['lee']['kl']:.4f} | "
                   f"{a['lee']['relaxed_share']:.3f} | {a['enwiki']['mlp_reads_saved']:.3f} | "
@@ -198,7 +201,7 @@ def plot(result: dict, path: Path) -> None:
         for method, rows in by_method.items():
             pts = sorted((r[data]["mlp_reads_saved"], r[data]["ppl_increase"]) for r in rows)
             style = {"clada": dict(lw=2.4, color="black"), "clada-noadapt": dict(ls="--", color="gray"),
-                     "clada-nocomp": dict(ls="-.", color="gray"),
+                     "clada-nocomp": dict(ls="-.", color="gray"), "clada-noprefix": dict(ls=(0, (5, 1)), color="gray"),
                      "clada-earlier": dict(ls=":", color="gray", lw=1)}.get(method, {})
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=method, **style)
         ax.plot(default[data]["mlp_reads_saved"], default[data]["ppl_increase"], marker="*", ms=16, color="gold",

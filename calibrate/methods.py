@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .. import runtime
-from ..artifacts import ATTENTION_KEYS, Artifact
+from ..artifacts import ATTENTION_KEYS, PREFIX_KEYS, Artifact
 from .baselines import (CalibrationActivations, MethodError, baseline_artifacts, cats_artifact, check_levels,
                         griffin_artifact, rule_artifact)
 from .evaluate import QUALITY_BACKEND, Sparsifier
@@ -54,12 +54,14 @@ def _threshold(name: str) -> Build:
     return lambda model, q, artifact, calibration: baseline_artifacts(name, model, calibration, [q])[0]
 
 
-def _ablation(keep_lam: bool, keep_gam: bool, keep_compensation: bool = True, keep_attention: bool = True) -> Build:
+def _ablation(keep_lam: bool, keep_gam: bool, keep_compensation: bool = True, keep_attention: bool = True,
+              keep_prefix: bool = True) -> Build:
     def build(model, q, artifact, calibration):
         centers = {} if keep_compensation else {"center_in": None, "center_mid": None}
         attention = {} if keep_attention else dict.fromkeys(ATTENTION_KEYS)
+        prefix = {} if keep_prefix else dict.fromkeys(PREFIX_KEYS)
         return dataclasses.replace(artifact, lam=artifact.lam if keep_lam else 0.0,
-                                   gam=artifact.gam if keep_gam else 0.0, **centers, **attention)
+                                   gam=artifact.gam if keep_gam else 0.0, **centers, **attention, **prefix)
     return build
 
 
@@ -86,6 +88,8 @@ register(MethodSpec("clada-entropy", "the CLADA artifact, entropy only (lam = 0)
                     _ablation(False, True)))
 register(MethodSpec("clada-nocomp", "the CLADA artifact without compensation (skipped channels count as 0)",
                     "artifact", _ablation(True, True, keep_compensation=False)))
+register(MethodSpec("clada-noprefix", "the CLADA artifact without its prompt prior (the same thresholds for every "
+                    "sequence)", "artifact", _ablation(True, True, keep_prefix=False)))
 register(MethodSpec("clada-noattention", "the CLADA artifact with its attention projections dense (its MLP part)",
                     "artifact", _ablation(True, True, keep_attention=False)))
 

@@ -110,10 +110,13 @@ def measure(recipe: Recipe, model, adapter, act_tokens: torch.Tensor, progress: 
 def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tensor, fingerprint: torch.Tensor,
                    centers: torch.Tensor | None = None, attention: dict[str, torch.Tensor] | None = None,
                    **metadata) -> Artifact:
-    """The artifact of a search point (``metadata``: Artifact's model, recipe, data, signals dicts); ``centers``
+    """The artifact of a search point (``metadata``: Artifact's model, recipe, data, signals dicts; the point's prompt
+    prior exponent, if any, on both MLP sides of every layer); ``centers``
     (L, D): the input centers of the layers the point compensates (``point.centred``); ``attention``: the
     attention tensors (``measure.attention_thresholds``), the same for every point, or None (attention dense)."""
     centred = torch.tensor(point.centred, dtype=torch.bool) if point.centred else None
+    L = len(point.tau_in)
+    prefix = {f"prefix_{side}": torch.full((L,), float(point.prefix)) for side in ("in", "mid")} if point.prefix else {}
     center_in = None
     if centers is not None and centred is not None and bool(centred.any()):
         center_in = torch.where(centred[:, None], centers.float(), torch.zeros(()))
@@ -121,7 +124,7 @@ def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tens
         tau_base_in=torch.tensor(point.tau_in, dtype=torch.float32),
         tau_base_mid=torch.tensor(point.tau_mid, dtype=torch.float32),
         channel_weight_in=weight_in, channel_weight_mid=weight_mid, fingerprint=fingerprint, rule={"name": "threshold"},
-        lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H, **(attention or {}), **metadata)
+        lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H, **(attention or {}), **prefix, **metadata)
 
 
 def _trial_rows(study) -> list[dict]:
@@ -248,6 +251,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
         "chosen": {"trial": best.number, "params": best.params, "lam": point.lam, "gam": point.gam,
                    "tau_s": point.tau_s, "tau_H": point.tau_H, "tau_base_in": point.tau_in,
                    "tau_base_mid": point.tau_mid, "compensated_layers": [l for l, c in enumerate(point.centred) if c],
+                   "prefix": point.prefix,
                    "proxy": {k: best.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}},
         "search": {"study": settings.study_name, "storage": redact(settings.storage), "trials": len(trials),
                    "feasible_trials": len(feasible_trials(study)), "max_ppl_increase": settings.max_ppl_increase,

@@ -55,6 +55,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"- lam = {chosen['lam']:.4f}, gam = {chosen['gam']:.4f}, tau_s = {chosen['tau_s']:.4f}, "
         f"tau_H = {chosen['tau_H']:.4f} (normalised nats, see docs/algorithm.md)",
+        f"- prompt prior (prefix-driven sparsity): exponent {chosen.get('prefix', 0.0):.3f} on both MLP sides"
+        + (" (none)" if not chosen.get("prefix") else "") + "",
         f"- compensated input sides (skipped channels stand for their calibration mean): layers "
         f"{', '.join(map(str, chosen.get('compensated_layers', []))) or 'none'}",
         "- proxy figures on calibration docs: " + ", ".join(f"{k}={v:.4f}" for k, v in chosen["proxy"].items()),

@@ -7,7 +7,8 @@ per-layer thresholds. With ``allocation: budget`` the level is the layer's error
 ``marginal`` it is the price (``price``) at which the layer stops skipping: the rate-distortion allocation,
 whose per-layer budgets are where one more skipped byte would cost more error than the price.
 It also picks ``lam, gam`` in [-1, 0] and the quantiles ``q_s, q_H`` of the calibration surprisal and
-entropy that become ``tau_s, tau_H``. The objective maximises ``mlp_reads_saved`` under the constraint
+entropy that become ``tau_s, tau_H``, and (``prefix``) the exponent alpha in [0, 1] of each sequence's prompt prior
+(prefix-driven sparsity, ``clada.runtime.rules``; 0: none), the same on both MLP sides of every layer. The objective maximises ``mlp_reads_saved`` under the constraint
 ``ppl_increase <= max_ppl_increase`` (both from the fast proxy on calibration documents).
 """
 
@@ -42,6 +43,7 @@ class SearchSettings:
     trials: int = 40
     max_ppl_increase: float = 0.02
     adapt: bool = True
+    prefix: bool = True
     allocation: str = "marginal"  # "marginal", "budget" or "both" (the study picks per trial)
     budget_range: tuple[float, float] = (1e-5, 0.3)
     price_range: tuple[float, float] = (3e-4, 0.1)
@@ -72,6 +74,7 @@ class Point:
     figures: dict = field(default_factory=dict)
     number: int = -1
     centred: list[bool] = field(default_factory=list)  # per layer: input side compensated (empty: none)
+    prefix: float = 0.0  # exponent of the prompt prior on both MLP sides (0: none)
 
 
 class ThresholdSearch:
@@ -99,7 +102,7 @@ class ThresholdSearch:
         q_s, q_H = params.get("q_s", 1.0), params.get("q_H", 1.0)
         return Point(
             params=dict(params), tau_in=tau_in.tolist(), tau_mid=tau_mid.tolist(), centred=centred.tolist(),
-            lam=params.get("lam", 0.0), gam=params.get("gam", 0.0),
+            lam=params.get("lam", 0.0), gam=params.get("gam", 0.0), prefix=params.get("prefix", 0.0),
             tau_s=float(torch.quantile(self.surprisal, q_s)) if q_s < 1 else 1e6,
             tau_H=float(torch.quantile(self.entropy, q_H)) if q_H < 1 else 1.0,
         )
@@ -128,7 +131,8 @@ class ThresholdSearch:
         if all(key in trial.user_attrs for key in POINT_ATTRS):
             attrs = {key: trial.user_attrs[key] for key in POINT_ATTRS}
             return Point(params=dict(trial.params), lam=trial.params.get("lam", 0.0),
-                         gam=trial.params.get("gam", 0.0), number=trial.number, **attrs)
+                         gam=trial.params.get("gam", 0.0), prefix=trial.params.get("prefix", 0.0),
+                         number=trial.number, **attrs)
         point = self.point(trial.params)
         point.number = trial.number
         return point
@@ -155,6 +159,8 @@ class ThresholdSearch:
         if self.settings.adapt:
             params.update(lam=trial.suggest_float("lam", -1.0, 0.0), gam=trial.suggest_float("gam", -1.0, 0.0),
                           q_s=trial.suggest_float("q_s", 0.5, 0.99), q_H=trial.suggest_float("q_H", 0.5, 0.99))
+        if self.settings.prefix:
+            params["prefix"] = trial.suggest_float("prefix", 0.0, 1.0)
         return params
 
     def objective(self, trial: optuna.Trial) -> float:
@@ -179,7 +185,8 @@ def _constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
 
 def warm_start_points(settings: SearchSettings) -> list[dict]:
     """The first trials of every study: no-adaptation points across budgets, then two with the
-    'thresholds halved on the 30% most surprising tokens' adaptation at higher base budgets."""
+    'thresholds halved on the 30% most surprising tokens' adaptation at higher base budgets (all without a prompt
+    prior), then (``prefix``) two with the prompt prior at exponents 0.25 and 0.5."""
     marginal = settings.allocation != "budget"
     key, levels, adaptive = (("price", (1.5e-3, 3e-3, 5e-3, 1e-2), (5e-3, 7.5e-3)) if marginal else
                              ("budget", (1e-4, 3e-4, 1e-3, 3e-3), (6e-4, 1e-3)))
@@ -194,6 +201,10 @@ def warm_start_points(settings: SearchSettings) -> list[dict]:
         for level in adaptive:
             points.append({**rule, key: level, "depth_slope": 0.0, "mix": 1.0, "lam": -0.5, "gam": 0.0,
                            "q_s": 0.7, "q_H": 0.9})
+    if settings.prefix:
+        points = [{**p, "prefix": 0.0} for p in points]
+        for level, alpha in zip(levels[1:3], (0.25, 0.5)):
+            points.append({**points[levels.index(level)], "prefix": alpha})
     return points
 
 

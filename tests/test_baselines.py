@@ -238,9 +238,11 @@ def test_ablations_set_lam_and_gam():
     L, D = art.channel_weight_in.shape
     art = dataclasses.replace(art, center_in=torch.ones_like(art.channel_weight_in),
                               tau_base_attn_in=torch.full((L,), 0.1), tau_base_attn_out=torch.full((L,), 0.1),
-                              channel_weight_attn_in=torch.ones(L, D), channel_weight_attn_out=torch.ones(L, D))
+                              channel_weight_attn_in=torch.ones(L, D), channel_weight_attn_out=torch.ones(L, D),
+                              prefix_in=torch.full((L,), 0.5), prefix_mid=torch.full((L,), 0.5))
     expected = {"clada": (-0.3, -0.4), "clada-surprisal": (-0.3, 0.0), "clada-entropy": (0.0, -0.4),
-                "clada-noadapt": (0.0, 0.0), "clada-nocomp": (-0.3, -0.4), "clada-noattention": (-0.3, -0.4)}
+                "clada-noadapt": (0.0, 0.0), "clada-nocomp": (-0.3, -0.4), "clada-noattention": (-0.3, -0.4),
+                "clada-noprefix": (-0.3, -0.4)}
     assert {n for n in METHODS if n.startswith("clada")} == set(expected)
     for name, (lam, gam) in expected.items():
         variant = method_artifact(name, model, artifact=art)
@@ -248,6 +250,7 @@ def test_ablations_set_lam_and_gam():
         assert torch.equal(variant.tau_base_in, art.tau_base_in) and variant.tau_s == art.tau_s
         assert (variant.center_in is None) == (name == "clada-nocomp")
         assert variant.has_attention == (name != "clada-noattention")
+        assert variant.has_prefix == (name != "clada-noprefix")
         method = build_method(name, model, artifact=art)
         assert method.adaptive == (name != "clada-noadapt")
         assert (method.artifact.lam, method.artifact.gam) == pytest.approx((lam, gam))

@@ -153,3 +153,44 @@ def test_prefix_exponents_round_trip_in_format_6_and_are_checked(tmp_path):
         dataclasses.replace(art, prefix_mid=torch.full((2,), -0.5)).validate()
     with pytest.raises(ArtifactError, match="prefix_in has shape"):
         dataclasses.replace(art, prefix_in=torch.zeros(3)).validate()
+
+
+def test_the_evaluators_see_the_prefill_of_a_prefix_artifact():
+    """The proxy and teacher-forced evaluations run the patched model's own prefill, so they equal the generation
+    regime for a prompt-prior artifact without adaptation (and differ from the artifact without its prior)."""
+    from clada.calibrate.evaluate import ProxyEvaluator, Sparsifier, TeacherForcedEvaluator, generation_eval
+
+    model = tiny_model("llama")
+    tokens = ids((6, 8 + 10 + 1), 8)
+    art = prefix_artifact(model, alpha=1.0)
+    proxy = ProxyEvaluator(model, tokens, 8, batch_size=3)(art)
+    teacher = TeacherForcedEvaluator(model, tokens, 8, batch_size=3)
+    runtime.apply(model, art, backend="masked")
+    method = Sparsifier(model)
+    assert method.needs_prompt and not method.adaptive
+    exact = generation_eval(model, tokens, 8, batch_size=3, progress=False, method=method)
+    fast = teacher(method)
+    runtime.remove(model)
+    plain = ProxyEvaluator(model, tokens, 8, batch_size=3)(dataclasses.replace(art, prefix_in=None, prefix_mid=None))
+    for key in ("ppl_increase", "kl", "mlp_reads_saved"):
+        assert proxy[key] == pytest.approx(exact[key], rel=1e-4, abs=1e-7), key
+        assert fast[key] == pytest.approx(exact[key], rel=1e-4, abs=1e-7), key
+    assert plain["mlp_reads_saved"] != pytest.approx(exact["mlp_reads_saved"], abs=1e-6)
+
+
+def test_the_search_tries_the_prompt_prior_and_its_point_carries_it():
+    from clada.calibrate.pipeline import point_artifact
+    from clada.calibrate.search import Point, SearchSettings, warm_start_points
+
+    points = warm_start_points(SearchSettings())
+    assert [p["prefix"] for p in points].count(0.0) == len(points) - 2
+    assert {p["prefix"] for p in points} == {0.0, 0.25, 0.5}
+    assert all("prefix" not in p for p in warm_start_points(SearchSettings(prefix=False)))
+    model = tiny_model("llama")
+    base = make_artifact(model)
+    point = Point(params={}, tau_in=[0.1, 0.1], tau_mid=[0.0, 0.0], lam=0.0, gam=0.0, tau_s=1.0, tau_H=1.0)
+    args = (base.channel_weight_in, base.channel_weight_mid, base.fingerprint)
+    assert not point_artifact(point, *args).has_prefix
+    point.prefix = 0.3
+    art = point_artifact(point, *args)
+    assert art.has_prefix and art.prefix_in.tolist() == pytest.approx([0.3, 0.3]) and torch.equal(art.prefix_in, art.prefix_mid)
