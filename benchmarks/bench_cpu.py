@@ -26,7 +26,7 @@ import torch
 
 from clada import runtime
 from clada.artifacts import write_atomic
-from clada.calibrate.bench import NOISY, BenchConfig, bench_texts, run_bench, text_prompts
+from clada.calibrate.bench import NOISY, BenchConfig, bench_texts, cpu_folder, run_bench, text_prompts
 from clada.calibrate.models import load_model
 from clada.runtime.machine import cpu_info
 
@@ -37,10 +37,6 @@ COLUMNS = ("dtype", "batch", "threads", "dense tok/s", "CLADA tok/s", "ratio", "
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
 def table(cpu: dict, rows: list[dict], llama: dict | None) -> str:
@@ -83,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     artifact = runtime.load_artifact(args.artifact)  # a bad path fails here, before any model loads
     cpu = cpu_info()
-    out = Path(args.out or f"results/bench/{_slug(cpu['model_name'])}-f{cpu['family']}m{cpu['model']}")
+    out = Path(args.out or f"results/bench/{cpu_folder(cpu)}")
     texts = bench_texts(args.data, artifact)
     rows = []
     for dtype in _csv(args.dtypes):

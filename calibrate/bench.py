@@ -226,6 +226,13 @@ def paired(base: list[float], other: list[float]) -> float:
     return statistics.median(b / o for b, o in zip(base, other))
 
 
+def cpu_folder(cpu: dict) -> str:
+    """The name of a CPU's folder under results/bench/ (``cpu``: ``runtime.machine.cpu_info()``), e.g.
+    ``amd-epyc-f26m2``: speed figures hold only for the CPU they were measured on."""
+    slug = "".join(c if c.isalnum() else "-" for c in str(cpu["model_name"]).lower()).strip("-")
+    return f"{slug}-f{cpu['family']}m{cpu['model']}"
+
+
 def spread(seconds: list[float]) -> float:
     """(max - min) / median of the rates 1 / seconds: the rep-to-rep spread of a mode's tok/s."""
     rates = [1.0 / s for s in seconds]

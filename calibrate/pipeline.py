@@ -39,6 +39,8 @@ def study_name(recipe: Recipe) -> str:
     d.pop("output")
     if not d["calibration"]["attention_sparsity"]:  # attention dense: the same study as before the setting existed
         d["calibration"].pop("attention_sparsity")
+    if not d["search"]["prefix"]:  # no prompt prior: likewise
+        d["search"].pop("prefix")
     d["search"] = {k: v for k, v in d["search"].items() if k not in ("storage", "trials", "validation_docs", "candidates")}
     d.pop("eval")
     return "clada-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

@@ -35,7 +35,7 @@ class SearchSection:
     trials: int = 40
     max_ppl_increase: float = 0.02
     adapt: bool = True
-    prefix: bool = True  # search the prompt prior's exponent (prefix-driven sparsity; 0 is in the range)
+    prefix: bool = False  # search the prompt prior's exponent too (prefix-driven sparsity; 0 is in the range)
     allocation: str = "marginal"
     storage: str | None = None
     validation_docs: int = 48

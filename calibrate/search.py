@@ -43,7 +43,7 @@ class SearchSettings:
     trials: int = 40
     max_ppl_increase: float = 0.02
     adapt: bool = True
-    prefix: bool = True
+    prefix: bool = False
     allocation: str = "marginal"  # "marginal", "budget" or "both" (the study picks per trial)
     budget_range: tuple[float, float] = (1e-5, 0.3)
     price_range: tuple[float, float] = (3e-4, 0.1)

@@ -182,10 +182,10 @@ def test_the_search_tries_the_prompt_prior_and_its_point_carries_it():
     from clada.calibrate.pipeline import point_artifact
     from clada.calibrate.search import Point, SearchSettings, warm_start_points
 
-    points = warm_start_points(SearchSettings())
+    points = warm_start_points(SearchSettings(prefix=True))
     assert [p["prefix"] for p in points].count(0.0) == len(points) - 2
     assert {p["prefix"] for p in points} == {0.0, 0.25, 0.5}
-    assert all("prefix" not in p for p in warm_start_points(SearchSettings(prefix=False)))
+    assert all("prefix" not in p for p in warm_start_points(SearchSettings()))
     model = tiny_model("llama")
     base = make_artifact(model)
     point = Point(params={}, tau_in=[0.1, 0.1], tau_mid=[0.0, 0.0], lam=0.0, gam=0.0, tau_s=1.0, tau_H=1.0)
@@ -194,3 +194,18 @@ def test_the_search_tries_the_prompt_prior_and_its_point_carries_it():
     point.prefix = 0.3
     art = point_artifact(point, *args)
     assert art.has_prefix and art.prefix_in.tolist() == pytest.approx([0.3, 0.3]) and torch.equal(art.prefix_in, art.prefix_mid)
+
+
+def test_recipe_prefix_setting_and_study_name():
+    from clada.calibrate.pipeline import study_name
+    from clada.calibrate.recipe import parse_recipe
+    from clada.calibrate.search import SearchSettings
+
+    plain = parse_recipe({})
+    assert not plain.search.prefix
+    assert study_name(plain) == study_name(parse_recipe({"search": {"prefix": False}}))  # the study from before
+    with_prior = parse_recipe({"search": {"prefix": True}})
+    assert study_name(with_prior) != study_name(plain)
+    assert SearchSettings.from_recipe(with_prior, "sqlite://", "s").prefix
+    with pytest.raises(Exception, match="search.prefix"):
+        parse_recipe({"search": {"prefix": "yes"}})
