@@ -56,8 +56,9 @@ def threshold_keep(x: torch.Tensor, channel_weight: torch.Tensor, tau: torch.Ten
 def prompt_norms(h: torch.Tensor) -> torch.Tensor:
     """(B, C) float32 squared prompt norms of activations ``h`` (B, T, C): per channel, the sum over the T tokens of
     the squared row-normalised activation (GRIFFIN's statistic, squared so that chunks of a prompt add up)."""
-    z = h.float() / h.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return z.square().sum(1)
+    squares = h.float().square()  # one temporary; sum_t h[t, c]^2 / ||h[t]||^2 as a batched vector-matrix product
+    inverse = squares.sum(-1).clamp_min(1e-24).reciprocal()
+    return torch.bmm(inverse.unsqueeze(1), squares).squeeze(1)
 
 
 def prior_weight(channel_weight: torch.Tensor, squared_norms: torch.Tensor, alpha: float) -> torch.Tensor:
