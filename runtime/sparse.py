@@ -16,6 +16,7 @@ Two kinds of execution compute the same function:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -198,20 +199,23 @@ class ChannelGate(nn.Module):
         self.state, self.layer, self.side = state, layer, side
         self._last: tuple | None = None  # masked reference: (last input, its masked copy), one attribute: thread-safe
         self._last_counted: torch.Tensor | None = None  # gathering: last input whose kept count was recorded
+        # dense calls: a weak reference to the last input shown (gate and up share it); a strong one would keep every
+        # layer's prefill activations alive until the next call (at 8192 tokens the patched prefill took 1.29x dense)
+        self._observed: weakref.ref | None = None
         self._center_terms: dict = {}  # compensation: weight rows' key -> (out,) projection of the center
 
     def observe(self, x: torch.Tensor) -> None:
         """A dense call: show the rule the activations if it watches the prefill, and estimate the side's
         density while the backend choice waits for it."""
         st = self.state
-        last, call = self._last, st.call
-        if (last is not None and last[0] is x) or not (call.observing or st.density_wanted):
+        seen, call = self._observed, st.call
+        if (seen is not None and seen() is x) or not (call.observing or st.density_wanted):
             return
         if call.observing and st.rule.observes_prefill:
             st.rule.observe_prefill(self.layer, self.side, x, call.batch)
         if st.density_wanted and st.rule.threshold_form:
             st.observe_density(self.side, self.layer, x)
-        self.__dict__["_last"] = (x, x)
+        self.__dict__["_observed"] = weakref.ref(x)
 
     def record_dense(self, x: torch.Tensor) -> None:
         """A decode call that the backend choice runs dense: nothing skipped (counted once per input)."""
