@@ -53,12 +53,23 @@ def threshold_keep(x: torch.Tensor, channel_weight: torch.Tensor, tau: torch.Ten
     return channel_scores(x, channel_weight) > tau
 
 
-def prompt_norms(h: torch.Tensor) -> torch.Tensor:
+def prompt_norms(h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C) float32 squared prompt norms of activations ``h`` (B, T, C): per channel, the sum over the T tokens of
-    the squared row-normalised activation (GRIFFIN's statistic, squared so that chunks of a prompt add up)."""
+    the squared row-normalised activation (GRIFFIN's statistic, squared so that chunks of a prompt add up).
+    ``valid`` (B, T): the tokens that count (an attention mask: left padding does not), None: all."""
     squares = h.float().square()  # one temporary; sum_t h[t, c]^2 / ||h[t]||^2 as a batched vector-matrix product
     inverse = squares.sum(-1).clamp_min(1e-24).reciprocal()
+    if valid is not None:
+        inverse = inverse * valid.to(inverse.dtype)
     return torch.bmm(inverse.unsqueeze(1), squares).squeeze(1)
+
+
+def prompt_positions(valid: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) mask of the prompt tokens of ``rows`` (B, T, C) that count, from an attention mask ``valid`` (B, >= T:
+    its last T columns), or None (every token: no mask, or one that does not fit)."""
+    if valid is None or valid.dim() != 2 or valid.shape[0] != rows.shape[0] or valid.shape[1] < rows.shape[1]:
+        return None
+    return valid[:, valid.shape[1] - rows.shape[1]:]
 
 
 def prior_weight(channel_weight: torch.Tensor, squared_norms: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -107,6 +118,7 @@ class SparsityRule:
         with_prefix = self.threshold_form and artifact.has_prefix
         self.prefix = {side: [float(a) for a in artifact.prefix(side)] if with_prefix else [] for side in MLP_SIDES}
         self.observes_prefill = type(self).observes_prefill or with_prefix
+        self.tau_version = 0  # counts changes of ``tau`` (``runtime.set_thresholds``): step threshold caches follow it
         self._sequences = threading.local()  # per thread (runtime.calls): what its last prefill showed
 
     @property
@@ -130,6 +142,7 @@ class SparsityRule:
         return 0.0
 
     def to(self, device: torch.device) -> None:
+        self.tau_version += 1
         self.tau = {k: v.to(device) for k, v in self.tau.items()}
         self.weight = {k: v.to(device) for k, v in self.weight.items()}
         self.centers = {k: [None if c is None else c.to(device) for c in v] for k, v in self.centers.items()}
@@ -155,14 +168,15 @@ class SparsityRule:
             return self.weight[side][layer]
         return weight.repeat_interleave(rows // weight.shape[0], 0).view(x.shape)
 
-    def observe_prior(self, layer: int, side: str, x: torch.Tensor, batch: int) -> None:
+    def observe_prior(self, layer: int, side: str, x: torch.Tensor, batch: int,
+                      valid: torch.Tensor | None = None) -> None:
         """Add a dense prefill's activations ``x`` ((B, T, C) or (B*T, C)) to the prompt prior of ``layer``'s
-        ``side`` (chunks of one prompt add up; ``forget_prefill`` starts anew)."""
+        ``side`` (chunks of one prompt add up; ``forget_prefill`` starts anew); ``valid``: see ``observe_prefill``."""
         alpha = self.prefix[side][layer] if self.prefix.get(side) else 0.0
         if alpha == 0.0:
             return
         rows = centred(x, self.center(layer, side)).reshape(batch, -1, x.shape[-1])
-        norms = prompt_norms(rows)
+        norms = prompt_norms(rows, prompt_positions(valid, rows))
         known = self.sequences.get((layer, side))
         if known is not None and known[0].shape == norms.shape:
             norms = norms + known[0]
@@ -178,12 +192,19 @@ class SparsityRule:
         """Thresholds tau_base[layer] * m, float32, of the shape of ``multiplier`` (..., 1)."""
         return self.tau[side][layer] * multiplier
 
+    def step_taus(self, side: str, multiplier: torch.Tensor) -> torch.Tensor:
+        """``step_tau`` of every layer at once: (L, N, 1) float32 for ``multiplier`` (N, 1)."""
+        return self.tau[side].view(-1, 1, 1) * multiplier
+
     def keep(self, layer: int, side: str, x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
         """(..., C) bool keep mask of ``x`` (..., C); ``multiplier`` (..., 1) float32, one per token row."""
         raise NotImplementedError
 
-    def observe_prefill(self, layer: int, side: str, x: torch.Tensor, batch: int) -> None:
-        """See the dense prefill's activations ``x`` ((B, T, C), or flattened (B*T, C)) of a batch of ``batch``."""
+    def observe_prefill(self, layer: int, side: str, x: torch.Tensor, batch: int,
+                        valid: torch.Tensor | None = None) -> None:
+        """See the dense prefill's activations ``x`` ((B, T, C), or flattened (B*T, C)) of a batch of ``batch``;
+        ``valid``: the call's attention mask (B, >= T; its last T columns are this call's tokens, 0 = padding), or
+        None."""
 
 
 class ThresholdRule(SparsityRule):
@@ -198,9 +219,9 @@ class ThresholdRule(SparsityRule):
         x = centred(x, self.center(layer, side))
         return threshold_keep(x, weight, self.step_tau(layer, side, multiplier))
 
-    def observe_prefill(self, layer, side, x, batch):
+    def observe_prefill(self, layer, side, x, batch, valid=None):
         if side in MLP_SIDES:
-            self.observe_prior(layer, side, x, batch)
+            self.observe_prior(layer, side, x, batch, valid)
 
 
 class DenseRule(SparsityRule):
@@ -222,8 +243,9 @@ class CatsRule(ThresholdRule):
 
 
 class GriffinRule(SparsityRule):
-    """GRIFFIN: per sequence and layer, the k = (1 - sparsity)·I neurons whose prompt statistic
-    ``prompt_scores`` is largest, chosen at the dense prefill and fixed while decoding (params: sparsity)."""
+    """GRIFFIN: per sequence and layer, the k = (1 - sparsity)·I neurons whose prompt statistic (``prompt_norms``:
+    column norms of the row-normalised prompt activations, padding excluded) is largest, chosen at the dense prefill
+    and fixed while decoding (params: sparsity)."""
 
     name = "griffin"
     sides = ("mid",)
@@ -244,15 +266,10 @@ class GriffinRule(SparsityRule):
     def in_bytes_saved_by_mid(self, gated: bool) -> float:
         return 1.0
 
-    @staticmethod
-    def prompt_scores(h: torch.Tensor) -> torch.Tensor:
-        """(B, I) GRIFFIN statistic of prompt activations h (B, T, I): column norms of row-normalised h."""
-        return prompt_norms(h).sqrt()
-
-    def observe_prefill(self, layer, side, x, batch):
+    def observe_prefill(self, layer, side, x, batch, valid=None):
         rows = x.reshape(batch, -1, x.shape[-1])
         k = max(1, round((1.0 - self.sparsity) * x.shape[-1]))
-        top = self.prompt_scores(rows).topk(k, dim=-1).indices
+        top = prompt_norms(rows, prompt_positions(valid, rows)).topk(k, dim=-1).indices
         self.masks[layer] = torch.zeros(batch, x.shape[-1], dtype=torch.bool, device=x.device).scatter_(1, top, True)
 
     def keep(self, layer, side, x, multiplier):

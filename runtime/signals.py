@@ -66,6 +66,8 @@ class SignalTracker:
         call = self.state.call
         if ids is not None:
             call.batch = int(ids.shape[0])
+        mask = kwargs.get("attention_mask")
+        call.prompt_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         if not call.tracking:
             return None
         self.follow(call_cache(kwargs))

@@ -209,3 +209,26 @@ def test_recipe_prefix_setting_and_study_name():
     assert SearchSettings.from_recipe(with_prior, "sqlite://", "s").prefix
     with pytest.raises(Exception, match="search.prefix"):
         parse_recipe({"search": {"prefix": "yes"}})
+
+
+def test_left_padding_does_not_count_in_the_prompt_prior():
+    model = tiny_model("llama")
+    runtime.apply(model, prefix_artifact(model), backend="masked")
+    rule = runtime.patch._patch_of(model).state.rule
+    prompt = ids((1, 9), 9)
+    with torch.no_grad():
+        model(input_ids=prompt, use_cache=True)
+    alone = {k: v[1].clone() for k, v in rule.sequences.items()}
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], 1)
+    batch = torch.cat([padded, ids((1, 12), 10)])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        model(input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=True)
+    for key, weight in alone.items():
+        torch.testing.assert_close(rule.sequences[key][1][0], weight, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # without the mask the padding counts
+        model(input_ids=batch, position_ids=positions, use_cache=True)
+    assert not all(torch.allclose(rule.sequences[k][1][0], w, atol=1e-5) for k, w in alone.items())
+    runtime.remove(model)

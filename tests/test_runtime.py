@@ -301,3 +301,18 @@ def test_a_dense_prefill_leaves_no_activation_alive():
     gates = [m for m in model.modules() if type(m).__name__ == "ChannelGate"]
     assert gates and all(g._observed is not None and g._observed() is None for g in gates)
     runtime.remove(model)
+
+
+def test_step_thresholds_follow_set_thresholds_under_one_multiplier():
+    """The gathering path computes every layer's step thresholds once per multiplier; set_thresholds inside the
+    same fixed_multiplier context still takes effect at the next call."""
+    model = tiny_model("llama")
+    runtime.apply(model, make_artifact(model, 0.0, 0.0), backend=GATHER)
+    ids = torch.randint(4, 100, (1, 1))
+    with torch.no_grad(), runtime.fixed_multiplier(model, 1.0):
+        model(input_ids=ids)
+        assert runtime.stats(model, reset=True)["mlp_reads_saved"] < 0.05
+        runtime.set_thresholds(model, torch.full((2,), 1e3), torch.full((2,), 1e3))
+        model(input_ids=ids)
+    assert runtime.stats(model)["mlp_reads_saved"] == pytest.approx(1.0)
+    runtime.remove(model)
