@@ -49,8 +49,7 @@ class CallState(threading.local):
     prefill; tracking: the load signals set the multiplier (off inside ``runtime.dense``/``fixed_multiplier``);
     history: the last call's distributions; end: cache position after the current call's new tokens (None:
     unknown), for the history it leaves; reordering: a beam reorder is being followed (nested reorder calls count once);
-    prompt_mask: the current call's attention mask (B, cache + new tokens; rules watching the prefill skip padding);
-    thresholds: the step thresholds of the current multiplier, every layer's at once (``SparsityState.step_thresholds``).
+    prompt_mask: the current call's attention mask (B, cache + new tokens; rules watching the prefill skip padding).
     """
 
     def __init__(self) -> None:
@@ -61,5 +60,4 @@ class CallState(threading.local):
         self.history: SignalHistory | None = None
         self.end: int | None = None
         self.reordering = False
-        self.thresholds: tuple | None = None
         self.prompt_mask: torch.Tensor | None = None

@@ -224,7 +224,6 @@ def set_thresholds(model: nn.Module, tau_in: torch.Tensor, tau_mid: torch.Tensor
             raise ValueError(f"set_thresholds: tau_{side} has shape {tuple(tau.shape)}, "
                              f"model needs {tuple(rule.tau[side].shape)}")
         rule.tau[side].copy_(tau)
-    rule.tau_version += 1
 
 
 def multiplier(model: nn.Module) -> torch.Tensor | None:

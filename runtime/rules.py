@@ -118,7 +118,6 @@ class SparsityRule:
         with_prefix = self.threshold_form and artifact.has_prefix
         self.prefix = {side: [float(a) for a in artifact.prefix(side)] if with_prefix else [] for side in MLP_SIDES}
         self.observes_prefill = type(self).observes_prefill or with_prefix
-        self.tau_version = 0  # counts changes of ``tau`` (``runtime.set_thresholds``): step threshold caches follow it
         self._sequences = threading.local()  # per thread (runtime.calls): what its last prefill showed
 
     @property
@@ -142,7 +141,6 @@ class SparsityRule:
         return 0.0
 
     def to(self, device: torch.device) -> None:
-        self.tau_version += 1
         self.tau = {k: v.to(device) for k, v in self.tau.items()}
         self.weight = {k: v.to(device) for k, v in self.weight.items()}
         self.centers = {k: [None if c is None else c.to(device) for c in v] for k, v in self.centers.items()}
@@ -191,10 +189,6 @@ class SparsityRule:
     def step_tau(self, layer: int, side: str, multiplier: torch.Tensor) -> torch.Tensor:
         """Thresholds tau_base[layer] * m, float32, of the shape of ``multiplier`` (..., 1)."""
         return self.tau[side][layer] * multiplier
-
-    def step_taus(self, side: str, multiplier: torch.Tensor) -> torch.Tensor:
-        """``step_tau`` of every layer at once: (L, N, 1) float32 for ``multiplier`` (N, 1)."""
-        return self.tau[side].view(-1, 1, 1) * multiplier
 
     def keep(self, layer: int, side: str, x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
         """(..., C) bool keep mask of ``x`` (..., C); ``multiplier`` (..., 1) float32, one per token row."""

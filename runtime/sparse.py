@@ -114,18 +114,6 @@ class SparsityState:
             self.dense_rows[side] += rows
             self.path_calls[DENSE.name] += self.num_layers
 
-    def step_thresholds(self, side: str, layer: int, flat: torch.Tensor) -> torch.Tensor:
-        """(N, 1) float32 step thresholds of ``layer``'s ``side`` for the N token rows ``flat`` (N, C) of the calling
-        thread's multiplier: one product for every layer per step and side (``rule.step_taus``), then a view."""
-        call, rule, rows = self.call, self.rule, flat.shape[0]
-        cached = call.thresholds
-        if cached is None or cached[0] is not call.multiplier or cached[1] != rows or cached[2] != rule.tau_version:
-            cached = call.thresholds = (call.multiplier, rows, rule.tau_version, {})
-        table = cached[3].get(side)
-        if table is None:
-            table = cached[3][side] = rule.step_taus(side, row_multipliers(call.multiplier, flat))
-        return table[layer]
-
     def record_mask(self, side: str, layer: int, keep: torch.Tensor) -> None:
         """Accumulate one call's keep mask (..., C) without synchronising with the host."""
         frac = 1.0 - keep.sum(-1, dtype=torch.float64) / keep.shape[-1]
@@ -258,7 +246,7 @@ class ChannelGate(nn.Module):
         st, rule = self.state, self.state.rule
         center = rule.center(self.layer, self.side)
         flat = centred(x.reshape(-1, x.shape[-1]), center).contiguous()
-        tau = st.step_thresholds(self.side, self.layer, flat)
+        tau = rule.step_tau(self.layer, self.side, row_multipliers(st.multiplier, flat))
         out, kept = backend.gather(flat, rule.keep_weight(self.layer, self.side, flat), tau, rows)
         if center is not None:
             out = out + self.center_term(center, rows)
@@ -372,8 +360,7 @@ class GatedProjection(Wrapper):
         self.shape = shape  # runtime.selection.Shape of the call's row buffer (the measured choice is per shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        modules = self._modules  # not through nn.Module.__getattr__: this runs for every projection of every step
-        gate, inner = modules["gate"], modules["inner"]
+        gate, inner = self.gate, self.inner
         st = gate.state
         if st.multiplier is None:
             gate.observe(x)
