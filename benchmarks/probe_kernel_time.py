@@ -33,22 +33,29 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class KernelClock:
-    """Wraps ``GatherKernel.__call__`` to add up the seconds spent in it while installed."""
+    """Wraps ``GatherKernel.__call__`` to add up the seconds spent in it while installed, in all and per weight shape
+    ("CxOUT": [seconds, calls, kept (row, channel) pairs, row-channel pairs])."""
 
     def __init__(self):
         self.seconds, self.calls = 0.0, 0
+        self.shapes: dict[str, list] = {}
         self._inner = native.GatherKernel.__call__
 
     def __enter__(self):
         inner = self._inner
 
-        def timed(kernel, *args):
+        def timed(kernel, x, scale, thresholds, rows):
             start = time.perf_counter()
-            try:
-                return inner(kernel, *args)
-            finally:
-                self.seconds += time.perf_counter() - start
-                self.calls += 1
+            out, kept = inner(kernel, x, scale, thresholds, rows)
+            elapsed = time.perf_counter() - start
+            self.seconds += elapsed
+            self.calls += 1
+            shape = self.shapes.setdefault(f"{rows.shape[0]}x{rows.shape[1]}", [0.0, 0, 0, 0])
+            shape[0] += elapsed
+            shape[1] += 1
+            shape[2] += kept
+            shape[3] += x.numel()
+            return out, kept
         native.GatherKernel.__call__ = timed
         return self
 
@@ -82,13 +89,21 @@ def main(argv: list[str] | None = None) -> int:
             runtime.remove(model)
             if rep:
                 runs[mode].append({"total_s": total, "kernel_s": clock.seconds, "kernel_calls": clock.calls,
-                                   "reads_saved": stats["reads_saved"]})
+                                   "reads_saved": stats["reads_saved"], "shapes": clock.shapes})
     med = {mode: {key: statistics.median(r[key] for r in rows) for key in ("total_s", "kernel_s", "reads_saved")}
            for mode, rows in runs.items()}
     s, z = med["skipping"], med["zero"]
     summary = {"kernel_ratio": s["kernel_s"] / z["kernel_s"], "total_ratio": s["total_s"] / z["total_s"],
                "kernel_share_zero": z["kernel_s"] / z["total_s"],
                "kernel_seconds_saved_per_step": (z["kernel_s"] - s["kernel_s"]) / args.new_tokens}
+    summary["per_shape"] = {}
+    for shape in runs["zero"][0]["shapes"]:
+        time_of = {mode: statistics.median(r["shapes"][shape][0] for r in rows) for mode, rows in runs.items()}
+        kept = runs["skipping"][0]["shapes"][shape]
+        summary["per_shape"][shape] = {"kernel_ratio": time_of["skipping"] / time_of["zero"],
+                                       "kept_share": kept[2] / kept[3], "zero_ms_per_token": time_of["zero"] * 1e3 / args.new_tokens}
+        print(f"  {shape:10s} kept {kept[2] / kept[3]:.3f} of the rows: kernel time skipping / zero "
+              f"{time_of['skipping'] / time_of['zero']:.3f} ({time_of['zero'] * 1e3 / args.new_tokens:.2f} ms per token at zero)")
     for mode, m in med.items():
         print(f"{mode:9s} generate {m['total_s']:.3f} s  kernel {m['kernel_s']:.3f} s  reads_saved {m['reads_saved']:.3f}")
     print(f"skipping / zero: kernel {summary['kernel_ratio']:.3f}, whole generate {summary['total_ratio']:.3f}; "
