@@ -414,7 +414,8 @@ def export_cmd(artifact: str, checkpoint: str) -> None:
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 def inspect_cmd(artifact: str, as_json: bool) -> None:
-    """Print an artifact's thresholds, adaptation parameters and metadata."""
+    """Print an artifact's thresholds (attention and prompt-prior exponents where it has them), adaptation
+    parameters and metadata."""
     from ..artifacts import load_artifact
 
     try:
@@ -428,6 +429,11 @@ def inspect_cmd(artifact: str, as_json: bool) -> None:
         "tau_base_mid": [round(v, 6) for v in art.tau_base_mid.tolist()],
         "compensated_layers": {side: [l for l in range(art.num_layers) if bool(art.center(side)[l].any())]
                                for side in ("in", "mid") if art.center(side) is not None},
+        # the optional parts: attention thresholds (format 5) and prompt-prior exponents (format 6)
+        **{f"tau_base_{side}": [round(v, 6) for v in art.tau_base(side).tolist()]
+           for side in ("attn_in", "attn_out") if art.has_attention},
+        **{f"prefix_{side}": [round(v, 6) for v in art.prefix(side).tolist()]
+           for side in ("in", "mid") if art.prefix(side) is not None},
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -440,6 +446,10 @@ def inspect_cmd(artifact: str, as_json: bool) -> None:
     click.echo(f"  adapt     lam={art.lam:.4f} gam={art.gam:.4f} tau_s={art.tau_s:.4f} tau_H={art.tau_H:.4f}")
     click.echo("  tau_in    " + " ".join(f"{v:.3g}" for v in art.tau_base_in.tolist()))
     click.echo("  tau_mid   " + " ".join(f"{v:.3g}" for v in art.tau_base_mid.tolist()))
+    for key, label in (("tau_base_attn_in", "tau_attn_in"), ("tau_base_attn_out", "tau_attn_out"),
+                       ("prefix_in", "prefix_in"), ("prefix_mid", "prefix_mid")):
+        if key in info:
+            click.echo(f"  {label:<9s} " + " ".join(f"{v:.3g}" for v in info[key]))
     for side, layers in info["compensated_layers"].items():
         click.echo(f"  centred   {side}: layers {' '.join(map(str, layers)) or 'none'}")
     held = art.figures.get("heldout")

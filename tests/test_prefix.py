@@ -232,3 +232,18 @@ def test_left_padding_does_not_count_in_the_prompt_prior():
         model(input_ids=batch, position_ids=positions, use_cache=True)
     assert not all(torch.allclose(rule.sequences[k][1][0], w, atol=1e-5) for k, w in alone.items())
     runtime.remove(model)
+
+
+def test_inspect_shows_the_prefix_exponents(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from clada.calibrate.cli import main
+
+    model = tiny_model("llama")
+    path = save_artifact(prefix_artifact(model, alpha=0.25), tmp_path / "a.safetensors")
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0 and "prefix_mid" in result.output and "0.25 0.25" in result.output
+    result = CliRunner().invoke(main, ["inspect", str(path), "--json"])
+    assert json.loads(result.output)["prefix_in"] == [0.25, 0.25]
