@@ -72,6 +72,15 @@ def prompt_positions(valid: torch.Tensor | None, rows: torch.Tensor) -> torch.Te
     return valid[:, valid.shape[1] - rows.shape[1]:]
 
 
+def per_token_rows(per_sequence: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """Values of B sequences, ``per_sequence`` (B, C), given to each token row of a call's ``x`` (..., C) (its rows
+    sequence-major, the same number per sequence), in x's shape; None if x's rows are not a multiple of B."""
+    rows = x.numel() // x.shape[-1]
+    if rows % per_sequence.shape[0]:
+        return None
+    return per_sequence.repeat_interleave(rows // per_sequence.shape[0], 0).view(x.shape)
+
+
 def prior_weight(channel_weight: torch.Tensor, squared_norms: torch.Tensor, alpha: float) -> torch.Tensor:
     """(B, C) channel weights ``w * p**alpha / mean(p**alpha)`` of B sequences, ``p`` = sqrt(``squared_norms``)
     (B, C) (:func:`prompt_norms`); ``channel_weight`` (C,) float32."""
@@ -117,8 +126,14 @@ class SparsityRule:
         # per MLP side and layer the prompt prior's exponent (0: none); only threshold-form rules follow it
         with_prefix = self.threshold_form and artifact.has_prefix
         self.prefix = {side: [float(a) for a in artifact.prefix(side)] if with_prefix else [] for side in MLP_SIDES}
-        self.observes_prefill = type(self).observes_prefill or with_prefix
+        self.observes_prefill = type(self).watches_prefill(artifact)
         self._sequences = threading.local()  # per thread (runtime.calls): what its last prefill showed
+
+    @classmethod
+    def watches_prefill(cls, artifact) -> bool:
+        """Whether this rule, built from ``artifact``, looks at each sequence's dense prefill (GRIFFIN; a threshold
+        rule with prompt-prior exponents)."""
+        return cls.observes_prefill or (cls.threshold_form and artifact.has_prefix)
 
     @property
     def sequences(self) -> dict:
@@ -161,10 +176,8 @@ class SparsityRule:
         weight = prior[1]
         if weight.dim() == 1:
             return weight
-        rows = x.numel() // x.shape[-1]
-        if rows % weight.shape[0]:
-            return self.weight[side][layer]
-        return weight.repeat_interleave(rows // weight.shape[0], 0).view(x.shape)
+        rows = per_token_rows(weight, x)
+        return self.weight[side][layer] if rows is None else rows
 
     def observe_prior(self, layer: int, side: str, x: torch.Tensor, batch: int,
                       valid: torch.Tensor | None = None) -> None:
@@ -268,11 +281,10 @@ class GriffinRule(SparsityRule):
 
     def keep(self, layer, side, x, multiplier):
         mask = self.masks.get(layer)
-        rows = x.reshape(-1, x.shape[-1])
-        if mask is None or rows.shape[0] % mask.shape[0]:
+        keep = None if mask is None else per_token_rows(mask, x)
+        if keep is None:
             raise RuntimeError("griffin: a decode step without the dense prefill of its prompt (same batch) first")
-        per_row = rows.shape[0] // mask.shape[0]
-        return mask.repeat_interleave(per_row, 0).view(x.shape)
+        return keep
 
 
 RULES: dict[str, type[SparsityRule]] = {cls.name: cls for cls in (ThresholdRule, DenseRule, CatsRule, GriffinRule)}
@@ -282,7 +294,7 @@ def observes_prefill(artifact) -> bool:
     """Whether the rule ``artifact`` names looks at each sequence's dense prefill (GRIFFIN; a threshold rule with
     prompt-prior exponents), so that its decode steps depend on the prompt the model saw first."""
     rule = RULES.get(artifact.rule.get("name", "threshold"))
-    return rule is not None and (rule.observes_prefill or (rule.threshold_form and artifact.has_prefix))
+    return rule is not None and rule.watches_prefill(artifact)
 
 
 def build_rule(artifact, device: torch.device | str = "cpu") -> SparsityRule:
