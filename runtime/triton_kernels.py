@@ -83,10 +83,12 @@ def triton_available() -> bool:
 
 
 def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, kept_ptr, C, OUT, row_stride, SLOTS,
-                   weight_stride, N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, MIN_BLOCK_K: tl.constexpr):
+                   N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, MIN_BLOCK_K: tl.constexpr,
+                   ROW_WEIGHTS: tl.constexpr):
     """One (BLOCK_K channels) x (BLOCK_N outputs) block for all N rows; decorated by ``_kernel()``. ``out_ptr``:
     float32 (SLOTS, N, OUT) partial sums, one slot per MIN_BLOCK_K channels (a larger block fills its first slot
-    and zeroes the others)."""
+    and zeroes the others). ``ROW_WEIGHTS``: ``weight_ptr`` holds one row of C weights per token row (a prompt
+    prior), loaded per row; else one row shared by all, loaded once."""
     SLOTS_PER_BLOCK: tl.constexpr = BLOCK_K // MIN_BLOCK_K
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -94,11 +96,14 @@ def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, kept_pt
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_k = offs_k < C
     in_n = offs_n < OUT
+    if not ROW_WEIGHTS:
+        weight = tl.load(weight_ptr + offs_k, mask=in_k, other=0.0)
     # Pass 1: the union of the rows' keep masks decides which weight rows are read (once, for all rows).
     needed = tl.zeros([BLOCK_K], dtype=tl.int1)
     for r in tl.static_range(N):
         xr = tl.load(x_ptr + r * C + offs_k, mask=in_k, other=0.0).to(tl.float32)
-        weight = tl.load(weight_ptr + r * weight_stride + offs_k, mask=in_k, other=0.0)  # stride 0: shared
+        if ROW_WEIGHTS:
+            weight = tl.load(weight_ptr + r * C + offs_k, mask=in_k, other=0.0)
         needed = needed | ((tl.abs(xr) * weight > tl.load(thresholds_ptr + r)) & in_k)
     w_ptrs = rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :]
     w = tl.load(w_ptrs, mask=needed[:, None] & in_n[None, :], other=0.0).to(tl.float32)
@@ -106,7 +111,8 @@ def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, kept_pt
     kept = tl.zeros([BLOCK_K], dtype=tl.int32)  # per channel: rows keeping it
     for r in tl.static_range(N):
         xr = tl.load(x_ptr + r * C + offs_k, mask=in_k, other=0.0).to(tl.float32)
-        weight = tl.load(weight_ptr + r * weight_stride + offs_k, mask=in_k, other=0.0)
+        if ROW_WEIGHTS:
+            weight = tl.load(weight_ptr + r * C + offs_k, mask=in_k, other=0.0)
         keep = (tl.abs(xr) * weight > tl.load(thresholds_ptr + r)) & in_k
         partial = tl.sum(tl.where(keep, xr, 0.0)[:, None] * w, axis=0)
         tl.store(out_ptr + ((pid_k * SLOTS_PER_BLOCK) * N + r).to(tl.int64) * OUT + offs_n, partial, mask=in_n)
@@ -149,9 +155,9 @@ def _register_op() -> None:
         slots = -(-channels // MIN_BLOCK_K)
         partials = torch.empty(slots, n, width, dtype=torch.float32, device=x.device)
         grid = lambda meta: (-(-width // meta["BLOCK_N"]), -(-channels // meta["BLOCK_K"]))
-        wrap(kernel)[grid](x, weight, thresholds, rows, partials, kept, channels, width, rows.stride(0), slots,
-                           channels if weight.dim() == 2 else 0, N=n,
-                           MIN_BLOCK_K=MIN_BLOCK_K, **(INTERPRETER_CONFIG if interpreted else {}))
+        wrap(kernel)[grid](x, weight, thresholds, rows, partials, kept, channels, width, rows.stride(0), slots, N=n,
+                           MIN_BLOCK_K=MIN_BLOCK_K, ROW_WEIGHTS=weight.dim() == 2,
+                           **(INTERPRETER_CONFIG if interpreted else {}))
         return partials.sum(0).to(x.dtype), kept
 
     @triton_gather.register_fake
