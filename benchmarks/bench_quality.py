@@ -208,7 +208,8 @@ def study_search(bench: Bench, study_dir: Path, default: Artifact) -> tuple[Thre
     artifact_of = partial(point_artifact, weight_in=m.weight_in, weight_mid=m.weight_mid, fingerprint=fingerprint,
                           centers=m.centers)
     search = ThresholdSearch(m.tables, m.ratios, ProxyEvaluator(bench.model, bench.splits.search, bench.prompt,
-                                                               r.eval.batch_size), SearchSettings(), artifact_of)
+                                                               r.eval.batch_size),
+                             SearchSettings(layer_error=r.calibration.layer_error), artifact_of)
     chosen = default.figures.get("calibration_proxy", {})
     match = [t for t in trials if abs(t.user_attrs["mlp_reads_saved"] - chosen.get("mlp_reads_saved", -1)) < 1e-9]
     if not match:

@@ -1,9 +1,12 @@
 """Offline measurements on the dense model: channel score weights, MLP inputs, and per-layer error tables.
 
-A layer's error table holds, for a grid of (input, intermediate) threshold quantiles, the relative L2
-error of the layer's MLP output ||y' - y||^2 / ||y||^2 over calibration tokens and the share of the
-layer's MLP weight bytes skipped. Error-controlled allocation then picks, per layer, the cell that
-skips the most bytes within that layer's error budget.
+A layer's error table holds, for a grid of (input, intermediate) threshold quantiles, the error of the layer's
+MLP output over calibration tokens and the share of the layer's MLP weight bytes skipped. The error is one of
+``LAYER_ERRORS``: ``relative``, ||y' - y||^2 / ||y||^2; or ``kl``, the KL divergence of the model's next-token
+distributions that the change y' - y alone would cause, in nats per token, to second order (the Fisher
+information of the output distributions with respect to y, estimated from gradients of sampled tokens,
+``output_gradients``). Error-controlled allocation then picks, per layer, the cell that skips the most bytes
+within that layer's error budget.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ..runtime.adapters import MLPAdapter, MLPParts
 from ..runtime.rules import centred, channel_scores, compensated
 
 SCORE_RULES = ("magnitude", "wina")
+LAYER_ERRORS = ("kl", "relative")
 
 
 def _score_weights(adapter: MLPAdapter, parts: list[MLPParts], rule: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +92,58 @@ def collect_mlp_inputs(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tens
     """Dense MLP inputs x of every layer at scored positions (>= prompt): list of (N, D), N <= max_tokens."""
     modules = [getattr(part.owner, part.in_names[0]) for part in adapter.mlp_parts(model)]
     return collect_inputs(model, modules, tokens, prompt, max_tokens, batch_size)
+
+
+def output_gradients(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tensor, prompt: int, max_tokens: int,
+                     samples: int, seed: int = 0, batch_size: int = 2, progress: bool = True) -> list[torch.Tensor]:
+    """Per layer (K, N, D) float32: for each of K = ``samples`` draws, the gradient with respect to the layer's MLP
+    output y (the output projection's output) of sum_t ln p(y_t), y_t drawn from the dense model's own next-token
+    distribution at every scored position t (>= prompt); rows aligned with ``collect_mlp_inputs`` (the same
+    documents, positions and order, N <= max_tokens).
+
+    E[(g . d)^2] over draws is the Fisher information of the output distributions in the direction d, so for a
+    change d_t of token t's MLP output, 0.5 * E[(g_t . d_t)^2] is the KL divergence it causes to second order
+    (terms coupling different tokens' changes left out)."""
+    outs = [getattr(part.owner, part.out_name) for part in adapter.mlp_parts(model)]
+    per_doc = tokens.shape[1] - prompt
+    docs = min(tokens.shape[0], -(-max_tokens // per_doc))
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    leaves: list[torch.Tensor] = [None] * len(outs)  # type: ignore[list-item]
+
+    def add_leaf(l: int):
+        def hook(module, args, out):
+            leaves[l] = torch.zeros_like(out, requires_grad=True)
+            return out + leaves[l]  # d loss / d leaf = d loss / d out, through every later layer
+        return hook
+
+    grads: list[list[torch.Tensor]] = [[] for _ in outs]
+    flags = [p.requires_grad for p in model.parameters()]
+    hooks = [m.register_forward_hook(add_leaf(l)) for l, m in enumerate(outs)]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.enable_grad(), tqdm(total=samples * docs, desc="output gradients", unit="doc",
+                                       disable=not progress) as bar:
+            for _ in range(samples):
+                rows: list[list[torch.Tensor]] = [[] for _ in outs]
+                for start in range(0, docs, batch_size):
+                    batch = tokens[start : min(start + batch_size, docs)].to(device)
+                    logp = torch.log_softmax(model(input_ids=batch).logits[:, prompt:].float(), dim=-1)
+                    drawn = torch.multinomial(logp.detach().exp().flatten(0, 1), 1, generator=generator)
+                    logp.flatten(0, 1).gather(1, drawn).sum().backward()
+                    for l, leaf in enumerate(leaves):
+                        g = leaf.grad.view(batch.shape[0], -1, leaf.shape[-1]) if leaf.dim() == 2 else leaf.grad
+                        rows[l].append(g[:, prompt:].reshape(-1, g.shape[-1]).float().cpu())
+                    bar.update(batch.shape[0])
+                for l in range(len(outs)):
+                    grads[l].append(torch.cat(rows[l])[:max_tokens])
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    return [torch.stack(g) for g in grads]
 
 
 def attention_thresholds(model: nn.Module, adapter: MLPAdapter, tokens: torch.Tensor, prompt: int, max_tokens: int,
@@ -199,19 +255,24 @@ class LayerErrorModel:
 
     For (q_in, q_mid): tau_in is the q_in quantile of the input scores |x - c_in|·w_in; tau_mid the q_mid quantile
     of the intermediate scores |h'|·w_mid, where h' is computed from x with the skipped input channels set to
-    c_in (as at run time; ``center_in`` c_in (D,), default None: 0, no compensation). ``error`` is ||y' - y||^2 / ||y||^2 of the MLP output with both keep masks applied (the runtime's
-    rule, ``threshold_keep``); ``saved`` the share of the layer's MLP weight bytes skipped. The grid search
-    (``table``) and TEAL-greedy's walk both use it; ``quantiles`` is ``score_quantiles``' method.
+    c_in (as at run time; ``center_in`` c_in (D,), default None: 0, no compensation). ``error`` is the error of
+    the MLP output y' with both keep masks applied (the runtime's rule, ``threshold_keep``): ||y' - y||^2 / ||y||^2,
+    or, given ``grads`` (K, N, D) of the same tokens (``output_gradients``), the second-order KL divergence
+    0.5 * mean over tokens and draws of (g . (y' - y))^2 in nats per token; ``saved`` the share of the layer's MLP
+    weight bytes skipped. The grid search (``table``) and TEAL-greedy's walk both use it; ``quantiles`` is
+    ``score_quantiles``' method.
     """
 
     def __init__(self, adapter: MLPAdapter, part: MLPParts, x: torch.Tensor, weight_in: torch.Tensor,
-                 weight_mid: torch.Tensor, quantiles: str = "sampled", center_in: torch.Tensor | None = None):
+                 weight_mid: torch.Tensor, quantiles: str = "sampled", center_in: torch.Tensor | None = None,
+                 grads: torch.Tensor | None = None):
         self.adapter, self.part, self.quantiles = adapter, part, quantiles
         self.out = getattr(part.owner, part.out_name)
         device, self.dtype = adapter.weight(self.out).device, adapter.weight(self.out).dtype
         self.x = x.to(device).float()
         self.weight_in, self.weight_mid = weight_in.to(device).float(), weight_mid.to(device).float()
         self.center_in = None if center_in is None else center_in.to(device).float()
+        self.grads = None if grads is None else grads.to(device).float()
         self.bytes_in, self.bytes_mid = adapter.projection_bytes(part)
         with torch.no_grad():
             self.y = self._output(self._intermediate(self.x))
@@ -251,7 +312,11 @@ class LayerErrorModel:
         """(error, saved byte share) with the input quantile ``q_in`` and intermediate threshold ``tau_mid``."""
         _, skip_in, h, score_mid = self._input_side(q_in)
         keep_mid = score_mid > tau_mid
-        error = (self._output(h * keep_mid) - self.y).pow(2).sum() / self.y_norm
+        change = self._output(h * keep_mid) - self.y
+        if self.grads is None:
+            error = change.pow(2).sum() / self.y_norm
+        else:
+            error = 0.5 * torch.einsum("knd,nd->kn", self.grads, change).pow(2).mean()
         skip_mid = 1.0 - keep_mid.float().mean()
         saved = (skip_in * self.bytes_in + skip_mid * self.bytes_mid) / (self.bytes_in + self.bytes_mid)
         return float(error), float(saved)
@@ -281,16 +346,19 @@ def input_centers(inputs: list[torch.Tensor]) -> torch.Tensor:
 
 def build_tables(model: nn.Module, adapter: MLPAdapter, inputs: list[torch.Tensor], weight_in: torch.Tensor,
                  weight_mid: torch.Tensor, q_in: torch.Tensor, q_mid: torch.Tensor,
-                 progress: bool = True, centers: torch.Tensor | None = None) -> list[LayerTable]:
+                 progress: bool = True, centers: torch.Tensor | None = None,
+                 grads: list[torch.Tensor] | None = None) -> list[LayerTable]:
     """``LayerErrorModel.table`` for every layer (scores and quantiles as the grid search uses them), with a progress
     bar. With ``centers`` (L, D) each table also holds the rows of the compensated input side (``LayerTable.stack``),
-    so that the allocation chooses per layer whether compensation pays."""
+    so that the allocation chooses per layer whether compensation pays; with ``grads`` (``output_gradients``) the
+    error is the KL estimate instead of the relative error."""
     tables = []
     for l, part in enumerate(tqdm(adapter.mlp_parts(model), desc="per-layer error tables", unit="layer",
                                   disable=not progress)):
         variants = [None] if centers is None else [None, centers[l]]
+        g = None if grads is None else grads[l]
         tables.append(LayerTable.stack([LayerErrorModel(adapter, part, inputs[l], weight_in[l], weight_mid[l],
-                                                        center_in=c).table(q_in, q_mid) for c in variants]))
+                                                        center_in=c, grads=g).table(q_in, q_mid) for c in variants]))
     return tables
 
 

@@ -19,7 +19,7 @@ from ..artifacts import Artifact, save_artifact, write_atomic
 from .data import load_documents
 from .evaluate import QUALITY_BACKEND, ProxyEvaluator, generation_eval
 from .measure import (LayerTable, attention_thresholds, build_tables, channel_weights, collect_mlp_inputs, input_centers,
-                      residual_ratios)
+                      output_gradients, residual_ratios)
 from .models import load_model
 from .recipe import Recipe
 from .report import HEADLINE_KEYS, write_reports
@@ -41,6 +41,9 @@ def study_name(recipe: Recipe) -> str:
         d["calibration"].pop("attention_sparsity")
     if not d["search"]["prefix"]:  # no prompt prior: likewise
         d["search"].pop("prefix")
+    if d["calibration"]["layer_error"] == "relative":  # relative errors: likewise
+        for key in ("layer_error", "gradient_samples"):
+            d["calibration"].pop(key)
     d["search"] = {k: v for k, v in d["search"].items() if k not in ("storage", "trials", "validation_docs", "candidates")}
     d.pop("eval")
     return "clada-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -100,11 +103,16 @@ def measurement_key(recipe: Recipe, identity: dict, fingerprint: torch.Tensor, d
 def measure(recipe: Recipe, model, adapter, act_tokens: torch.Tensor, progress: bool = True) -> Measurements:
     """The offline measurements on the dense model that the search allocates thresholds from."""
     weight_in, weight_mid = channel_weights(model, adapter, recipe.calibration.score)
-    inputs = collect_mlp_inputs(model, adapter, act_tokens, recipe.prompt_tokens, recipe.calibration.activation_tokens)
-    centers = input_centers(inputs) if recipe.calibration.compensation else None
-    tables = build_tables(model, adapter, inputs, weight_in, weight_mid, torch.tensor(recipe.calibration.q_in),
-                          torch.tensor(recipe.calibration.q_mid), progress=progress, centers=centers)
-    del inputs
+    c = recipe.calibration
+    inputs = collect_mlp_inputs(model, adapter, act_tokens, recipe.prompt_tokens, c.activation_tokens)
+    centers = input_centers(inputs) if c.compensation else None
+    grads = None
+    if c.layer_error == "kl":
+        grads = output_gradients(model, adapter, act_tokens, recipe.prompt_tokens, c.activation_tokens,
+                                 c.gradient_samples, seed=recipe.seed, progress=progress)
+    tables = build_tables(model, adapter, inputs, weight_in, weight_mid, torch.tensor(c.q_in), torch.tensor(c.q_mid),
+                          progress=progress, centers=centers, grads=grads)
+    del inputs, grads
     ratios = residual_ratios(model, adapter, act_tokens[:8], recipe.prompt_tokens)
     return Measurements(weight_in, weight_mid, tables, ratios, centers)
 

@@ -27,6 +27,8 @@ class CalibrationSection:
     q_in: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4])
     q_mid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(16)])  # 0 .. 0.75
     compensation: bool = True  # tables also hold compensated input sides; the allocation picks per layer
+    layer_error: str = "kl"  # the tables' error: "kl" (second-order KL from output gradients) or "relative"
+    gradient_samples: int = 4  # sampled-token gradients per activation token estimating the KL (layer_error kl)
     attention_sparsity: float = 0.0  # share of attention input/output channels skipped per layer (0: attention dense)
 
 
@@ -73,7 +75,7 @@ SECTIONS = {"calibration": CalibrationSection, "search": SearchSection, "eval": 
 RANGES = {
     "seed": (0, None), "prompt_tokens": (1, None), "scored_tokens": (1, None), "heldout_fraction": (0.01, 0.99),
     "calibration.activation_tokens": (16, None), "calibration.search_docs": (1, None),
-    "calibration.attention_sparsity": (0.0, 0.9),
+    "calibration.attention_sparsity": (0.0, 0.9), "calibration.gradient_samples": (1, None),
     "search.trials": (1, None), "search.max_ppl_increase": (0.0, 10.0),
     "search.validation_docs": (0, None), "search.candidates": (1, None),
     "eval.heldout_docs": (1, None), "eval.batch_size": (1, None),
@@ -82,6 +84,7 @@ RANGES = {
 # The defaults (search_docs 16) are 1024 activation tokens, 48 validation and 32 held-out documents.
 PER_SEARCH_DOC = {"calibration.activation_tokens": 64, "search.validation_docs": 3, "eval.heldout_docs": 2}
 CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "calibration.score": ("wina", "magnitude"),
+           "calibration.layer_error": ("kl", "relative"),
            "search.allocation": ("marginal", "budget", "both")}
 
 

@@ -27,6 +27,14 @@ def budget_warning(report: dict) -> str | None:
             "search.validation_docs) or a smaller budget gives a choice that holds")
 
 
+def _layer_error(report: dict) -> str:
+    calibration = report.get("recipe", {}).get("calibration", {})
+    if calibration.get("layer_error", "relative") == "kl":
+        return (f"KL divergence (second order, from {calibration.get('gradient_samples')} sampled-token gradients "
+                "per position)")
+    return "relative MLP output error weighted by the residual ratio"
+
+
 def render_markdown(report: dict) -> str:
     held = report["heldout"]
     warning = budget_warning(report)
@@ -57,6 +65,7 @@ def render_markdown(report: dict) -> str:
         f"tau_H = {chosen['tau_H']:.4f} (normalised nats, see docs/algorithm.md)",
         f"- prompt prior (prefix-driven sparsity): exponent {chosen.get('prefix', 0.0):.3f} on both MLP sides"
         + (" (none)" if not chosen.get("prefix") else "") + "",
+        f"- allocated from per-layer error tables of {_layer_error(report)}",
         f"- compensated input sides (skipped channels stand for their calibration mean): layers "
         f"{', '.join(map(str, chosen.get('compensated_layers', []))) or 'none'}",
         "- proxy figures on calibration docs: " + ", ".join(f"{k}={v:.4f}" for k, v in chosen["proxy"].items()),

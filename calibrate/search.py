@@ -1,8 +1,10 @@
 """Optuna search over error-budget allocation and cognitive-load adaptation.
 
-Each trial picks a per-layer level ``b * exp(depth_slope * (l/(L-1) - 1/2))`` on the layer's relative MLP
-output error weighted by ``residual_ratio[l] ** mix`` (mix = 1: error relative to the residual stream; mix = 0:
-relative to the MLP output); error-controlled allocation (clada.calibrate.measure.allocate) turns it into
+Each trial picks a per-layer level ``b * exp(depth_slope * (l/(L-1) - 1/2))`` on the layer's error: with
+``layer_error: kl`` the KL divergence the layer's MLP output error causes (already in one unit for every layer);
+with ``relative`` the relative MLP output error weighted by ``residual_ratio[l] ** mix`` (mix = 1: error relative to
+the residual stream; mix = 0: relative to the MLP output), mix searched too. Error-controlled allocation
+(clada.calibrate.measure.allocate) turns it into
 per-layer thresholds. With ``allocation: budget`` the level is the layer's error budget (``budget``); with
 ``marginal`` it is the price (``price``) at which the layer stops skipping: the rate-distortion allocation,
 whose per-layer budgets are where one more skipped byte would cost more error than the price.
@@ -44,6 +46,7 @@ class SearchSettings:
     max_ppl_increase: float = 0.02
     adapt: bool = True
     prefix: bool = False
+    layer_error: str = "kl"  # what the error tables hold (recipe calibration.layer_error); "relative" adds ``mix``
     allocation: str = "marginal"  # "marginal", "budget" or "both" (the study picks per trial)
     budget_range: tuple[float, float] = (1e-5, 0.3)
     price_range: tuple[float, float] = (3e-4, 0.1)
@@ -57,7 +60,13 @@ class SearchSettings:
         the study's storage URL and name."""
         section = dataclasses.asdict(recipe.search)
         shared = {f.name: section[f.name] for f in dataclasses.fields(cls) if f.name in section}
-        return cls(**{**shared, "seed": recipe.seed, "storage": storage, "study_name": study_name})
+        return cls(**{**shared, "seed": recipe.seed, "storage": storage, "study_name": study_name,
+                      "layer_error": recipe.calibration.layer_error})
+
+    @property
+    def weighs_residual(self) -> bool:
+        """Whether the errors are weighted by ``residual_ratio ** mix`` (relative errors; KL needs no weight)."""
+        return self.layer_error == "relative"
 
 
 @dataclass
@@ -93,7 +102,8 @@ class ThresholdSearch:
         depth = torch.linspace(-0.5, 0.5, L) if L > 1 else torch.zeros(1)
         rule = "marginal" if "price" in params else "budget"
         budgets = params.get("price", params.get("budget")) * torch.exp(params.get("depth_slope", 0.0) * depth)
-        return budgets, self.residual_ratio ** params.get("mix", 1.0), rule
+        weights = self.residual_ratio ** params.get("mix", 1.0) if self.settings.weighs_residual else torch.ones(L)
+        return budgets, weights, rule
 
     def point(self, params: dict, tables: list[LayerTable] | None = None) -> Point:
         """Thresholds and adaptation parameters for ``params`` (no evaluation); ``tables``: other error tables of
@@ -154,8 +164,9 @@ class ThresholdSearch:
             params = {"price": trial.suggest_float("price", *self.settings.price_range, log=True)}
         else:
             params = {"budget": trial.suggest_float("budget", *self.settings.budget_range, log=True)}
-        params.update({"depth_slope": trial.suggest_float("depth_slope", -2.0, 2.0),
-                       "mix": trial.suggest_float("mix", 0.0, 1.0)})
+        params["depth_slope"] = trial.suggest_float("depth_slope", -2.0, 2.0)
+        if self.settings.weighs_residual:
+            params["mix"] = trial.suggest_float("mix", 0.0, 1.0)
         if self.settings.adapt:
             params.update(lam=trial.suggest_float("lam", -1.0, 0.0), gam=trial.suggest_float("gam", -1.0, 0.0),
                           q_s=trial.suggest_float("q_s", 0.5, 0.99), q_H=trial.suggest_float("q_H", 0.5, 0.99))
@@ -191,16 +202,16 @@ def warm_start_points(settings: SearchSettings) -> list[dict]:
     key, levels, adaptive = (("price", (1.5e-3, 3e-3, 5e-3, 1e-2), (5e-3, 7.5e-3)) if marginal else
                              ("budget", (1e-4, 3e-4, 1e-3, 3e-3), (6e-4, 1e-3)))
     rule = {"rule": "marginal" if marginal else "budget"} if settings.allocation == "both" else {}
+    shape = {"depth_slope": 0.0, **({"mix": 1.0} if settings.weighs_residual else {})}
     points = []
     for level in levels:
-        params = {**rule, key: level, "depth_slope": 0.0, "mix": 1.0}
+        params = {**rule, key: level, **shape}
         if settings.adapt:
             params.update(lam=0.0, gam=0.0, q_s=0.9, q_H=0.9)
         points.append(params)
     if settings.adapt:
         for level in adaptive:
-            points.append({**rule, key: level, "depth_slope": 0.0, "mix": 1.0, "lam": -0.5, "gam": 0.0,
-                           "q_s": 0.7, "q_H": 0.9})
+            points.append({**rule, key: level, **shape, "lam": -0.5, "gam": 0.0, "q_s": 0.7, "q_H": 0.9})
     if settings.prefix:
         points = [{**p, "prefix": 0.0} for p in points]
         for level, alpha in zip(levels[1:3], (0.25, 0.5)):
