@@ -41,12 +41,18 @@ def study_name(recipe: Recipe) -> str:
         d["calibration"].pop("attention_sparsity")
     if not d["search"]["prefix"]:  # no prompt prior: likewise
         d["search"].pop("prefix")
-    if d["calibration"]["layer_error"] == "relative":  # relative errors: likewise
-        for key in ("layer_error", "gradient_samples"):
-            d["calibration"].pop(key)
+    d["calibration"] = _error_identity(d["calibration"])
     d["search"] = {k: v for k, v in d["search"].items() if k not in ("storage", "trials", "validation_docs", "candidates")}
     d.pop("eval")
     return "clada-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _error_identity(calibration: dict) -> dict:
+    """The calibration settings without the layer-error keys when the error is relative: the identity (study,
+    measurements) of a recipe from before those keys existed."""
+    if calibration["layer_error"] != "relative":
+        return calibration
+    return {k: v for k, v in calibration.items() if k not in ("layer_error", "gradient_samples")}
 
 
 def _log(msg: str) -> None:
@@ -93,7 +99,7 @@ def measurement_key(recipe: Recipe, identity: dict, fingerprint: torch.Tensor, d
     """What the measurements depend on: the model's weights, the documents, and every recipe setting that picks
     the activation documents or shapes the tables."""
     settings = {"version": __version__, "model": identity, "fingerprint": fingerprint.tolist(), "data": data_sha256,
-                "calibration": {k: v for k, v in dataclasses.asdict(recipe.calibration).items()
+                "calibration": {k: v for k, v in _error_identity(dataclasses.asdict(recipe.calibration)).items()
                                 if k != "attention_sparsity"},  # the attention thresholds are not measurements
                 "device": torch.device(recipe.device).type,
                 **{k: getattr(recipe, k) for k in ("dtype", "seed", "prompt_tokens", "scored_tokens", "heldout_fraction")}}

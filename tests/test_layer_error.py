@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -98,7 +100,7 @@ def test_layer_error_model_with_gradients_measures_the_kl_estimate():
 
 
 def test_recipe_layer_error_settings_and_study_names():
-    from clada.calibrate.pipeline import study_name
+    from clada.calibrate.pipeline import measurement_key, study_name
 
     plain = parse_recipe({})
     assert plain.calibration.layer_error == "kl" and plain.calibration.gradient_samples == 4
@@ -107,6 +109,9 @@ def test_recipe_layer_error_settings_and_study_names():
     assert study_name(plain) != study_name(relative)
     assert study_name(plain) != study_name(parse_recipe({"calibration": {"gradient_samples": 8}}))
     assert SearchSettings.from_recipe(relative, "sqlite://", "s").layer_error == "relative"
+    key = partial(measurement_key, identity={"model": "m"}, fingerprint=torch.zeros(2), data_sha256="d")
+    assert key(relative) == key(parse_recipe({"calibration": {"layer_error": "relative"}}))  # measurements kept
+    assert key(plain) != key(relative) and key(plain) != key(parse_recipe({"calibration": {"gradient_samples": 8}}))
     with pytest.raises(RecipeError, match="calibration.layer_error"):
         parse_recipe({"calibration": {"layer_error": "fisher"}})
     with pytest.raises(RecipeError, match="calibration.gradient_samples"):
