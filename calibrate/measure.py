@@ -1,9 +1,9 @@
 """Offline measurements on the dense model: channel score weights, MLP inputs, and per-layer error tables.
 
 A layer's error table holds, for a grid of (input, intermediate) threshold quantiles, the error of the layer's
-MLP output over calibration tokens and the share of the layer's MLP weight bytes skipped. The error is one of
-``LAYER_ERRORS``: ``relative``, ||y' - y||^2 / ||y||^2; or ``kl``, the KL divergence of the model's next-token
-distributions that the change y' - y alone would cause, in nats per token, to second order (the Fisher
+MLP output over calibration tokens and the share of the layer's MLP weight bytes skipped. The error (recipe
+``calibration.layer_error``) is ``relative``, ||y' - y||^2 / ||y||^2; or ``kl``, the KL divergence of the model's
+next-token distributions that the change y' - y alone would cause, in nats per token, to second order (the Fisher
 information of the output distributions with respect to y, estimated from gradients of sampled tokens,
 ``output_gradients``). Error-controlled allocation then picks, per layer, the cell that skips the most bytes
 within that layer's error budget.
@@ -21,7 +21,6 @@ from ..runtime.adapters import MLPAdapter, MLPParts
 from ..runtime.rules import centred, channel_scores, compensated
 
 SCORE_RULES = ("magnitude", "wina")
-LAYER_ERRORS = ("kl", "relative")
 
 
 def _score_weights(adapter: MLPAdapter, parts: list[MLPParts], rule: str) -> tuple[torch.Tensor, torch.Tensor]:
