@@ -23,8 +23,8 @@ from .measure import (LayerTable, attention_thresholds, build_tables, channel_we
 from .models import load_model
 from .recipe import Recipe
 from .report import HEADLINE_KEYS, write_reports
-from .search import (POINT_ATTRS, SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch, feasible_trials,
-                     pareto_front, run_search, stored_validated_choice)
+from .search import (DERIVED_ATTR, POINT_ATTRS, SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch,
+                     feasible_trials, pareto_front, run_search, stored_validated_choice)
 from .splits import token_splits
 from .storage import is_shared, open_storage, redact
 
@@ -42,7 +42,8 @@ def study_name(recipe: Recipe) -> str:
     if not d["search"]["prefix"]:  # no prompt prior: likewise
         d["search"].pop("prefix")
     d["calibration"] = _error_identity(d["calibration"])
-    d["search"] = {k: v for k, v in d["search"].items() if k not in ("storage", "trials", "validation_docs", "candidates")}
+    d["search"] = {k: v for k, v in d["search"].items() if k not in ("storage", "trials", "validation_docs", "candidates",
+                                                                        "fill_steps")}
     d.pop("eval")
     return "clada-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -147,7 +148,7 @@ def _trial_rows(study) -> list[dict]:
     rows = []
     for t in study.trials:
         if t.state.name == "COMPLETE":
-            rows.append({"trial": t.number, "params": t.params,
+            rows.append({"trial": t.number, "params": t.params, "derived_from": t.user_attrs.get(DERIVED_ATTR),
                          **{k: t.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}})
     return rows
 
@@ -216,16 +217,23 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
         _log(f"      validating the best trials on {n_val} validation documents")
         return ProxyEvaluator(model, splits.validation, recipe.prompt_tokens, recipe.eval.batch_size)
 
+    def show(c: dict) -> None:
+        _log(f"      trial {c['trial']} ({c.get('variant', 'searched')}): reads saved {c['mlp_reads_saved']:.3f}, "
+             f"ppl_increase search {c['search_ppl_increase']:+.4f} validation {c['validation_ppl_increase']:+.4f} "
+             f"-> {'within budget' if c['passes'] else 'over budget'}")
+
     best, checks, reused = stored_validated_choice(study, search, validator, recipe.search.candidates,
-                                                   n_val / (n_val + n_search), n_val)
+                                                   n_val / (n_val + n_search), n_val, recipe.search.fill_steps, show)
     if reused:
-        _log("      validation of the best trials reused from the study (it has no new trials)")
-    for c in checks:
-        _log(f"      trial {c['trial']}: reads saved {c['mlp_reads_saved']:.3f}, ppl_increase search "
-             f"{c['search_ppl_increase']:+.4f} validation {c['validation_ppl_increase']:+.4f} -> "
-             f"{'chosen' if c['passes'] else 'over budget'}")
+        _log("      validation of the best trials reused from the study (it has no new trials):")
+        for c in checks:
+            show(c)
+    chosen = next((c for c in checks if c.get("chosen")), None)
+    if chosen is not None:
+        _log(f"      chosen: trial {best.number} ({chosen.get('variant', 'searched')} point of trial {chosen['trial']}),"
+             f" reads saved {chosen['mlp_reads_saved']:.3f}")
     timings["validation"] = time.time() - t
-    if checks and not checks[-1]["passes"]:
+    if checks and not any(c["passes"] for c in checks):
         _log("      warning: no checked trial met the budget on validation documents; using the closest")
     if best is None:
         best = min((tr for tr in study.trials if tr.state.name == "COMPLETE"), key=lambda tr: tr.user_attrs["ppl_increase"])
@@ -247,7 +255,8 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     timings["heldout_eval"] = time.time() - t
     runtime.remove(model)
 
-    proxy = {k: v for k, v in best.user_attrs.items() if k not in (SLOT_ATTR, WORKER_ATTR, *POINT_ATTRS)}  # figures only
+    proxy = {k: v for k, v in best.user_attrs.items()
+             if k not in (SLOT_ATTR, WORKER_ATTR, DERIVED_ATTR, *POINT_ATTRS)}  # figures only
     artifact.figures = {"heldout": {k: heldout[k] for k in HEADLINE_KEYS}, "calibration_proxy": proxy}
     _log(f"[6/6] writing {out / ARTIFACT_NAME} and reports")
     save_artifact(artifact, out / ARTIFACT_NAME)
@@ -264,12 +273,14 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
                  "heldout_docs": int(held.shape[0])},
         "recipe": recipe.to_dict(),
         "residual_ratio": [round(v, 5) for v in ratios.tolist()],
-        "chosen": {"trial": best.number, "params": best.params, "lam": point.lam, "gam": point.gam,
+        "chosen": {"trial": best.number, "derived_from": best.user_attrs.get(DERIVED_ATTR), "params": best.params,
+                   "lam": point.lam, "gam": point.gam,
                    "tau_s": point.tau_s, "tau_H": point.tau_H, "tau_base_in": point.tau_in,
                    "tau_base_mid": point.tau_mid, "compensated_layers": [l for l, c in enumerate(point.centred) if c],
                    "prefix": point.prefix,
                    "proxy": {k: best.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}},
-        "search": {"study": settings.study_name, "storage": redact(settings.storage), "trials": len(trials),
+        "search": {"study": settings.study_name, "storage": redact(settings.storage),
+                   "trials": sum(r["derived_from"] is None for r in trials),
                    "feasible_trials": len(feasible_trials(study)), "max_ppl_increase": settings.max_ppl_increase,
                    "validation_docs": int(splits.validation.shape[0]), "validation": checks},
         "trials": trials,

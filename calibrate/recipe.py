@@ -42,6 +42,7 @@ class SearchSection:
     storage: str | None = None
     validation_docs: int = 48
     candidates: int = 8
+    fill_steps: int = 3  # bisection steps moving the validated choice's level up while it stays within the budget
 
 
 @dataclass
@@ -78,6 +79,7 @@ RANGES = {
     "calibration.attention_sparsity": (0.0, 0.9), "calibration.gradient_samples": (1, None),
     "search.trials": (1, None), "search.max_ppl_increase": (0.0, 10.0),
     "search.validation_docs": (0, None), "search.candidates": (1, None),
+    "search.fill_steps": (0, None),
     "eval.heldout_docs": (1, None), "eval.batch_size": (1, None),
 }
 # Keys whose default follows calibration.search_docs (the size of a recipe): the value per search document.

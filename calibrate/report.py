@@ -58,7 +58,8 @@ def render_markdown(report: dict) -> str:
         "",
         "## Chosen point",
         "",
-        f"Trial {chosen['trial']} (constraint: proxy ppl_increase <= {report['search']['max_ppl_increase']}, "
+        f"Trial {chosen['trial']}" + (f", derived by the validation from trial {chosen['derived_from']}"
+                                      if chosen.get("derived_from") is not None else "") + f" (constraint: proxy ppl_increase <= {report['search']['max_ppl_increase']}, "
         f"feasible trials: {report['search']['feasible_trials']} of {report['search']['trials']}).",
         "",
         f"- lam = {chosen['lam']:.4f}, gam = {chosen['gam']:.4f}, tau_s = {chosen['tau_s']:.4f}, "
@@ -79,12 +80,15 @@ def render_markdown(report: dict) -> str:
     checks = report["search"].get("validation", [])
     if checks:
         lines += ["", f"## Validation of the best trials ({report['search']['validation_docs']} documents the search "
-                  "never scored; chosen: the first whose averaged ppl_increase is within the budget)", "",
-                  "| trial | mlp_reads_saved | ppl_increase search | validation | averaged | within budget |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {c['trial']} | {c['mlp_reads_saved']:.4f} | {c['search_ppl_increase']:+.4f} | "
-                  f"{c['validation_ppl_increase']:+.4f} | {c['averaged_ppl_increase']:+.4f} | "
-                  f"{'yes' if c['passes'] else 'no'} |" for c in checks]
+                  "never scored; each trial with adaptation beside its no-adaptation counterpart at the same reads "
+                  "saved, the better standing for it; chosen: the first within the budget on average, then its level "
+                  "filled up to the budget)", "",
+                  "| trial | variant | mlp_reads_saved | ppl_increase search | validation | averaged | within budget "
+                  "| chosen |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['trial']} | {c.get('variant', 'searched')} | {c['mlp_reads_saved']:.4f} | "
+                  f"{c['search_ppl_increase']:+.4f} | {c['validation_ppl_increase']:+.4f} | "
+                  f"{c['averaged_ppl_increase']:+.4f} | {'yes' if c['passes'] else 'no'} | "
+                  f"{'yes' if c.get('chosen') else ''} |" for c in checks]
     lines += ["", "## Timings (s)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in report["timings_s"].items()]
     lines.append("")

@@ -37,6 +37,8 @@ from .measure import LayerTable, allocate, allocation_cells, tables_saved
 from .storage import is_shared, open_storage, study_lock
 
 POINT_ATTRS = ("tau_in", "tau_mid", "tau_s", "tau_H", "centred")  # trial user attributes: the thresholds the trial chose
+READS_TOLERANCE = 0.002  # mlp_reads_saved a counterpart may differ by from the point it is compared with
+DERIVED_ATTR = "derived_from"  # user attribute of a trial the validation added (not sampled): the trial it came from
 FIGURE_KEYS = ("mlp_reads_saved", "mlp_sparsity", "input_sparsity", "ppl_increase", "kl", "relaxed_share")
 
 
@@ -135,16 +137,37 @@ class ThresholdSearch:
         price = math.exp(hi if abs(saved(hi) - target) <= abs(saved(lo) - target) else lo)
         return self.point({**shape, "price": price}, tables)
 
+    def level_of(self, params: dict) -> float:
+        """The share of MLP bytes the error tables skip at the base thresholds of ``params`` (point_at_saved's
+        target)."""
+        return tables_saved(self.tables, allocation_cells(self.tables, *self._budgets(params)))
+
+    def without_adaptation(self, point: Point, steps: int = 2) -> Point:
+        """The no-adaptation counterpart of the evaluated ``point``: its allocation shape with lam = gam = 0, its
+        level moved (up to ``steps`` secant steps) so that it reads as many MLP bytes on the search documents as
+        ``point`` does; evaluated. Relaxed tokens read more, so the counterpart's base thresholds skip less."""
+        params, reads = {**point.params, "lam": 0.0, "gam": 0.0}, point.figures["mlp_reads_saved"]
+        target = reads
+        for _ in range(steps):
+            plain = self.evaluate(self.point_at_saved(params, target))
+            miss = reads - plain.figures["mlp_reads_saved"]
+            if abs(miss) < READS_TOLERANCE:
+                break
+            target += miss
+        return plain
+
     def point_of(self, trial: optuna.trial.FrozenTrial) -> Point:
         """The point a completed trial evaluated: its stored thresholds (``POINT_ATTRS``), or, for trials of
         studies from before they were stored, recomputed from its parameters."""
         if all(key in trial.user_attrs for key in POINT_ATTRS):
             attrs = {key: trial.user_attrs[key] for key in POINT_ATTRS}
-            return Point(params=dict(trial.params), lam=trial.params.get("lam", 0.0),
-                         gam=trial.params.get("gam", 0.0), prefix=trial.params.get("prefix", 0.0),
-                         number=trial.number, **attrs)
-        point = self.point(trial.params)
-        point.number = trial.number
+            point = Point(params=dict(trial.params), lam=trial.params.get("lam", 0.0),
+                          gam=trial.params.get("gam", 0.0), prefix=trial.params.get("prefix", 0.0),
+                          number=trial.number, **attrs)
+        else:
+            point = self.point(trial.params)
+            point.number = trial.number
+        point.figures = {k: trial.user_attrs[k] for k in FIGURE_KEYS if k in trial.user_attrs}
         return point
 
     def score(self, point: Point, evaluator: ProxyEvaluator | None = None) -> dict:
@@ -174,17 +197,35 @@ class ThresholdSearch:
             params["prefix"] = trial.suggest_float("prefix", 0.0, 1.0)
         return params
 
+    def trial_attrs(self, point: Point) -> dict:
+        """The user attributes a trial of the evaluated ``point`` stores: its proxy figures, its thresholds (so that a
+        report or benchmark rebuilds it without the error tables) and its constraint violation."""
+        return {**point.figures, **{key: getattr(point, key) for key in POINT_ATTRS},
+                "constraint": point.figures["ppl_increase"] - self.settings.max_ppl_increase}
+
     def objective(self, trial: optuna.Trial) -> float:
         point = self.evaluate(self.point(self.suggest(trial)))
-        for key, value in point.figures.items():
+        attrs = self.trial_attrs(point)
+        for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        for key in POINT_ATTRS:  # so that a report or benchmark rebuilds the trial without the error tables
-            trial.set_user_attr(key, getattr(point, key))
-        violation = point.figures["ppl_increase"] - self.settings.max_ppl_increase
-        trial.set_user_attr("constraint", violation)
         if _NATIVE_CONSTRAINTS:
-            trial.set_constraint("ppl_increase", violation)
+            trial.set_constraint("ppl_increase", attrs["constraint"])
         return point.figures["mlp_reads_saved"]
+
+    def add_derived(self, study: optuna.Study, point: Point, source: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+        """Store the evaluated ``point``, derived from trial ``source`` by the validation, as a completed trial of
+        ``study`` (marked ``DERIVED_ATTR``; the search neither counts nor samples from it as its own)."""
+        dists = dict(source.distributions)
+        for key, value in point.params.items():
+            d = dists.get(key)
+            if d is None or not d.low <= value <= d.high:  # a level the search's range does not hold
+                low, high = (d.low, d.high) if d is not None else self.settings.price_range
+                dists[key] = optuna.distributions.FloatDistribution(min(low, value), max(high, value),
+                                                                     log=d.log if d is not None else True)
+        attrs = {**self.trial_attrs(point), DERIVED_ATTR: source.number}
+        study.add_trial(optuna.trial.create_trial(params=point.params, distributions=dists,
+                                                  value=point.figures["mlp_reads_saved"], user_attrs=attrs))
+        return study.trials[-1]
 
 
 _NATIVE_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")  # optuna >= 5
@@ -233,8 +274,13 @@ def _sampler(settings: SearchSettings, slot: int) -> optuna.samplers.BaseSampler
     return optuna.samplers.TPESampler(seed=settings.seed * 1_000_003 + slot, n_startup_trials=10, **extra)
 
 
+def _sampled(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The trials the search proposed (not those the validation derived from them)."""
+    return [t for t in trials if DERIVED_ATTR not in t.user_attrs]
+
+
 def _completed(study: optuna.Study) -> int:
-    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in _sampled(study.get_trials(deepcopy=False)))
 
 
 def fail_stale_trials(study: optuna.Study) -> int:
@@ -261,7 +307,7 @@ def claim_trial(study: optuna.Study, settings: SearchSettings) -> optuna.Trial |
     trials = study.get_trials(deepcopy=False)
     for _ in (t for t in trials if t.state == optuna.trial.TrialState.WAITING):
         study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # enqueued by a worker killed before its ask
-    live = [t for t in trials if t.state in _LIVE]
+    live = [t for t in _sampled(trials) if t.state in _LIVE]
     if len(live) >= settings.trials:
         return None
     used = {t.user_attrs.get(SLOT_ATTR, t.number) for t in live}  # studies from before slots: number = slot
@@ -355,54 +401,104 @@ VALIDATION_ATTR = "validation"  # study user attribute: the validated choice and
 
 def stored_validated_choice(study: optuna.Study, search: ThresholdSearch,
                             make_validator: Callable[[], ProxyEvaluator | None], candidates: int,
-                            validation_weight: float, validation_docs: int
+                            validation_weight: float, validation_docs: int, fill_steps: int = 0,
+                            on_check: Callable[[dict], None] | None = None
                             ) -> tuple[optuna.trial.FrozenTrial | None, list[dict], bool]:
     """``validated_choice``, made once per set of trials: it is stored in the study with what it depends on (the
-    feasible trials, the candidates, the validation documents), so that a rerun of a finished study reuses it
-    without building the validator (``make_validator`` is called only when it validates). The third value says
-    whether it was reused."""
-    key = {"feasible": sorted(t.number for t in feasible_trials(study)), "candidates": candidates,
+    sampled feasible trials, the candidates, the validation documents, the fill steps), so that a rerun of a
+    finished study reuses it without building the validator (``make_validator`` is called only when it
+    validates). The third value says whether it was reused."""
+    key = {"feasible": sorted(t.number for t in _sampled(feasible_trials(study))), "candidates": candidates,
            "validation_docs": validation_docs, "weight": validation_weight,
-           "max_ppl_increase": search.settings.max_ppl_increase}
+           "max_ppl_increase": search.settings.max_ppl_increase, "fill_steps": fill_steps}
     stored = study.user_attrs.get(VALIDATION_ATTR)
     if isinstance(stored, dict) and stored.get("key") == key:
         best = next((t for t in study.trials if t.number == stored["trial"]), None)
         return best, stored["checks"], True
-    best, checks = validated_choice(study, search, make_validator(), candidates, validation_weight)
+    best, checks = validated_choice(study, search, make_validator(), candidates, validation_weight, fill_steps, on_check)
     study.set_user_attr(VALIDATION_ATTR, {"key": key, "trial": best.number if best else None, "checks": checks})
     return best, checks, False
 
 
 def validated_choice(study: optuna.Study, search: ThresholdSearch, validator: ProxyEvaluator | None,
-                     candidates: int, validation_weight: float = 0.5
+                     candidates: int, validation_weight: float = 0.5, fill_steps: int = 0,
+                     on_check: Callable[[dict], None] | None = None
                      ) -> tuple[optuna.trial.FrozenTrial | None, list[dict]]:
-    """The artifact's trial, chosen against the winner's curse, and the checks made (one dict per candidate).
+    """The artifact's trial, chosen against the winner's curse, and the checks made (one dict per point scored on
+    the validation documents; the chosen one has ``chosen: True``).
 
     Picking the feasible trial with the most reads saved favours trials whose ppl_increase the search
     documents happen to underestimate. So the feasible Pareto-front trials are re-scored, most reads saved
     first, on ``validator``'s documents (never seen by the search); the first whose ppl_increase averaged
     over search and validation documents (validation weighted ``validation_weight``, e.g. its share of all
-    those documents) stays within the budget is chosen. Without a
-    validator this is ``best_feasible``. When none of the first ``candidates`` passes, the checked trial with
-    the smallest averaged ppl_increase is returned; None when no trial is feasible.
+    those documents) stays within the budget is chosen. A candidate with adaptation is also compared with its
+    no-adaptation counterpart at the same reads saved (``ThresholdSearch.without_adaptation``; a paired
+    comparison, far less noisy than the two points' distance to the budget): the one with the smaller ppl_increase
+    on the validation documents (the search documents favour the sampled point, which the search fitted to them)
+    stands for the candidate, so the validation drops adaptation where it does not pay. The chosen point
+    is then moved up in level (``fill_steps`` bisection steps towards the last candidate that failed, or 0.05 more
+    reads saved) while it stays within the budget. A point the validation made is added to the study
+    (``ThresholdSearch.add_derived``). Without a validator this is ``best_feasible``. When none of the first
+    ``candidates`` passes, the checked point with the smallest averaged ppl_increase is returned; None when no
+    trial is feasible. ``on_check`` is called with each check as it is made (progress).
     """
     if validator is None:
         return best_feasible(study), []
-    feasible = feasible_trials(study)
+    feasible = _sampled(feasible_trials(study))
     order = pareto_front([(t.value, t.user_attrs["ppl_increase"]) for t in feasible])[::-1]  # most reads first
     budget = search.settings.max_ppl_increase
     checks: list[dict] = []
+    scored: list[tuple[Point, optuna.trial.FrozenTrial]] = []
+
+    def check(point: Point, source: optuna.trial.FrozenTrial, variant: str) -> dict:
+        figures = search.score(point, validator)
+        averaged = (1 - validation_weight) * point.figures["ppl_increase"] + validation_weight * figures["ppl_increase"]
+        checks.append({"trial": source.number, "variant": variant, "mlp_reads_saved": point.figures["mlp_reads_saved"],
+                       "search_ppl_increase": point.figures["ppl_increase"],
+                       "validation_ppl_increase": figures["ppl_increase"], "averaged_ppl_increase": averaged,
+                       "passes": averaged <= budget, "chosen": False})
+        scored.append((point, source))
+        if on_check is not None:
+            on_check(checks[-1])
+        return checks[-1]
+
+    def chosen(index: int) -> optuna.trial.FrozenTrial:
+        checks[index]["chosen"] = True
+        point, source = scored[index]
+        return source if checks[index]["variant"] == "searched" else search.add_derived(study, point, source)
+
+    upper = None  # reads saved of the last candidate that failed: where the fill stops
     for i in order[:candidates]:
         trial = feasible[i]
-        figures = search.score(search.point_of(trial), validator)
-        averaged = (1 - validation_weight) * trial.user_attrs["ppl_increase"] + validation_weight * figures["ppl_increase"]
-        checks.append({"trial": trial.number, "mlp_reads_saved": trial.value,
-                       "search_ppl_increase": trial.user_attrs["ppl_increase"],
-                       "validation_ppl_increase": figures["ppl_increase"], "averaged_ppl_increase": averaged,
-                       "passes": averaged <= budget})
-        if averaged <= budget:
-            return trial, checks
+        point = search.point_of(trial)
+        best = len(checks)
+        check(point, trial, "searched")
+        if search.settings.adapt and (point.lam or point.gam):
+            check(search.without_adaptation(point), trial, "no adaptation")
+            if checks[-1]["validation_ppl_increase"] < checks[best]["validation_ppl_increase"]:
+                best = len(checks) - 1
+        if checks[best]["passes"]:
+            return chosen(_fill(search, check, scored, checks, best, upper, fill_steps)), checks
+        upper = checks[best]["mlp_reads_saved"]
     if not checks:
         return None, checks
-    fallback = min(checks, key=lambda c: c["averaged_ppl_increase"])["trial"]
-    return next(t for t in feasible if t.number == fallback), checks
+    return chosen(min(range(len(checks)), key=lambda j: checks[j]["averaged_ppl_increase"])), checks
+
+
+def _fill(search: ThresholdSearch, check: Callable, scored: list, checks: list[dict], best: int, upper: float | None,
+          steps: int) -> int:
+    """Bisect the level of the passing check ``best`` upwards (its allocation shape and adaptation, the tables'
+    level between its own and ``upper`` reads saved, or 0.05 more) for ``steps`` steps; the index of the passing
+    check with the most reads saved."""
+    if not steps:
+        return best
+    point, source = scored[best]
+    lo = search.level_of(point.params)
+    hi = lo + (max(upper - checks[best]["mlp_reads_saved"], 0.01) if upper is not None else 0.05)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if check(search.evaluate(search.point_at_saved(point.params, mid)), source, "filled")["passes"]:
+            lo, best = mid, len(checks) - 1
+        else:
+            hi = mid
+    return best

@@ -42,8 +42,13 @@ def test_outputs_written(workspace):
     assert report["search"]["trials"] == 6
     checks = report["search"]["validation"]
     assert report["search"]["validation_docs"] > 0 and checks  # the chosen trial was re-checked
-    assert checks[-1]["trial"] == report["chosen"]["trial"] or not any(c["passes"] for c in checks)
-    assert all(not c["passes"] for c in checks[:-1])  # earlier (more reads saved) candidates failed
+    chosen = [c for c in checks if c["chosen"]]
+    assert len(chosen) == 1  # the chosen point (a trial, or one the validation derived from it) was re-checked
+    source = report["chosen"]["derived_from"]
+    assert chosen[0]["trial"] == (report["chosen"]["trial"] if source is None else source)
+    assert (chosen[0]["variant"] == "searched") == (source is None)
+    first = next(i for i, c in enumerate(checks) if c["trial"] == chosen[0]["trial"])
+    assert not any(c["passes"] for c in checks[:first])  # earlier (more reads saved) candidates failed
     assert "## Validation of the best trials" in (out / "report.md").read_text()
     assert (out / "trials.png").read_bytes()[:4] == b"\x89PNG"
     assert "mlp_reads_saved" in output and "artifact:" in output
@@ -103,8 +108,9 @@ def test_rerun_of_a_finished_study_reuses_measurements_and_validation(workspace,
     assert "validation of the best trials reused from the study" in result.output
     after = load_artifact(out / "clada.safetensors")
     assert torch.equal(after.tau_base_in, before.tau_base_in) and torch.equal(after.tau_base_mid, before.tau_base_mid)
-    assert json.loads((out / "report.json").read_text())["search"]["validation"][-1]["trial"] == \
-        json.loads((out / "report.json").read_text())["chosen"]["trial"]
+    report = json.loads((out / "report.json").read_text())
+    chosen = next(c for c in report["search"]["validation"] if c["chosen"])
+    assert chosen["trial"] in (report["chosen"]["trial"], report["chosen"]["derived_from"])
 
 
 def test_measurements_are_keyed_by_model_and_settings(tmp_path):

@@ -50,7 +50,9 @@ def completed(db):
         return 0
     try:
         with sqlite3.connect(db, timeout=1) as con:
-            return con.execute("select count(*) from trials where state='COMPLETE'").fetchone()[0]
+            return con.execute(  # the sampled trials: not those the validation derived from them
+                "select count(*) from trials t where state='COMPLETE' and not exists (select 1 from "
+                "trial_user_attributes a where a.trial_id = t.trial_id and a.key = 'derived_from')").fetchone()[0]
     except sqlite3.Error:
         return 0
 

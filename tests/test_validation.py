@@ -3,7 +3,8 @@
 import optuna
 import pytest
 
-from clada.calibrate.search import Point, SearchSettings, ThresholdSearch, best_feasible, validated_choice
+from clada.calibrate.search import (DERIVED_ATTR, Point, SearchSettings, ThresholdSearch, _completed, best_feasible,
+                                    stored_validated_choice, validated_choice)
 
 
 def _study(rows: list[tuple[float, float]]) -> optuna.Study:
@@ -12,7 +13,8 @@ def _study(rows: list[tuple[float, float]]) -> optuna.Study:
     dist = {"budget": optuna.distributions.FloatDistribution(0, 100)}
     for i, (reads, ppl) in enumerate(rows):
         study.add_trial(optuna.trial.create_trial(params={"budget": float(i)}, distributions=dist, value=reads,
-                                                  user_attrs={"ppl_increase": ppl, "constraint": ppl - 0.02}))
+                                                  user_attrs={"mlp_reads_saved": reads, "ppl_increase": ppl,
+                                                              "constraint": ppl - 0.02}))
     return study
 
 
@@ -98,3 +100,95 @@ def test_a_small_recipe_scales_validation_activations_and_heldout_documents():
     given = parse_recipe({"calibration": {"search_docs": 4, "activation_tokens": 512}, "search": {"validation_docs": 0},
                           "eval": {"heldout_docs": 5}})
     assert (given.search.validation_docs, given.calibration.activation_tokens, given.eval.heldout_docs) == (0, 512, 5)
+
+
+class _AdaptiveSearch(_Search):
+    """A search whose points are identified by their level ``budget`` and carry adaptation ``lam``: search and
+    validation ppl_increase are ``ppl(level, lam)``, reads saved the level (less 0.05 with adaptation, so the
+    counterpart at the same reads has a lower level)."""
+
+    settings = SearchSettings(max_ppl_increase=0.02, adapt=True)
+    add_derived = ThresholdSearch.add_derived
+    trial_attrs = ThresholdSearch.trial_attrs
+
+    def __init__(self, ppl):
+        self.ppl = ppl
+
+    def point(self, params: dict) -> Point:
+        return Point(params=dict(params), tau_in=[params["budget"]], tau_mid=[0.0], lam=params.get("lam", 0.0),
+                     gam=0.0, tau_s=1.0, tau_H=1.0, centred=[False])
+
+    def level_of(self, params: dict) -> float:
+        return params["budget"]
+
+    def point_at_saved(self, params: dict, target: float) -> Point:
+        return self.point({**params, "budget": target})
+
+    def evaluate(self, point: Point) -> Point:
+        level = point.params["budget"]
+        point.figures = {"mlp_reads_saved": level - 0.05 * bool(point.lam), "ppl_increase": self.ppl(level, point.lam)}
+        return point
+
+    def without_adaptation(self, point: Point) -> Point:
+        return self.evaluate(self.point({**point.params, "lam": 0.0, "budget": point.params["budget"] - 0.05}))
+
+
+def _adaptive_study(search: _AdaptiveSearch, levels: list[tuple[float, float]]) -> optuna.Study:
+    """Trials at (level, lam), evaluated by ``search``."""
+    study = optuna.create_study(direction="maximize")
+    dist = {"budget": optuna.distributions.FloatDistribution(0, 1), "lam": optuna.distributions.FloatDistribution(-1, 0)}
+    for level, lam in levels:
+        point = search.evaluate(search.point({"budget": level, "lam": lam}))
+        study.add_trial(optuna.trial.create_trial(params=point.params, distributions=dist,
+                                                  value=point.figures["mlp_reads_saved"],
+                                                  user_attrs=search.trial_attrs(point)))
+    return study
+
+
+def _level_validator(search: _AdaptiveSearch, harder: float = 0.0):
+    """Validation documents on which every point measures ``harder`` more than on the search documents."""
+    return lambda point: {"ppl_increase": search.ppl(point.params["budget"], point.lam) + harder}
+
+
+def test_a_candidate_loses_to_its_counterpart_without_adaptation():
+    """Adaptation costs 0.004 ppl_increase at the same reads saved: the candidate (level 0.30, reads 0.25, within
+    the budget on the search documents, over it on average) is replaced by its counterpart (level 0.25, reads 0.25,
+    within it), added to the study as a derived trial that the search does not count."""
+    search = _AdaptiveSearch(lambda level, lam: 0.05 * level + 0.004 * bool(lam))
+    study = _adaptive_study(search, [(0.30, -0.5)])
+    best, checks = validated_choice(study, search, _level_validator(search, 0.006), 8)
+    assert [(c["variant"], c["passes"], c["chosen"]) for c in checks] == [("searched", False, False),
+                                                                          ("no adaptation", True, True)]
+    assert best.user_attrs[DERIVED_ATTR] == 0 and best.params["lam"] == 0.0 and best.params["budget"] == 0.25
+    assert best.value == pytest.approx(0.25) and search.point_of(best).tau_in == [0.25]
+    assert _completed(study) == 1 and len(study.trials) == 2
+
+
+def test_adaptation_that_pays_is_kept():
+    search = _AdaptiveSearch(lambda level, lam: 0.05 * level - 0.003 * bool(lam))  # 0.012 vs 0.0125 at reads 0.25
+    best, checks = validated_choice(_adaptive_study(search, [(0.30, -0.5)]), search, _level_validator(search), 8)
+    assert best.number == 0 and best.params["lam"] == -0.5 and [c["chosen"] for c in checks] == [True, False]
+
+
+def test_the_fill_moves_the_level_up_to_the_budget():
+    """The only candidate passes; with no failed candidate above it the fill bisects towards 0.05 more reads, keeping
+    what stays within the budget 0.02."""
+    search = _AdaptiveSearch(lambda level, lam: 0.08 * level)  # within the budget up to level 0.25
+    study = _adaptive_study(search, [(0.20, 0.0)])
+    best, checks = validated_choice(study, search, _level_validator(search), 8, fill_steps=3)
+    # 0.20 passes; bisection between 0.20 and 0.25: 0.225 passes, 0.2375 passes, 0.24375 passes
+    assert [c["variant"] for c in checks] == ["searched", "filled", "filled", "filled"]
+    assert best.params["budget"] == pytest.approx(0.24375) and best.user_attrs[DERIVED_ATTR] == 0
+    search = _AdaptiveSearch(lambda level, lam: 0.099 * level)  # within the budget up to level 0.202 only
+    study = _adaptive_study(search, [(0.20, 0.0)])
+    best, checks = validated_choice(study, search, _level_validator(search), 8, fill_steps=2)
+    assert best.number == 0 and [c["passes"] for c in checks] == [True, False, False]
+
+
+def test_a_stored_choice_is_reused_although_the_study_holds_its_derived_trial():
+    search = _AdaptiveSearch(lambda level, lam: 0.05 * level + 0.004 * bool(lam))
+    study = _adaptive_study(search, [(0.30, -0.5)])
+    best, _, reused = stored_validated_choice(study, search, lambda: _level_validator(search, 0.006), 8, 0.5, 4)
+    assert not reused and best.user_attrs[DERIVED_ATTR] == 0
+    again, _, reused = stored_validated_choice(study, search, lambda: None, 8, 0.5, 4)
+    assert reused and again.number == best.number
