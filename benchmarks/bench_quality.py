@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from functools import partial
@@ -326,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = earlier + rows
         log(f"baselines: {len(earlier)} rows reused from {args.reuse_baselines}")
     result = {
-        "command": "nice -n 15 python benchmarks/bench_quality.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + "python benchmarks/bench_quality.py"
+                   + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "quick": args.quick, "minutes": round((time.time() - t0) / 60, 1), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "recipe": recipe.to_dict(), "study_dir": str(study_dir),
         "data": {k: int(v.shape[0]) for k, v in bench.tokens.items()}, "dense_ppl": bench.dense_ppl,
