@@ -215,13 +215,15 @@ class ThresholdSearch:
     def add_derived(self, study: optuna.Study, point: Point, source: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
         """Store the evaluated ``point``, derived from trial ``source`` by the validation, as a completed trial of
         ``study`` (marked ``DERIVED_ATTR``; the search neither counts nor samples from it as its own)."""
-        dists = dict(source.distributions)
+        dists = {}  # the source's, for the point's parameters (a level moved by point_at_saved is a price)
         for key, value in point.params.items():
-            d = dists.get(key)
-            if d is None or not d.low <= value <= d.high:  # a level the search's range does not hold
+            d = source.distributions.get(key)
+            if d is None or (isinstance(d, optuna.distributions.FloatDistribution)
+                             and not d.low <= value <= d.high):  # a level the search's range does not hold
                 low, high = (d.low, d.high) if d is not None else self.settings.price_range
-                dists[key] = optuna.distributions.FloatDistribution(min(low, value), max(high, value),
-                                                                     log=d.log if d is not None else True)
+                d = optuna.distributions.FloatDistribution(min(low, value), max(high, value),
+                                                           log=d.log if d is not None else True)
+            dists[key] = d
         attrs = {**self.trial_attrs(point), DERIVED_ATTR: source.number}
         study.add_trial(optuna.trial.create_trial(params=point.params, distributions=dists,
                                                   value=point.figures["mlp_reads_saved"], user_attrs=attrs))

@@ -192,3 +192,15 @@ def test_a_stored_choice_is_reused_although_the_study_holds_its_derived_trial():
     assert not reused and best.user_attrs[DERIVED_ATTR] == 0
     again, _, reused = stored_validated_choice(study, search, lambda: None, 8, 0.5, 4)
     assert reused and again.number == best.number
+
+
+def test_a_derived_point_may_carry_a_price_where_its_source_had_a_budget():
+    """point_at_saved moves a level as a price (marginal rule): a trial of the budget rule derives one, and a price
+    beyond the search's range widens the derived trial's distribution."""
+    search = _AdaptiveSearch(lambda level, lam: 0.0)
+    study = _adaptive_study(search, [(0.2, -0.5)])
+    point = Point(params={"price": 0.5, "lam": 0.0}, tau_in=[0.1], tau_mid=[0.0], lam=0.0, gam=0.0, tau_s=1.0,
+                  tau_H=1.0, centred=[False], figures={"mlp_reads_saved": 0.2, "ppl_increase": 0.01})
+    derived = search.add_derived(study, point, study.trials[0])
+    assert set(derived.distributions) == {"price", "lam"} and derived.distributions["price"].high == 0.5
+    assert derived.params == {"price": 0.5, "lam": 0.0} and derived.user_attrs[DERIVED_ATTR] == 0
