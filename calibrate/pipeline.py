@@ -26,7 +26,7 @@ from .report import HEADLINE_KEYS, write_reports
 from .search import (DERIVED_ATTR, POINT_ATTRS, SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch,
                      feasible_trials, pareto_front, run_search, stored_validated_choice)
 from .splits import token_splits
-from .storage import is_shared, open_storage, redact, study_lock
+from .storage import is_shared, open_storage, redact
 
 ARTIFACT_NAME = "clada.safetensors"
 MEASUREMENTS_NAME = "measurements.safetensors"  # beside the study: a rerun with the same model and settings reuses it
@@ -222,9 +222,8 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
              f"ppl_increase search {c['search_ppl_increase']:+.4f} validation {c['validation_ppl_increase']:+.4f} "
              f"-> {'within budget' if c['passes'] else 'over budget'}")
 
-    with study_lock(open_storage(settings.storage), settings.study_name):  # workers sharing a study: validated once
-        best, checks, reused = stored_validated_choice(study, search, validator, recipe.search.candidates,
-                                                       n_val / (n_val + n_search), n_val, recipe.search.fill_steps, show)
+    best, checks, reused = stored_validated_choice(study, search, validator, recipe.search.candidates,
+                                                   n_val / (n_val + n_search), n_val, recipe.search.fill_steps, show)
     if reused:
         _log("      validation of the best trials reused from the study (it has no new trials):")
         for c in checks:

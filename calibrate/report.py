@@ -54,13 +54,15 @@ def render_markdown(report: dict) -> str:
     if warning:
         lines += ["", f"**Warning:** {warning}."]
     chosen = report["chosen"]
+    derived = (f", derived by the validation from trial {chosen['derived_from']}"
+               if chosen.get("derived_from") is not None else "")
     lines += [
         "",
         "## Chosen point",
         "",
-        f"Trial {chosen['trial']}" + (f", derived by the validation from trial {chosen['derived_from']}"
-                                      if chosen.get("derived_from") is not None else "") + f" (constraint: proxy ppl_increase <= {report['search']['max_ppl_increase']}, "
-        f"feasible trials: {report['search']['feasible_trials']} of {report['search']['trials']}).",
+        f"Trial {chosen['trial']}{derived} (constraint: proxy ppl_increase <= "
+        f"{report['search']['max_ppl_increase']}, feasible trials: {report['search']['feasible_trials']} of "
+        f"{report['search']['trials']}).",
         "",
         f"- lam = {chosen['lam']:.4f}, gam = {chosen['gam']:.4f}, tau_s = {chosen['tau_s']:.4f}, "
         f"tau_H = {chosen['tau_H']:.4f} (normalised nats, see docs/algorithm.md)",

@@ -128,7 +128,7 @@ class ThresholdSearch:
         shape = {k: v for k, v in params.items() if k not in ("price", "budget", "rule")}
 
         def saved(log_price: float) -> float:
-            return tables_saved(tables, allocation_cells(tables, *self._budgets({**shape, "price": math.exp(log_price)})))
+            return self.level_of({**shape, "price": math.exp(log_price)}, tables)
 
         lo, hi = math.log(1e-7), math.log(10.0)  # saved grows with the price
         for _ in range(40):
@@ -137,10 +137,11 @@ class ThresholdSearch:
         price = math.exp(hi if abs(saved(hi) - target) <= abs(saved(lo) - target) else lo)
         return self.point({**shape, "price": price}, tables)
 
-    def level_of(self, params: dict) -> float:
-        """The share of MLP bytes the error tables skip at the base thresholds of ``params`` (point_at_saved's
-        target)."""
-        return tables_saved(self.tables, allocation_cells(self.tables, *self._budgets(params)))
+    def level_of(self, params: dict, tables: list[LayerTable] | None = None) -> float:
+        """The share of MLP bytes the error tables (default: the search's) skip at the base thresholds of ``params``
+        (point_at_saved's target)."""
+        tables = tables or self.tables
+        return tables_saved(tables, allocation_cells(tables, *self._budgets(params)))
 
     def without_adaptation(self, point: Point, steps: int = 2) -> Point:
         """The no-adaptation counterpart of the evaluated ``point``: its allocation shape with lam = gam = 0, its
@@ -409,16 +410,20 @@ def stored_validated_choice(study: optuna.Study, search: ThresholdSearch,
     """``validated_choice``, made once per set of trials: it is stored in the study with what it depends on (the
     sampled feasible trials, the candidates, the validation documents, the fill steps), so that a rerun of a
     finished study reuses it without building the validator (``make_validator`` is called only when it
-    validates). The third value says whether it was reused."""
-    key = {"feasible": sorted(t.number for t in _sampled(feasible_trials(study))), "candidates": candidates,
-           "validation_docs": validation_docs, "weight": validation_weight,
-           "max_ppl_increase": search.settings.max_ppl_increase, "fill_steps": fill_steps}
-    stored = study.user_attrs.get(VALIDATION_ATTR)
-    if isinstance(stored, dict) and stored.get("key") == key:
-        best = next((t for t in study.trials if t.number == stored["trial"]), None)
-        return best, stored["checks"], True
-    best, checks = validated_choice(study, search, make_validator(), candidates, validation_weight, fill_steps, on_check)
-    study.set_user_attr(VALIDATION_ATTR, {"key": key, "trial": best.number if best else None, "checks": checks})
+    validates). Workers sharing a study validate it under the study's lock: the first validates (so a point the
+    validation adds is added once), the others reuse its choice. The third value says whether it was reused."""
+    settings = search.settings
+    with study_lock(open_storage(settings.storage) if is_shared(settings.storage) else None, settings.study_name):
+        key = {"feasible": sorted(t.number for t in _sampled(feasible_trials(study))), "candidates": candidates,
+               "validation_docs": validation_docs, "weight": validation_weight,
+               "max_ppl_increase": settings.max_ppl_increase, "fill_steps": fill_steps}
+        stored = study.user_attrs.get(VALIDATION_ATTR)
+        if isinstance(stored, dict) and stored.get("key") == key:
+            best = next((t for t in study.trials if t.number == stored["trial"]), None)
+            return best, stored["checks"], True
+        best, checks = validated_choice(study, search, make_validator(), candidates, validation_weight, fill_steps,
+                                        on_check)
+        study.set_user_attr(VALIDATION_ATTR, {"key": key, "trial": best.number if best else None, "checks": checks})
     return best, checks, False
 
 
