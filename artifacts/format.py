@@ -113,6 +113,21 @@ class Artifact:
         """(L, C) compensation of ``side``, or None where the artifact has none (attention sides never have)."""
         return {"in": self.center_in, "mid": self.center_mid}.get(side)
 
+    def decode_digest(self) -> str:
+        """Hex sha256 of what decides a decode step's kept channels: every tensor, the rule, and the adaptation
+        scalars that take effect (``tau_s`` only where ``lam`` != 0, ``tau_H`` only where ``gam`` != 0). Two
+        artifacts with the same digest decode alike; metadata (model, recipe, data, figures, signals) is left out."""
+        h = hashlib.sha256(json.dumps(self.rule, sort_keys=True).encode())
+        scalars = (self.lam, self.gam, self.tau_s if self.lam else 0.0, self.tau_H if self.gam else 0.0)
+        h.update(json.dumps(scalars).encode())
+        for name in TENSOR_KEYS + CENTER_KEYS + ATTENTION_KEYS + PREFIX_KEYS:
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                t = value.detach().cpu().contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
     def validate(self, source: str = "artifact") -> None:
         """Raise ArtifactError if shapes, dtypes or values are inconsistent."""
         L = self.tau_base_in.shape[0] if self.tau_base_in.dim() == 1 else -1

@@ -107,8 +107,22 @@ class Bench:
                           for k, v in self.tokens.items()}
         self.prompts = self.tokens["lee"][: args.greedy_prompts, : self.prompt]
         self.greedy_reference = greedy_tokens(self.model, self.prompts, args.greedy_tokens)
+        self.measured: dict[str, dict] = {}  # decode digest -> row (evaluate_artifact)
         self.dense_ppl = {k: math.exp(torch.cat([b["nll_dense"] for b in ev.batches]).double().mean().item())
                           for k, ev in self.reference.items()}
+
+    def evaluate_artifact(self, artifact: Artifact, label: str, level, extra: dict | None = None) -> dict:
+        """``evaluate`` of CLADA with ``artifact``; one that decodes like an artifact this run already measured
+        (``Artifact.decode_digest``: e.g. "clada-noadapt" of a point without adaptation) takes its figures."""
+        key = artifact.decode_digest()
+        done = self.measured.get(key)
+        if done is not None:
+            log(f"{label:16s} {level!s:>8s}: decodes like {done['method']} {done['level']}: figures reused")
+            return {**{k: v for k, v in done.items() if k not in ("method", "level", "target", "default", "seconds")},
+                    "method": label, "level": level, **(extra or {}), "same_as": f"{done['method']} {done['level']}"}
+        row = self.evaluate(build_method("clada", self.model, artifact=artifact), label, level, extra)
+        self.measured[key] = row
+        return row
 
     def evaluate(self, method, label: str, level, extra: dict | None = None) -> dict:
         """Figures of an attached ``method`` on both data sets and its greedy agreement; detaches it."""
@@ -237,15 +251,15 @@ def run_clada(bench: Bench, search: ThresholdSearch, default: Artifact, chosen: 
             point = search.point_at_saved(chosen["params"], level, plain=plain)
             art = search.artifact_of(point)
             extra = {"target": level, "compensated_layers": sum(point.centred)}
-            rows.append(bench.evaluate(build_method("clada", bench.model, artifact=art), name, level, extra))
+            rows.append(bench.evaluate_artifact(art, name, level, extra))
             if name == "clada":
                 for ablation in ("clada-noadapt", *(("clada-noprefix",) if art.has_prefix else ())):
-                    rows.append(bench.evaluate(build_method(ablation, bench.model, artifact=art), ablation, level,
-                                               extra))
+                    rows.append(bench.evaluate_artifact(method_artifact(ablation, bench.model, artifact=art),
+                                                        ablation, level, extra))
     extra = {**chosen, "default": True}
-    rows.append(bench.evaluate(build_method("clada", bench.model, artifact=default), "clada", "default", extra))
-    rows.append(bench.evaluate(build_method("clada-noadapt", bench.model, artifact=default), "clada-noadapt",
-                               "default", extra))
+    for name in ("clada", "clada-noadapt"):
+        rows.append(bench.evaluate_artifact(method_artifact(name, bench.model, artifact=default), name, "default",
+                                            extra))
     return rows
 
 
@@ -260,8 +274,7 @@ def run_default(bench: Bench, default: Artifact, rows: list[dict], args) -> dict
         extra = {"lam": variant.lam, "gam": variant.gam}
         done = [r for r in rows if r.get("default") and r["method"] == name]
         out["ablations"].append({**done[0], "level": "default", **extra} if done else
-                                bench.evaluate(build_method("clada", bench.model, artifact=variant), name, "default",
-                                               extra))
+                                bench.evaluate_artifact(variant, name, "default", extra))
     base = out["ablations"][0]["lee"]
     log("threshold sensitivity (tau_s, tau_H +-0.2) on held-out lee")
     out["sensitivity"] = threshold_sensitivity(bench.model, default, bench.tokens["lee"], bench.prompt, 0.2,

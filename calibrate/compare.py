@@ -59,15 +59,19 @@ def threshold_sensitivity(model: nn.Module, artifact: Artifact, tokens: torch.Te
 
     ``base``: the artifact's own figures on ``tokens`` if already measured; ``reference``: their dense
     reference (see ``generation_eval``). Rows: variant, tau_s, tau_H,
-    SENSITIVITY_KEYS and ``d_<key>`` (variant minus base).
+    SENSITIVITY_KEYS and ``d_<key>`` (variant minus base). A variant that decodes like one already measured
+    (``Artifact.decode_digest``: a threshold whose weight lam or gam is 0) takes its figures.
     """
     variants = [("base", 0.0, 0.0), (f"tau_s-{delta:g}", -delta, 0.0), (f"tau_s+{delta:g}", delta, 0.0),
                 (f"tau_H-{delta:g}", 0.0, -delta), (f"tau_H+{delta:g}", 0.0, delta)]
-    rows = []
+    rows, measured = [], {}  # decode digest -> figures: a move without effect (lam or gam 0) is not measured again
+    if base is not None:
+        measured[artifact.decode_digest()] = base
     for name, d_s, d_h in variants:
         variant = dataclasses.replace(artifact, tau_s=max(0.0, artifact.tau_s + d_s), tau_H=max(0.0, artifact.tau_H + d_h))
-        if name == "base" and base is not None:
-            figures = base
+        key = variant.decode_digest()
+        if key in measured:
+            figures = measured[key]
         else:
             method = build_method("clada", model, artifact=variant)
             try:
@@ -75,6 +79,7 @@ def threshold_sensitivity(model: nn.Module, artifact: Artifact, tokens: torch.Te
                                           reference=reference)
             finally:
                 method.remove()
+            measured[key] = figures
         rows.append({"variant": name, "tau_s": variant.tau_s, "tau_H": variant.tau_H,
                      **{k: figures[k] for k in SENSITIVITY_KEYS}})
     for row in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -232,3 +233,19 @@ def test_export_declares_artifact_beside_checkpoint(model, saved, tmp_path):
 def test_apply_without_declared_artifact_is_clear(model):
     with pytest.raises(ArtifactError, match="none found beside the checkpoint"):
         runtime.apply(model)
+
+
+def test_decode_digest_tells_apart_what_changes_decoding(saved):
+    art = load_artifact(saved[1])
+    base = art.decode_digest()
+    assert base == dataclasses.replace(art, figures={"x": 1}, recipe={"y": 2}, signals={}).decode_digest()
+    assert base == load_artifact(save_artifact(art, saved[1].with_name("copy.safetensors"))).decode_digest()
+    moved = art.tau_base_mid.clone()
+    moved[0] += 1e-3
+    assert base != dataclasses.replace(art, tau_base_mid=moved).decode_digest()
+    assert base != dataclasses.replace(art, center_in=torch.zeros_like(art.channel_weight_in)).decode_digest()
+    plain = dataclasses.replace(art, lam=0.0, gam=0.0)  # no adaptation: tau_s and tau_H decide nothing
+    assert plain.decode_digest() == dataclasses.replace(plain, tau_s=0.1, tau_H=0.9).decode_digest()
+    surprisal = dataclasses.replace(art, lam=-0.5, gam=0.0)
+    assert surprisal.decode_digest() != dataclasses.replace(surprisal, tau_s=surprisal.tau_s + 0.1).decode_digest()
+    assert surprisal.decode_digest() == dataclasses.replace(surprisal, tau_H=surprisal.tau_H + 0.1).decode_digest()
