@@ -38,23 +38,31 @@ FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native", "-pt
 OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")  # file names of OpenMP runtimes (``openmp_runtimes``)
 MAX_ROWS = 64  # token rows per call the kernel accepts (one bit each in a 64-bit mask)
 SYMBOLS = {torch.float32: "clada_gather_f32", torch.bfloat16: "clada_gather_bf16", torch.float16: "clada_gather_f16"}
+GEMV_SYMBOLS = {torch.float32: "clada_gemv_f32", torch.bfloat16: "clada_gemv_bf16", torch.float16: "clada_gemv_f16"}
+GEMV_MAX_ROWS = 8  # token rows per call the dense product accepts
 _log = logging.getLogger("clada.runtime")
 _UNSET = object()
 _kernel = _UNSET
 
 
 class GatherKernel:
-    """The loaded ``clada_gather_*`` functions (one per element type the build has): see native_gather.c."""
+    """The loaded ``clada_gather_*`` and ``clada_gemv_*`` functions (one per element type the build has): see
+    native_gather.c."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path, flags: tuple[str, ...]):
         self.path, self.flags = path, flags
-        self._fns = {}
+        self._fns, self._gemv = {}, {}
         p, i = ctypes.c_void_p, ctypes.c_int64
         for dtype, symbol in SYMBOLS.items():
             fn = getattr(lib, symbol, None)  # clada_gather_f16 only where the CPU has F16C
             if fn is not None:
                 fn.restype, fn.argtypes = ctypes.c_int64, [p, i, i, p, i, p, p, i, i, p, i]
                 self._fns[dtype] = fn
+        for dtype, symbol in GEMV_SYMBOLS.items():
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn.restype, fn.argtypes = ctypes.c_int64, [p, i, i, p, i, i, p, i]
+                self._gemv[dtype] = fn
 
     @property
     def dtypes(self) -> tuple[torch.dtype, ...]:
@@ -85,6 +93,28 @@ class GatherKernel:
         if kept < 0:
             raise RuntimeError(f"clada native gather failed (code {kept}: rows={n}, channels={channels})")
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), kept
+
+
+    @property
+    def gemv_dtypes(self) -> tuple[torch.dtype, ...]:
+        return tuple(self._gemv)
+
+    def gemv_accepts(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether ``gemv`` can compute ``x`` (..., in) times ``weight`` (out, in)^T here."""
+        return (x.dtype in self._gemv and weight.dtype == x.dtype and x.device.type == "cpu"
+                and weight.device.type == "cpu" and weight.dim() == 2 and weight.stride(1) == 1
+                and x.shape[-1] == weight.shape[1] and x.numel() <= GEMV_MAX_ROWS * x.shape[-1])
+
+    def gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(N, out) = ``x`` (N, in) contiguous times ``weight`` (out, in)^T (unit column stride), in x's dtype,
+        summed in float32: a dense projection's product on its original layout (N <= ``GEMV_MAX_ROWS``)."""
+        n, nin = x.shape
+        out = torch.empty(n, weight.shape[0], dtype=torch.float32)
+        code = self._gemv[x.dtype](x.data_ptr(), n, nin, weight.data_ptr(), weight.shape[0], weight.stride(0),
+                                   out.data_ptr(), torch.get_num_threads())
+        if code < 0:
+            raise RuntimeError(f"clada native gemv failed (code {code}: rows={n}, in={nin})")
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def cache_dir() -> Path:

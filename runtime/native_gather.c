@@ -424,3 +424,111 @@ int64_t clada_gather_f16(const uint16_t *x, int64_t rows, int64_t channels, cons
     return gather(F16, sizeof(uint16_t), x, rows, channels, scale, sld, thr, w, width, ld, out, nthreads);
 }
 #endif
+
+/* --- dense product on the original layout (clada_gemv_*) ----------------------------------------------------------
+ * out (rows, nout) float32 = x (rows, nin) times w^T, w (nout, nin) with row stride ld: the product of a projection
+ * a decode step leaves dense (attention projections an artifact does not sparsify, the LM head), on the weight as
+ * the model holds it (no copy, no layout change). Every weight row is read once per call for all token rows.
+ * Output rows are cut into items of GEMV_ITEM rows run on the same thread team as the gather; within an item, four
+ * weight rows at a time (four sequential streams) are dotted with up to four token rows, two with up to eight.
+ * Each output is a float32 sum: per vector lane in ascending channel order, then the lanes added in
+ * order, then the tail channels: it depends on nothing but its own inputs (not on thread count or other rows).
+ * Returns 0, -1 if rows > 8, -2 if scratch memory is unavailable. */
+#define GEMV_ROWS 8
+#define GEMV_ITEM 64
+
+struct gemv {
+    enum kind kind;
+    size_t elem;
+    const float *x;  /* (rows, nin) widened to float32 */
+    int64_t rows, nin, nout, ld;
+    const void *w;
+    float *out;
+};
+
+INLINE float hsum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < VW; i++) s += v[i];
+    return s;
+}
+
+/* Outputs j..j+G-1 of T token rows (G, T constants at each inlined call site): every weight vector loaded once serves
+ * the T token rows, every activation vector the G weight rows. */
+INLINE void dot_group(enum kind kind, const struct gemv *c, int64_t j, const int G, const int T) {
+    const int64_t nin = c->nin, vend = nin - nin % VW;
+    const size_t stride = (size_t)c->ld * c->elem;
+    const void *r[4];
+    for (int g = 0; g < G; g++) r[g] = (const char *)c->w + (size_t)(j + g) * stride;
+    vf a[4][GEMV_ROWS];
+    for (int g = 0; g < G; g++)
+        for (int t = 0; t < T; t++) a[g][t] = (vf){};
+    for (int64_t k = 0; k < vend; k += VW) {
+        vf wv[4];
+        for (int g = 0; g < G; g++) wv[g] = loadv(kind, r[g], k);
+        for (int t = 0; t < T; t++) {
+            const vf xv = *(const vf *)(c->x + t * nin + k);
+            for (int g = 0; g < G; g++) a[g][t] += xv * wv[g];
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int t = 0; t < T; t++) {
+            float s = hsum(a[g][t]);
+            for (int64_t k = vend; k < nin; k++) s += c->x[t * nin + k] * load(kind, r[g], k);
+            c->out[t * c->nout + j + g] = s;
+        }
+}
+
+/* Output rows [j, j1) of T token rows: G = 4 weight rows at a time up to 4 token rows, 2 beyond; then one by one. */
+INLINE void dot_rows(enum kind kind, const struct gemv *c, int64_t j, int64_t j1, const int T) {
+    const int G = T <= 4 ? 4 : 2;
+    for (; j + G <= j1; j += G) dot_group(kind, c, j, G, T);
+    for (; j < j1; j++) dot_group(kind, c, j, 1, T);
+}
+
+INLINE void gemv_item(enum kind kind, const struct gemv *c, int64_t item) {
+    const int64_t j0 = item * GEMV_ITEM, j1 = j0 + GEMV_ITEM < c->nout ? j0 + GEMV_ITEM : c->nout;
+    switch (c->rows) {  /* the token-row count a compile-time constant in each case */
+    case 1: dot_rows(kind, c, j0, j1, 1); break;
+    case 2: dot_rows(kind, c, j0, j1, 2); break;
+    case 3: dot_rows(kind, c, j0, j1, 3); break;
+    case 4: dot_rows(kind, c, j0, j1, 4); break;
+    case 5: dot_rows(kind, c, j0, j1, 5); break;
+    case 6: dot_rows(kind, c, j0, j1, 6); break;
+    case 7: dot_rows(kind, c, j0, j1, 7); break;
+    default: dot_rows(kind, c, j0, j1, 8); break;
+    }
+}
+
+static void gemv_f32(void *c, int64_t i) { gemv_item(F32, c, i); }
+static void gemv_bf16(void *c, int64_t i) { gemv_item(BF16, c, i); }
+static void gemv_f16(void *c, int64_t i) { gemv_item(F16, c, i); }
+
+static int64_t gemv(enum kind kind, size_t elem, const void *x, int64_t rows, int64_t nin, const void *w,
+                    int64_t nout, int64_t ld, float *out, int64_t nthreads) {
+    if (rows > GEMV_ROWS) return -1;
+    void *mem = scratch((size_t)rows * nin * sizeof(float) + 64);
+    if (!mem) return -2;
+    float *xf = (float *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
+    for (int64_t i = 0; i < rows * nin; i++) xf[i] = load(kind, x, i);
+    struct gemv c = {kind, elem, xf, rows, nin, nout, ld, w, out};
+    static const item_fn items[] = {[F32] = gemv_f32, [BF16] = gemv_bf16, [F16] = gemv_f16};
+    run(items[kind], &c, (nout + GEMV_ITEM - 1) / GEMV_ITEM, nthreads < 1 ? 1 : nthreads);
+    return 0;
+}
+
+int64_t clada_gemv_f32(const float *x, int64_t rows, int64_t nin, const float *w, int64_t nout, int64_t ld,
+                       float *out, int64_t nthreads) {
+    return gemv(F32, sizeof(float), x, rows, nin, w, nout, ld, out, nthreads);
+}
+
+int64_t clada_gemv_bf16(const uint16_t *x, int64_t rows, int64_t nin, const uint16_t *w, int64_t nout, int64_t ld,
+                        float *out, int64_t nthreads) {
+    return gemv(BF16, sizeof(uint16_t), x, rows, nin, w, nout, ld, out, nthreads);
+}
+
+#ifdef HAVE_F16
+int64_t clada_gemv_f16(const uint16_t *x, int64_t rows, int64_t nin, const uint16_t *w, int64_t nout, int64_t ld,
+                       float *out, int64_t nthreads) {
+    return gemv(F16, sizeof(uint16_t), x, rows, nin, w, nout, ld, out, nthreads);
+}
+#endif

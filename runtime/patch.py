@@ -20,6 +20,7 @@ from ..artifacts import Artifact, load_artifact
 from .adapters import MLPParts, adapter_for
 from .backends import BackendChooser
 from .checkpoint import CONFIG_KEY, declaration, find_declared_artifact, save_with_artifact
+from .dense_products import DenseProducts
 from .identity import check_compatible
 from .layout import can_share_rows, restore_layout, rows_view, store_rows
 from .routing import Routing
@@ -42,6 +43,7 @@ class Patch:
     hooks: list
     artifact: Artifact
     routing: Routing | None  # backend="auto": the original modules run where the dense product wins
+    dense_products: DenseProducts | None  # the projections left dense, on the compiled CPU product where faster
 
 
 def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None, *, force: bool = False,
@@ -54,7 +56,10 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     ``runtime.backends.BACKEND_NAMES``; ``"masked"`` keeps the original weight layout and reads every weight.
     Any other backend stores MLP weights as input-channel rows (same memory) so decode steps read only the
     weights of kept channels; ``auto`` does so only where it measured that gathering is faster than the dense
-    product, and elsewhere runs the original modules (``runtime.routing``). Nothing is changed if validation fails. ``model.config`` declares the artifact and
+    product, and elsewhere runs the original modules (``runtime.routing``). On a CPU, except for ``"masked"``,
+    the projections a decode step leaves dense (attention projections the artifact does not sparsify, the LM
+    head) run on the compiled product where it is measured faster than torch's (``runtime.dense_products``).
+    Nothing is changed if validation fails. ``model.config`` declares the artifact and
     ``model.save_pretrained(dir)`` writes it beside the dense weights, for ``runtime.from_pretrained(dir)``.
     """
     if is_patched(model):
@@ -98,6 +103,12 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     if layout is not None:
         chooser.selector = layout.select
         state.density_wanted = True
+    products = None
+    if backend != "masked" and device.type == "cpu":
+        dense_attention = [] if attention else adapter.attention_parts(model)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        products = DenseProducts([getattr(p.owner, n) for p in dense_attention for n in p.in_names + (p.out_name,)]
+                                 + ([head] if head is not None else []))
     tracker = SignalTracker(state, artifact.lam, artifact.gam, artifact.tau_s, artifact.tau_H)
     hooks = [  # routing first: the tracker reads the sides it left dense
         *([model.register_forward_pre_hook(routing.pre_forward, with_kwargs=True)] if routing is not None else []),
@@ -105,7 +116,8 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
         model.register_forward_hook(tracker.post_forward, with_kwargs=True),
     ]
     tracker.follow_model(model)  # beam search with legacy tuple caches reorders through the model
-    setattr(model, PATCH_ATTR, Patch(state, tracker, parts + attention, adapter.act_name, hooks, artifact, routing))
+    setattr(model, PATCH_ATTR, Patch(state, tracker, parts + attention, adapter.act_name, hooks, artifact, routing,
+                                     products))
     setattr(model.config, CONFIG_KEY, declaration())
     model.save_pretrained = types.MethodType(_save_pretrained, model)  # shadows the class's until remove
 
@@ -168,6 +180,8 @@ def remove(model: nn.Module) -> None:
         hook.remove()
     if patch.routing is not None:
         patch.routing.restore()
+    if patch.dense_products is not None:
+        patch.dense_products.restore()
     for part in patch.parts:
         for name in part.in_names + (part.out_name,):
             wrapped = getattr(part.owner, name)
@@ -194,17 +208,22 @@ def stats(model: nn.Module, reset: bool = False) -> dict:
     attention_input_sparsity, attention_output_sparsity, attention_reads_saved (None unless the artifact sparsifies
     the attention projections), reads_saved (skipped bytes over all weight bytes a decode step reads), mlp_weight_share, relaxed_share,
     path_calls (gate inputs per backend name), decode_steps (sparse decode calls and token positions, of which in
-    calls of several new tokens per row), backends (the choice per device, dtype and token rows) and per_layer
-    lists."""
-    st = _patch_of(model).state
-    out = st.summary()
+    calls of several new tokens per row), backends (the choice per device, dtype and token rows), per_layer
+    lists, and dense_products (None, or the calls of the projections left dense per product, "native" or "torch",
+    and each measured choice: ``runtime.dense_products``)."""
+    patch = _patch_of(model)
+    out = patch.state.summary()
+    out["dense_products"] = patch.dense_products.summary() if patch.dense_products is not None else None
     if reset:
-        st.reset_stats()
+        reset_stats(model)
     return out
 
 
 def reset_stats(model: nn.Module) -> None:
-    _patch_of(model).state.reset_stats()
+    patch = _patch_of(model)
+    patch.state.reset_stats()
+    if patch.dense_products is not None:
+        patch.dense_products.reset()
 
 
 @torch.no_grad()

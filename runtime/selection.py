@@ -154,22 +154,24 @@ class Workload:
     weights: list[list[torch.Tensor]]  # layer -> members' (out_i, channels) weights
 
 
-def _sampled(workload: Workload, device: torch.device) -> list[list[torch.Tensor]]:
-    """Enough layers that one pass streams at least ``MIN_STREAM_BYTES`` (or four last-level caches), or all."""
+def _streaming(layers: Sequence, device: torch.device) -> list:
+    """The first of ``layers`` (each a tensor or a list of them) that one pass over them streams at least
+    ``MIN_STREAM_BYTES`` (or four last-level caches), or all."""
     need = max(MIN_STREAM_BYTES, 4 * cache_in_front(device))
-    layers, total = [], 0
-    for members in workload.weights:
-        layers.append(members)
-        total += sum(w.numel() * w.element_size() for w in members)
+    taken, total = [], 0
+    for layer in layers:
+        taken.append(layer)
+        total += sum(w.numel() * w.element_size() for w in (layer if isinstance(layer, list) else [layer]))
         if total >= need:
             break
-    return layers
+    return taken
+
 
 
 def measure(workload: Workload, gather: Callable, rows: int, density: float, dtype: torch.dtype,
             device: torch.device, clock: Clock = wall_clock, reps: int = REPS) -> Timing:
     """Time the three candidates of ``workload`` at ``rows`` token rows keeping ``density`` of the channels."""
-    layers = _sampled(workload, device)
+    layers = _streaming(workload.weights, device)
     channels = workload.shape.channels
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, channels, generator=gen).to(device=device, dtype=dtype)
@@ -302,6 +304,82 @@ def select(workloads: Sequence[Workload], densities: Sequence[float], backend, d
     if fresh:
         store_cache(device, fresh)
     return decisions
+
+
+# --- the products a decode step leaves dense (runtime.dense_products) ---------------------------------------------
+# Torch's product against the compiled one (``native.GatherKernel.gemv``) on the same weights in their original
+# layout; the compiled one is taken where it is faster by more than TOLERANCE after PRODUCT_CALL_OVERHEAD_MS, the
+# extra Python work of its call (the module's forward, reshapes, the output's allocation), is added to it.
+PRODUCT_CALL_OVERHEAD_MS = 0.005
+PRODUCT_CANDIDATES = ("torch", "native")
+
+
+@dataclass
+class ProductTiming:
+    """Milliseconds per call of torch's dense product and the compiled one for one weight shape at ``rows`` rows."""
+
+    rows: int
+    torch: float
+    native: float
+    cached: bool = False
+
+
+@dataclass
+class ProductDecision:
+    """Which product a dense projection of ``shape`` (out, in) and ``dtype`` runs at ``rows`` token rows, and why."""
+
+    shape: tuple[int, int]
+    dtype: str
+    timing: ProductTiming
+    choice: str  # "native" or "torch"
+
+    def summary(self) -> dict:
+        t = self.timing
+        return {"shape": f"{self.shape[0]}x{self.shape[1]}", "dtype": self.dtype, "rows": t.rows,
+                "choice": self.choice, "reason": f"native {t.native:.3f} / torch {t.torch:.3f} ms"
+                + (" (cached)" if t.cached else "")}
+
+
+def measure_products(weights: Sequence[torch.Tensor], rows: int, clock: Clock = wall_clock,
+                     reps: int = REPS) -> ProductTiming:
+    """Time torch's product (``F.linear``) and the compiled one on ``weights`` (same shape, dtype and device; enough
+    of them that a pass streams from memory, as decoding does) at ``rows`` token rows, alternating the two."""
+    from . import native
+
+    kernel = native.gather_kernel()
+    device = weights[0].device
+    stream = _streaming(list(weights), device)
+    x = torch.randn(rows, weights[0].shape[1], generator=torch.Generator().manual_seed(rows)).to(weights[0].dtype)
+    calls = {"torch": lambda w: F.linear(x, w), "native": lambda w: kernel.gemv(x, w)}
+    times: dict[str, list[float]] = {name: [] for name in PRODUCT_CANDIDATES}
+    with torch.no_grad():
+        for rep in range(reps + 1):
+            for name in PRODUCT_CANDIDATES:
+                t0 = clock(device)
+                for w in stream:
+                    calls[name](w)
+                if rep:
+                    times[name].append(clock(device) - t0)
+    ms = {name: statistics.median(v) / len(stream) * 1e3 for name, v in times.items()}
+    return ProductTiming(rows, ms["torch"], ms["native"])
+
+
+def choose_product(weights: Sequence[torch.Tensor], rows: int) -> ProductDecision:
+    """The product the dense projections with ``weights`` (one shape) run at ``rows`` (a ``ROW_COUNTS`` entry) token
+    rows on this machine: measured once per machine and case, then read from the timing cache."""
+    from . import native
+
+    w = weights[0]
+    dtype = str(w.dtype).removeprefix("torch.")
+    key = f"m{MEASUREMENT}|gemv:{native.gather_kernel().path.stem}|{dtype}|{w.shape[0]}x{w.shape[1]}|{rows}"
+    cache = load_cache(w.device)
+    if key in cache:
+        timing = ProductTiming(**{**cache[key], "cached": True})
+    else:
+        timing = measure_products(weights, rows)
+        store_cache(w.device, {key: {k: v for k, v in asdict(timing).items() if k != "cached"}})
+    native_wins = timing.native + PRODUCT_CALL_OVERHEAD_MS < timing.torch * (1 - TOLERANCE)
+    return ProductDecision((int(w.shape[0]), int(w.shape[1])), dtype, timing, "native" if native_wins else "torch")
 
 
 # --- applying the decisions to a patched model -------------------------------------------------------------------

@@ -53,12 +53,21 @@ def fixed_timing(sparse_ms: float, dense_ms: float = 1.0, dense_rows_ms: float |
     return measure
 
 
+def fixed_product_timing(native_ms: float, torch_ms: float = 1.0):
+    """A stand-in for ``selection.measure_products`` reporting the same milliseconds per call for every case."""
+    def measure(weights, rows, clock=None, reps=None):
+        return selection.ProductTiming(rows, torch_ms, native_ms)
+    return measure
+
+
 @pytest.fixture(autouse=True)
 def gathering_pays(monkeypatch, tmp_path):
     """``backend="auto"`` times dense against gathering per machine (runtime.selection), and a tiny random
-    model's timings are noise: every test runs as on a machine where gathering pays, with its own timing cache.
-    tests/test_selection.py tests the measurement and the decisions themselves."""
+    model's timings are noise: every test runs as on a machine where gathering pays, and where the compiled dense
+    product beats torch's (runtime.dense_products), with its own timing cache. tests/test_selection.py and
+    tests/test_dense_products.py test the measurements and the decisions themselves."""
     monkeypatch.setattr(selection, "measure", fixed_timing(0.5))
+    monkeypatch.setattr(selection, "measure_products", fixed_product_timing(native_ms=0.5))
     monkeypatch.setattr(selection, "_cache_file", lambda device: tmp_path / "selection-cache.json")
 
 

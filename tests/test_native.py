@@ -151,6 +151,57 @@ def test_kernel_declines_what_it_cannot_compute(kernel):
     assert kernel.accepts(torch.randn(2, 8).bfloat16(), rows.bfloat16())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,nin,nout,threads", [(1, 37, 5, 1), (1, 576, 577, 2), (2, 100, 130, 2), (4, 48, 64, 1),
+                                                (5, 300, 67, 2), (8, 17, 300, 2)])
+def test_gemv_equals_the_dense_product(kernel, dtype, n, nin, nout, threads):
+    """The dense product on the original (out, in) layout, with a row stride beyond in (a view of a wider buffer)."""
+    if dtype not in kernel.gemv_dtypes:
+        pytest.skip(f"this compiler has no {dtype} type")
+    gen = torch.Generator().manual_seed(n * 1000 + nin)
+    weight = torch.randn(nout, nin + 3, generator=gen).to(dtype)[:, :nin]
+    x = torch.randn(n, nin, generator=gen).to(dtype)
+    assert kernel.gemv_accepts(x, weight)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernel.gemv(x, weight)
+    finally:
+        torch.set_num_threads(before)
+    want = x.float() @ weight.float().t()
+    assert got.dtype == dtype and got.shape == (n, nout)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_gemv_rows_depend_on_nothing_but_themselves(kernel):
+    """A token row's product is bitwise the same alone, beside other rows, and at 1 or 2 threads."""
+    gen = torch.Generator().manual_seed(11)
+    weight, x = torch.randn(301, 700, generator=gen), torch.randn(1, 700, generator=gen)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(kernel.gemv(x, weight)[0])
+            for others in (3, 7):
+                batch = torch.cat([torch.randn(others, 700, generator=gen), x])
+                outs.append(kernel.gemv(batch, weight)[others])
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def test_gemv_declines_what_it_cannot_compute(kernel):
+    weight = torch.randn(16, 8)
+    assert kernel.gemv_accepts(torch.randn(2, 8), weight)
+    assert not kernel.gemv_accepts(torch.randn(native.GEMV_MAX_ROWS + 1, 8), weight)
+    assert not kernel.gemv_accepts(torch.randn(2, 8), weight.t().contiguous().t())  # rows not contiguous
+    assert not kernel.gemv_accepts(torch.randn(2, 9), torch.randn(16, 9)[:, :8])  # in features differ
+    assert not kernel.gemv_accepts(torch.randn(2, 8).bfloat16(), weight)  # mixed element types
+    assert not kernel.gemv_accepts(torch.randn(2, 8, dtype=torch.float64), weight.double())
+
+
 def test_failed_build_falls_back_with_one_warning(fresh_native, monkeypatch, caplog):
     """A compiler that fails leaves no half-written library, logs why, and the runtime still runs exactly."""
     monkeypatch.setenv("CC", "false")

@@ -237,7 +237,7 @@ def test_timings_are_measured_once_per_machine_and_case(monkeypatch, tmp_path):
     first = runtime.stats(model)["selection"]
     runtime.remove(model)
     assert len(measured) == 2 * len(ROW_COUNTS)  # two shapes: gate+up, down
-    entries = json.loads(cache.read_text())
+    entries = {k: v for k, v in json.loads(cache.read_text()).items() if "|gemv:" not in k}  # dense products aside
     assert len(entries) == len(measured) and all(key.startswith(f"m{selection.MEASUREMENT}|{GATHER}") and "|float32|" in key for key in entries)
     runtime.apply(model, art)
     greedy(model, 3)
