@@ -32,7 +32,7 @@ from clada.runtime.machine import cpu_info
 
 COLUMNS = ("dtype", "batch", "threads", "dense tok/s", "CLADA tok/s", "ratio", "paired ratio (CLADA faster)",
            "layout / dense", "CLADA / layout (paired)", "skip bound", "mlp_reads_saved", "reads_saved", "spread",
-           "backend per shape (1 row)")
+           "backend per shape (1 row; the products left dense at the batch's rows)")
 
 
 def _csv(text: str) -> list[str]:
@@ -48,6 +48,8 @@ def table(cpu: dict, rows: list[dict], llama: dict | None) -> str:
            "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         shapes = {d["shape"]: d["per_rows"]["1"] for d in r["selection"]} or {"all": r["backend"]}
+        products = (r.get("dense_products") or {}).get("choices", [])
+        shapes.update({f"{c['shape']} dense at {c['rows']}": c["choice"] for c in products})
         worst = max(r["spread"].values())
         out.append("| " + " | ".join([
             r["dtype"], str(r["batch"]), str(r["threads"]), f"{r['dense_tok_s']:.2f}", f"{r['clada_tok_s']:.2f}",

@@ -57,8 +57,9 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     Any other backend stores MLP weights as input-channel rows (same memory) so decode steps read only the
     weights of kept channels; ``auto`` does so only where it measured that gathering is faster than the dense
     product, and elsewhere runs the original modules (``runtime.routing``). On a CPU, except for ``"masked"``,
-    the projections a decode step leaves dense (attention projections the artifact does not sparsify, the LM
-    head) run on the compiled product where it is measured faster than torch's (``runtime.dense_products``).
+    the products a decode step leaves dense (attention projections the artifact does not sparsify, the LM head,
+    MLP projections ``auto`` runs dense) run on the compiled product where it is measured faster than torch's
+    (``runtime.dense_products``).
     Nothing is changed if validation fails. ``model.config`` declares the artifact and
     ``model.save_pretrained(dir)`` writes it beside the dense weights, for ``runtime.from_pretrained(dir)``.
     """
@@ -77,6 +78,7 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     rule = build_rule(artifact, device)
 
     parts = adapter.mlp_parts(model)
+    mlp_modules = [getattr(p.owner, n) for p in parts for n in p.in_names + (p.out_name,)]  # before any wrapping
     attention = adapter.attention_parts(model) if set(ATTENTION_SIDES) & set(rule.sides) else []
     side_bytes = {side: [] for side in MLP_SIDES + (ATTENTION_SIDES if attention else ())}
     for group, sides in ((parts, MLP_SIDES), (attention, ATTENTION_SIDES)):
@@ -107,8 +109,8 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     if backend != "masked" and device.type == "cpu":
         dense_attention = [] if attention else adapter.attention_parts(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        products = DenseProducts([getattr(p.owner, n) for p in dense_attention for n in p.in_names + (p.out_name,)]
-                                 + ([head] if head is not None else []))
+        products = DenseProducts(mlp_modules + [getattr(p.owner, n) for p in dense_attention
+                                                for n in p.in_names + (p.out_name,)] + ([head] if head is not None else []))
     tracker = SignalTracker(state, artifact.lam, artifact.gam, artifact.tau_s, artifact.tau_H)
     hooks = [  # routing first: the tracker reads the sides it left dense
         *([model.register_forward_pre_hook(routing.pre_forward, with_kwargs=True)] if routing is not None else []),

@@ -10,7 +10,7 @@ from torch import nn
 from clada import runtime
 from clada.runtime import native, patch, selection
 from clada.runtime.selection import ProductTiming
-from tests.conftest import fixed_product_timing, make_artifact, tiny_model
+from tests.conftest import GATHER, fixed_product_timing, fixed_timing, make_artifact, tiny_model
 from tests.test_runtime import PROMPT, decode_logits
 
 MEASURE_PRODUCTS = selection.measure_products  # the real one (conftest's autouse fixture replaces it in each test)
@@ -44,10 +44,29 @@ def test_attention_and_head_run_the_compiled_product_where_it_wins(monkeypatch):
     got = decode_logits(model, PROMPT)
     st = runtime.stats(model)["dense_products"]
     runtime.remove(model)
-    # every decode step (2 rows) of 4 attention projections x 2 layers and the head; the prefill (16 rows): torch
-    assert st["calls"]["native"] == 6 * (4 * 2 + 1) and st["calls"]["torch"] == 4 * 2 + 1
+    # every decode step (2 rows) of 4 attention projections x 2 layers and the head; the prefill (16 rows): torch,
+    # also the MLP projections' (the gathering backend takes their decode steps)
+    assert st["calls"]["native"] == 6 * (4 * 2 + 1) and st["calls"]["torch"] == 4 * 2 + 1 + 3 * 2
     assert {(c["shape"], c["rows"], c["choice"]) for c in st["choices"]} >= {("128x32", 2, "native")}
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)  # the same function, other summation order
+
+
+def test_mlp_projections_auto_runs_dense_take_the_compiled_product(monkeypatch):
+    """Where gathering loses (auto keeps the original layout and puts the original modules back), the MLP's own
+    projections are dense products too."""
+    model = tiny_model("llama")
+    monkeypatch.setattr(selection, "measure", fixed_timing(2.0))  # gathering slower than dense everywhere
+    runtime.apply(model, artifact(model))
+    decode_logits(model, PROMPT)
+    st = runtime.stats(model)
+    runtime.remove(model)
+    assert st["path_calls"]["dense"] > 0 and st["path_calls"][GATHER] == 0
+    # the first decode step decides (through the wrappers, which call the modules' products); the later 5 run the
+    # original modules: 3 MLP projections x 2 layers more per step
+    assert st["dense_products"]["calls"]["native"] >= 5 * (4 * 2 + 1 + 3 * 2)
+    part = runtime.adapter_for(model).mlp_parts(model)[0]
+    mlp = {"x".join(map(str, getattr(part.owner, n).weight.shape)) for n in part.in_names + (part.out_name,)}
+    assert mlp <= {c["shape"] for c in st["dense_products"]["choices"]}
 
 
 def test_where_torch_wins_the_modules_run_their_own_forward(monkeypatch):
