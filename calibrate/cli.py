@@ -307,6 +307,9 @@ def _print_bench(r: dict) -> None:
     click.echo("  spread           " + ", ".join(f"{mode} {s:.1%}" for mode, s in r["spread"].items()))
     for decision in r["selection"]:
         click.echo(f"  selection        {decision['dtype']} {decision['shape']}: {decision['reason']}")
+    for choice in (r.get("dense_products") or {}).get("choices", []):
+        click.echo(f"  dense product    {choice['dtype']} {choice['shape']} at {choice['rows']} rows: {choice['choice']} "
+                   f"({choice['reason']})")
     cpu = r["cpu"]
     click.echo(f"  cpu              {cpu['model_name']} (family {cpu['family']} model {cpu['model']}), "
                + " ".join(f for f, on in cpu["flags"].items() if on))

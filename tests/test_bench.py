@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from clada import runtime
+from clada.runtime import native
 from clada.artifacts import save_artifact
 from clada.calibrate.bench import BenchConfig, run_bench, text_prompts
 from clada.calibrate.cli import main
@@ -104,6 +105,8 @@ def test_bench_cli_times_every_registered_method(checkpoint, method):
         assert figures["mlp_reads_saved"] > 0
     if rule == "threshold":  # gathered by a kernel backend; the others run the masked reference
         assert figures["fast_path"]["masked"] == 0 and figures["layout_ratio"] > 0
+    if figures["dense_products"] is not None and native.gather_kernel() is not None:  # head and attention projections
+        assert figures["dense_products"]["calls"]["native"] > 0 and "dense product" in result.output
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
