@@ -152,6 +152,11 @@ def render_markdown(result: dict) -> str:
     for data in DATASETS:
         md += [f"Held-out `{data}`:" if data == "lee" else f"`{data}`:", ""] + equal_reads_table(by_method, data) + [""]
     md += ["![frontier](frontier.png)", "", "## Every measured point", ""] + points_table(by_method) + [""]
+    same = [r for r in result["rows"] if r.get("same_as")]
+    if same:
+        md += ["Not measured again, since they decode exactly like an earlier row (`Artifact.decode_digest`: e.g. no "
+               "adaptation to drop): " + "; ".join(f"{r['method']} {r['level']} = {r['same_as']}" for r in same) + ".",
+               ""]
     md += ["## CLADA at each level, with its ablations",
            "",
            f"Study `{rec['study']}` ({rec['trials']} trials): the default artifact's trial {rec['trial']} (reproduced "
