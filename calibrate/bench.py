@@ -180,9 +180,9 @@ def _attention_watch(model: nn.Module, watch: _Stopwatch) -> list:
     adapter = runtime.adapter_for(model)
     hooks = []
     for part in adapter.attention_parts(model):
-        for name in part.in_names + (part.out_name,):
-            hooks.append(getattr(part.owner, name).register_forward_pre_hook(watch.start))
-            hooks.append(getattr(part.owner, name).register_forward_hook(watch.stop))
+        for proj in part.projections():
+            hooks.append(proj.register_forward_pre_hook(watch.start))
+            hooks.append(proj.register_forward_hook(watch.stop))
     return hooks
 
 

@@ -26,6 +26,15 @@ class MLPParts:
     in_names: tuple[str, ...]
     out_name: str
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every projection's name: ``in_names``, then ``out_name``."""
+        return self.in_names + (self.out_name,)
+
+    def projections(self) -> list[nn.Module]:
+        """The modules ``owner.<name>`` now holds for ``names``, in that order."""
+        return [getattr(self.owner, n) for n in self.names]
+
 
 class MLPAdapter:
     """Base adapter. Subclasses set ``model_types``, paths, projection names, ``act_name`` and ``gated``."""

@@ -44,10 +44,9 @@ class DenseProducts:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             weight = module.weight
-            rows = x.numel() // x.shape[-1] if x.dim() else 0
-            kernel = native.gather_kernel() if x.device.type == "cpu" else None
-            if (kernel is None or not 0 < rows <= native.GEMV_MAX_ROWS or x.dtype not in kernel.gemv_dtypes
-                    or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+            kernel = native.gather_kernel()
+            if (kernel is None or not rows or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
                     or not kernel.gemv_accepts(x, weight) or self._choice(weight, rows) != "native"):
                 self.calls["torch"] += 1
                 return linear(x)

@@ -33,8 +33,7 @@ def mlp_fingerprint(model: nn.Module, adapter: MLPAdapter | None = None) -> torc
     adapter = adapter or adapter_for(model)
     rows = []
     for part in adapter.mlp_parts(model):
-        names = part.in_names + (part.out_name,)
-        rows.append([float(adapter.weight(getattr(part.owner, n)).double().norm()) for n in names])
+        rows.append([float(adapter.weight(p).double().norm()) for p in part.projections()])
     return torch.tensor(rows, dtype=torch.float64)
 
 

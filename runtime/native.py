@@ -94,7 +94,6 @@ class GatherKernel:
             raise RuntimeError(f"clada native gather failed (code {kept}: rows={n}, channels={channels})")
         return (out if x.dtype == torch.float32 else out.to(x.dtype)), kept
 
-
     @property
     def gemv_dtypes(self) -> tuple[torch.dtype, ...]:
         return tuple(self._gemv)

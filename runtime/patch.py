@@ -78,7 +78,7 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     rule = build_rule(artifact, device)
 
     parts = adapter.mlp_parts(model)
-    mlp_modules = [getattr(p.owner, n) for p in parts for n in p.in_names + (p.out_name,)]  # before any wrapping
+    mlp_modules = [m for p in parts for m in p.projections()]  # before any wrapping
     attention = adapter.attention_parts(model) if set(ATTENTION_SIDES) & set(rule.sides) else []
     side_bytes = {side: [] for side in MLP_SIDES + (ATTENTION_SIDES if attention else ())}
     for group, sides in ((parts, MLP_SIDES), (attention, ATTENTION_SIDES)):
@@ -109,8 +109,8 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     if backend != "masked" and device.type == "cpu":
         dense_attention = [] if attention else adapter.attention_parts(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        products = DenseProducts(mlp_modules + [getattr(p.owner, n) for p in dense_attention
-                                                for n in p.in_names + (p.out_name,)] + ([head] if head is not None else []))
+        products = DenseProducts(mlp_modules + [m for p in dense_attention for m in p.projections()]
+                                 + ([head] if head is not None else []))
     tracker = SignalTracker(state, artifact.lam, artifact.gam, artifact.tau_s, artifact.tau_H)
     hooks = [  # routing first: the tracker reads the sides it left dense
         *([model.register_forward_pre_hook(routing.pre_forward, with_kwargs=True)] if routing is not None else []),
@@ -185,7 +185,7 @@ def remove(model: nn.Module) -> None:
     if patch.dense_products is not None:
         patch.dense_products.restore()
     for part in patch.parts:
-        for name in part.in_names + (part.out_name,):
+        for name in part.names:
             wrapped = getattr(part.owner, name)
             if isinstance(wrapped, GatedProjection):
                 restore_layout(wrapped.inner)

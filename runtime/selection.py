@@ -167,7 +167,6 @@ def _streaming(layers: Sequence, device: torch.device) -> list:
     return taken
 
 
-
 def measure(workload: Workload, gather: Callable, rows: int, density: float, dtype: torch.dtype,
             device: torch.device, clock: Clock = wall_clock, reps: int = REPS) -> Timing:
     """Time the three candidates of ``workload`` at ``rows`` token rows keeping ``density`` of the channels."""

@@ -23,7 +23,7 @@ def artifact(model):
 
 def dense_modules(model) -> list[nn.Linear]:
     adapter = runtime.adapter_for(model)
-    attention = [getattr(p.owner, n) for p in adapter.attention_parts(model) for n in p.in_names + (p.out_name,)]
+    attention = [m for p in adapter.attention_parts(model) for m in p.projections()]
     return attention + [model.get_output_embeddings()]
 
 
@@ -65,7 +65,7 @@ def test_mlp_projections_auto_runs_dense_take_the_compiled_product(monkeypatch):
     # original modules: 3 MLP projections x 2 layers more per step
     assert st["dense_products"]["calls"]["native"] >= 5 * (4 * 2 + 1 + 3 * 2)
     part = runtime.adapter_for(model).mlp_parts(model)[0]
-    mlp = {"x".join(map(str, getattr(part.owner, n).weight.shape)) for n in part.in_names + (part.out_name,)}
+    mlp = {"x".join(map(str, p.weight.shape)) for p in part.projections()}
     assert mlp <= {c["shape"] for c in st["dense_products"]["choices"]}
 
 

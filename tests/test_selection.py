@@ -291,7 +291,7 @@ def test_density_comes_from_the_prompt(monkeypatch):
 
 def mlp_modules(model):
     adapter = runtime.adapter_for(model)
-    return [[getattr(part.owner, n) for n in part.in_names + (part.out_name,)] for part in adapter.mlp_parts(model)]
+    return [part.projections() for part in adapter.mlp_parts(model)]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
