@@ -34,7 +34,9 @@ import torch
 from .machine import cache_root, cpu_identity
 
 SOURCE = Path(__file__).with_name("native_gather.c")
-FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native", "-pthread"), ("-O3", "-pthread"))
+# -ffp-contract=off: the kernels fuse multiply-adds explicitly, the same way in every code path (native_gather.c)
+FLAG_SETS = (("-O3", "-march=native", "-ffp-contract=off", "-fopenmp"), ("-O3", "-march=native", "-ffp-contract=off", "-pthread"),
+             ("-O3", "-ffp-contract=off", "-pthread"))
 OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")  # file names of OpenMP runtimes (``openmp_runtimes``)
 MAX_ROWS = 64  # token rows per call the kernel accepts (one bit each in a 64-bit mask)
 SYMBOLS = {torch.float32: "clada_gather_f32", torch.bfloat16: "clada_gather_bf16", torch.float16: "clada_gather_f16"}

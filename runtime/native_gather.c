@@ -81,6 +81,19 @@ INLINE float load(enum kind kind, const void *p, int64_t i) {
     }
 }
 
+/* a + b * c with one rounding where the CPU has FMA. Spelled out because the file is built with -ffp-contract=off:
+ * left to the compiler, a product was fused in one code path and rounded twice in another (on an AVX2 CPU a row's
+ * dense product differed in its last bit between one and several token rows). */
+INLINE vf madd(vf a, vf b, vf c) {
+#if VW == 16
+    return (vf)_mm512_fmadd_ps((__m512)b, (__m512)c, (__m512)a);
+#elif VW == 8 && defined(__FMA__)
+    return (vf)_mm256_fmadd_ps((__m256)b, (__m256)c, (__m256)a);
+#else
+    return a + b * c;
+#endif
+}
+
 /* VW consecutive weights of a row, widened to float32 */
 INLINE vf loadv(enum kind kind, const void *row, int64_t j) {
     if (kind == BF16) {  /* widen to 32 bits, shift into the high half: two instructions on AVX-512 / AVX2 */
@@ -126,10 +139,10 @@ INLINE void axpy(enum kind kind, const int g, float *restrict acc, int64_t rows,
             if (kind != F32)  /* 2-byte rows are short: fetch the next group's rows alongside (+35-60%) */
                 for (int i = 0; i < 4; i++) __builtin_prefetch((const uint16_t *)next[i] + j, 0, 0);
             vf s = *(vf *)(acc + j);
-            s += a0 * loadv(kind, r[0], j);
-            s += a1 * loadv(kind, r[1], j);
-            s += a2 * loadv(kind, r[2], j);
-            s += a3 * loadv(kind, r[3], j);
+            s = madd(s, a0, loadv(kind, r[0], j));
+            s = madd(s, a1, loadv(kind, r[1], j));
+            s = madd(s, a2, loadv(kind, r[2], j));
+            s = madd(s, a3, loadv(kind, r[3], j));
             *(vf *)(acc + j) = s;
         }
     }
@@ -139,7 +152,7 @@ INLINE void axpy(enum kind kind, const int g, float *restrict acc, int64_t rows,
         for (int64_t t = 0; t < rows; t++) {
             if (!live[t]) continue;
             vf s = *(vf *)(acc + t * width + j);
-            for (int i = 0; i < g; i++) s += v[t][i] * w[i];
+            for (int i = 0; i < g; i++) s = madd(s, (vf){} + v[t][i], w[i]);
             *(vf *)(acc + t * width + j) = s;
         }
     }
@@ -467,7 +480,7 @@ INLINE void dot_group(enum kind kind, const struct gemv *c, int64_t j, const int
         for (int g = 0; g < G; g++) wv[g] = loadv(kind, r[g], k);
         for (int t = 0; t < T; t++) {
             const vf xv = *(const vf *)(c->x + t * nin + k);
-            for (int g = 0; g < G; g++) a[g][t] += xv * wv[g];
+            for (int g = 0; g < G; g++) a[g][t] = madd(a[g][t], xv, wv[g]);
         }
     }
     for (int g = 0; g < G; g++)
