@@ -8,8 +8,12 @@ product, which on some CPUs is far from the memory bandwidth at one to eight tok
 ``native.GEMV_MAX_ROWS`` token rows, no autograd) a module runs the compiled product on its own weight, in its
 original layout (nothing is copied or re-laid, a tied head stays tied), where ``runtime.selection`` measured it faster
 than torch's for that (dtype, shape, token rows) on this machine; elsewhere, and for every other call, the module's
-own forward runs. ``remove`` restores the modules' forwards. Modules whose forward something else already replaced
-(an accelerate hook) are left alone.
+own forward runs. As ``backend="auto"``'s layout, each (dtype, shape) is decided at the token rows of its first
+decode-shaped call: where torch's product wins there, that shape's modules step out (their own forward again, nothing
+of the runtime in their call path: on an AMD EPYC Zen 3 in bfloat16 a step's ~200 wrapper calls that only forwarded
+to torch cost 11% of a decode step); after a change of the model's dtype (``pre_forward``) they step in again and are
+decided anew. ``remove`` restores the modules' forwards. Modules whose forward something else already replaced (an
+accelerate hook) are left alone.
 """
 
 from __future__ import annotations
@@ -29,15 +33,33 @@ class DenseProducts:
     def __init__(self, modules: list[nn.Linear]):
         self.modules = [m for m in dict.fromkeys(modules) if type(m) is nn.Linear and "forward" not in m.__dict__]
         self.decisions: dict[tuple, ProductDecision] = {}  # (dtype, out, in, timed rows) -> decision
+        self.stepped_out: set[tuple] = set()  # (dtype, out, in) where torch won: those modules run their own forward
         self.calls = {"native": 0, "torch": 0}
         self._lock = threading.Lock()
+        self._dtype = self.modules[0].weight.dtype if self.modules else None
         for m in self.modules:
-            m.forward = self._forward_of(m)  # an instance attribute shadowing nn.Linear.forward until restore
+            self._step_in(m)
+
+    def _step_in(self, module: nn.Linear) -> None:
+        module.forward = self._forward_of(module)  # an instance attribute shadowing nn.Linear.forward until restore
 
     def restore(self) -> None:
         """Give every module its own forward back."""
         for m in self.modules:
             m.__dict__.pop("forward", None)
+
+    def pre_forward(self, model, args, kwargs) -> None:
+        """Model forward pre-hook: after a change of the model's dtype, the modules that stepped out for another dtype
+        step in again (their choice is measured anew)."""
+        if self.modules and self.modules[0].weight.dtype != self._dtype:
+            with self._lock:
+                self._dtype = self.modules[0].weight.dtype
+                for m in self.modules:
+                    if (m.weight.dtype, *m.weight.shape) in self.stepped_out:
+                        m.__dict__.pop("forward", None)
+                    elif "forward" not in m.__dict__:
+                        self._step_in(m)
+        return None
 
     def _forward_of(self, module: nn.Linear):
         linear = nn.Linear.forward.__get__(module)
@@ -64,9 +86,13 @@ class DenseProducts:
             with self._lock:
                 decision = self.decisions.get(key)
                 if decision is None:
-                    same = [m.weight for m in self.modules if m.weight.shape == weight.shape
+                    same = [m for m in self.modules if m.weight.shape == weight.shape
                             and m.weight.dtype == weight.dtype and m.weight.device == weight.device]
-                    decision = self.decisions[key] = choose_product(same, timed_count(rows))
+                    decision = self.decisions[key] = choose_product([m.weight for m in same], timed_count(rows))
+                    if decision.choice == "torch":  # decided at these rows, as auto's layout: the shape steps out
+                        self.stepped_out.add(key[:-1])
+                        for m in same:
+                            m.__dict__.pop("forward", None)
         return decision.choice
 
     def reset(self) -> None:

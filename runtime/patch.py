@@ -116,6 +116,7 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
         *([model.register_forward_pre_hook(routing.pre_forward, with_kwargs=True)] if routing is not None else []),
         model.register_forward_pre_hook(tracker.pre_forward, with_kwargs=True),
         model.register_forward_hook(tracker.post_forward, with_kwargs=True),
+        *([model.register_forward_pre_hook(products.pre_forward, with_kwargs=True)] if products is not None else []),
     ]
     tracker.follow_model(model)  # beam search with legacy tuple caches reorders through the model
     setattr(model, PATCH_ATTR, Patch(state, tracker, parts + attention, adapter.act_name, hooks, artifact, routing,

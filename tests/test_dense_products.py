@@ -83,6 +83,30 @@ def test_where_torch_wins_the_modules_run_their_own_forward(monkeypatch):
     runtime.remove(model)
 
 
+def test_where_torch_wins_the_shape_steps_out_until_the_dtype_changes(monkeypatch):
+    """Decided at the first decode call's rows: torch's product wins, so the shape's modules run their own forward
+    (nothing of the runtime in their call path); a dtype change steps them in again to be decided anew."""
+    model = tiny_model("llama")
+    monkeypatch.setattr(selection, "measure_products", fixed_product_timing(native_ms=0.95))  # within tolerance
+    runtime.apply(model, artifact(model))
+    modules = dense_modules(model)
+    assert all("forward" in m.__dict__ for m in modules)
+    decode_logits(model, PROMPT)
+    assert not any("forward" in m.__dict__ for m in modules)  # stepped out at the first decode step
+    calls = runtime.stats(model)["dense_products"]["calls"]
+    decode_logits(model, PROMPT)
+    # no wrapper of theirs ran again: only the MLP projections' prefill calls (their decode steps gather)
+    assert runtime.stats(model)["dense_products"]["calls"] == {"native": 0, "torch": calls["torch"] + 3 * 2}
+    monkeypatch.setattr(selection, "measure_products", fixed_product_timing(native_ms=0.5))  # now the kernel wins
+    model.to(torch.bfloat16)
+    decode_logits(model, PROMPT)
+    st = runtime.stats(model)["dense_products"]
+    assert all("forward" in m.__dict__ for m in modules) and st["calls"]["native"] > calls["native"]
+    assert {c["choice"] for c in st["choices"] if c["dtype"] == "bfloat16"} == {"native"}
+    runtime.remove(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_remove_gives_every_module_back_and_the_head_stays_tied():
     model = tiny_model("llama")
     model.config.tie_word_embeddings = True
