@@ -49,7 +49,8 @@ class CallState(threading.local):
     prefill; tracking: the load signals set the multiplier (off inside ``runtime.dense``/``fixed_multiplier``);
     history: the last call's distributions; end: cache position after the current call's new tokens (None:
     unknown), for the history it leaves; reordering: a beam reorder is being followed (nested reorder calls count once);
-    prompt_mask: the current call's attention mask (B, cache + new tokens; rules watching the prefill skip padding).
+    prompt_mask: the current call's attention mask (B, cache + new tokens; rules watching the prefill skip padding);
+    thresholds: the step's thresholds of every layer (``SparsityState.step_thresholds``).
     """
 
     def __init__(self) -> None:
@@ -61,3 +62,4 @@ class CallState(threading.local):
         self.end: int | None = None
         self.reordering = False
         self.prompt_mask: torch.Tensor | None = None
+        self.thresholds: tuple | None = None  # (multiplier, token rows, rule.tau_version, {side: (L, N, 1)})

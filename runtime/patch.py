@@ -245,7 +245,7 @@ def set_thresholds(model: nn.Module, tau_in: torch.Tensor, tau_mid: torch.Tensor
         if tau.shape != rule.tau[side].shape:
             raise ValueError(f"set_thresholds: tau_{side} has shape {tuple(tau.shape)}, "
                              f"model needs {tuple(rule.tau[side].shape)}")
-        rule.tau[side].copy_(tau)
+        rule.set_tau(side, tau)
 
 
 def multiplier(model: nn.Module) -> torch.Tensor | None:

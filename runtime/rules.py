@@ -121,6 +121,7 @@ class SparsityRule:
             self.sides = type(self).sides + ATTENTION_SIDES
         known = MLP_SIDES + (ATTENTION_SIDES if artifact.has_attention else ())
         self.tau = {side: artifact.tau_base(side).float().to(device) for side in known}
+        self.tau_version = 0  # bumped whenever tau changes (``set_tau``, ``to``): thresholds cached per step follow
         self.weight = {side: artifact.channel_weight(side).float().to(device) for side in known}
         self.centers = {side: self._layer_centers(artifact.center(side), device) for side in MLP_SIDES}
         # per MLP side and layer the prompt prior's exponent (0: none); only threshold-form rules follow it
@@ -157,6 +158,7 @@ class SparsityRule:
 
     def to(self, device: torch.device) -> None:
         self.tau = {k: v.to(device) for k, v in self.tau.items()}
+        self.tau_version += 1
         self.weight = {k: v.to(device) for k, v in self.weight.items()}
         self.centers = {k: [None if c is None else c.to(device) for c in v] for k, v in self.centers.items()}
 
@@ -202,6 +204,16 @@ class SparsityRule:
     def step_tau(self, layer: int, side: str, multiplier: torch.Tensor) -> torch.Tensor:
         """Thresholds tau_base[layer] * m, float32, of the shape of ``multiplier`` (..., 1)."""
         return self.tau[side][layer] * multiplier
+
+    def step_tau_all(self, side: str, multiplier: torch.Tensor) -> torch.Tensor:
+        """``step_tau`` of every layer at once: (L, *multiplier.shape), the same products."""
+        tau = self.tau[side]
+        return tau.reshape(-1, *([1] * multiplier.dim())) * multiplier
+
+    def set_tau(self, side: str, tau: torch.Tensor) -> None:
+        """Replace the base thresholds (L,) of ``side`` in place."""
+        self.tau[side].copy_(tau)
+        self.tau_version += 1
 
     def keep(self, layer: int, side: str, x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
         """(..., C) bool keep mask of ``x`` (..., C); ``multiplier`` (..., 1) float32, one per token row."""
