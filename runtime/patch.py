@@ -23,6 +23,7 @@ from .checkpoint import CONFIG_KEY, declaration, find_declared_artifact, save_wi
 from .dense_products import DenseProducts
 from .identity import check_compatible
 from .layout import can_share_rows, restore_layout, rows_view, store_rows
+from .mlp_step import MLPSteps
 from .routing import Routing
 from .rules import ATTENTION_SIDES, MLP_SIDES, build_rule
 from .selection import MeasuredLayout, Shape
@@ -44,6 +45,7 @@ class Patch:
     artifact: Artifact
     routing: Routing | None  # backend="auto": the original modules run where the dense product wins
     dense_products: DenseProducts | None  # the projections left dense, on the compiled CPU product where faster
+    mlp_steps: MLPSteps  # gated MLPs whose gathered decode calls skip their wrappers' per-call work
 
 
 def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None, *, force: bool = False,
@@ -102,6 +104,7 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     for layer, part in enumerate(attention):
         for side, names in zip(ATTENTION_SIDES, (part.in_names, (part.out_name,))):
             _gate(adapter, part.owner, names, ChannelGate(state, layer, side), rows_of, layout, routing)
+    steps = MLPSteps(adapter, state, parts if gathering else [])
     if layout is not None:
         chooser.selector = layout.select
         state.density_wanted = True
@@ -120,7 +123,7 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     ]
     tracker.follow_model(model)  # beam search with legacy tuple caches reorders through the model
     setattr(model, PATCH_ATTR, Patch(state, tracker, parts + attention, adapter.act_name, hooks, artifact, routing,
-                                     products))
+                                     products, steps))
     setattr(model.config, CONFIG_KEY, declaration())
     model.save_pretrained = types.MethodType(_save_pretrained, model)  # shadows the class's until remove
 
@@ -185,6 +188,7 @@ def remove(model: nn.Module) -> None:
         patch.routing.restore()
     if patch.dense_products is not None:
         patch.dense_products.restore()
+    patch.mlp_steps.restore()
     for part in patch.parts:
         for name in part.names:
             wrapped = getattr(part.owner, name)
