@@ -31,10 +31,9 @@ class MLPSteps:
         self.owners = []
         if not adapter.gated:
             return
-        for part in parts:
-            wrappers = part.projections()
-            gate, up, down = (wrappers + [None, None, None])[:3]
-            if (len(part.in_names) == 2 and all(isinstance(w, GatedProjection) for w in wrappers)
+        for part in (p for p in parts if len(p.in_names) == 2):
+            gate, up, down = wrappers = part.projections()
+            if (all(isinstance(w, GatedProjection) for w in wrappers)
                     and gate.group is not None and gate.group is up.group and down.group is None
                     and "forward" not in part.owner.__dict__):
                 part.owner.forward = self._forward_of(part)  # an instance attribute shadowing the class's forward
@@ -63,7 +62,7 @@ class MLPSteps:
             chooser = state.chooser
             into = chooser.choose(x.device, x.dtype, rows, gate.shape)
             out_of = chooser.choose(x.device, x.dtype, rows, down.shape)
-            if not (into.gathers and out_of.gathers and state.rule.threshold_form):
+            if not (into.gathers and out_of.gathers):  # (apply gives steps only to a rule of threshold form)
                 return own(x)
             # the rows the wrappers would look up, found again only when a weight's storage changed (model.to,
             # a re-lay); the key is the modules and their weights' addresses

@@ -128,10 +128,6 @@ INLINE vf loadv(enum kind kind, const void *row, int64_t j) {
     return *(const vf *)((const float *)row + j);
 }
 
-/* For each token row t with live[t]: acc[t*width + j] += v[t][0]*r0[j] + ... + v[t][g-1]*r{g-1}[j], the g products
- * added one at a time in that order (a fixed order: exact zeros where a row skips a channel). The g weight vectors
- * are loaded once for all token rows; with one row its g activations stay in registers. ``g`` is a constant at
- * each (inlined) call site. */
 /* One token row, eight float32 weight rows: acc[j] += v[0]*r[0][j] + ... + v[7]*r[7][j], added one at a time in
  * that order, as axpy does. A function of its own, not inlined, so that its loop has the registers to itself:
  * inlined into the block loop, GCC kept the row pointers on the stack and reloaded them every vector, and the loop
@@ -162,6 +158,10 @@ __attribute__((noinline)) static void axpy8_f32(float *restrict acc, const float
     }
 }
 
+/* For each token row t with live[t]: acc[t*width + j] += v[t][0]*r0[j] + ... + v[t][g-1]*r{g-1}[j], the g products
+ * added one at a time in that order (a fixed order: exact zeros where a row skips a channel). The g weight vectors
+ * are loaded once for all token rows; with one row its g activations stay in registers. ``g`` is a constant at
+ * each (inlined) call site. */
 INLINE void axpy(enum kind kind, const int g, float *restrict acc, int64_t rows, const uint8_t *live,
                  const float (*v)[MAX_GROUP], const void *const *r, const void *const *next, int64_t width) {
     if (kind == F32 && rows == 1 && g == 8) {  /* the common float32 decode call */
