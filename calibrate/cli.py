@@ -305,6 +305,9 @@ def _print_bench(r: dict) -> None:
                                              if share))
     click.echo(f"  clada_faster     {r['clada_faster']} of {r['reps']} repetitions")
     click.echo("  spread           " + ", ".join(f"{mode} {s:.1%}" for mode, s in r["spread"].items()))
+    click.echo("  step ms          " + ", ".join(f"{mode} {ms:.1f}" for mode, ms in r["step_ms"].items())
+               + " (first after apply: " + ", ".join(f"{mode} {ms:.1f}" for mode, ms in r["first_step_ms"].items())
+               + ")")
     for decision in r["selection"]:
         click.echo(f"  selection        {decision['dtype']} {decision['shape']}: {decision['reason']}")
     for choice in (r.get("dense_products") or {}).get("choices", []):
