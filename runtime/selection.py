@@ -381,6 +381,54 @@ def choose_product(weights: Sequence[torch.Tensor], rows: int) -> ProductDecisio
     return ProductDecision((int(w.shape[0]), int(w.shape[1])), dtype, timing, "native" if native_wins else "torch")
 
 
+# --- dense calls of many token rows on a re-laid weight (prefill) --------------------------------------------------
+# A projection in the gathering layout keeps its (out, in) shape as a transposed view of (in, out) rows, and its dense
+# calls (prefill, ``runtime.dense``) run torch's product on that view. On a CPU without a fast 2-byte float product
+# this can be far slower than on the original layout: bfloat16 on an AMD EPYC Zen 3 (AVX2), 128 token rows of SmolLM2's
+# gate (3072x576), 470 ms on the view against 49 on the original layout; with both operands widened to float32 and
+# the result rounded back, 6.5 ms (the same sums in float32; torch's bfloat16 product differs in the last bit of
+# some outputs). So for 2-byte floats on a CPU the two are timed once per machine, dtype and shape (at
+# ``WIDE_ROWS`` rows) and the faster runs every dense call of the re-laid weight.
+WIDE_ROWS = 64
+WIDE_CANDIDATES = ("torch", "float32")
+
+
+def wide_product(x: torch.Tensor, weight: torch.Tensor, choice: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed as ``choice`` says: "torch" (in x's dtype) or "float32" (widened,
+    rounded back to x's dtype). x: (..., in); weight: (out, in); bias: (out,) or None."""
+    if choice == "float32":
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def measure_wide(weight: torch.Tensor, clock: Clock = wall_clock, reps: int = 3) -> dict[str, float]:
+    """Milliseconds of one call of each of ``WIDE_CANDIDATES`` on ``weight`` (out, in) at ``WIDE_ROWS`` token rows,
+    alternating them; median of ``reps`` after one warm-up."""
+    x = torch.randn(WIDE_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    times: dict[str, list[float]] = {name: [] for name in WIDE_CANDIDATES}
+    with torch.no_grad():
+        for rep in range(reps + 1):
+            for name in WIDE_CANDIDATES:
+                t0 = clock(weight.device)
+                wide_product(x, weight, name)
+                if rep:
+                    times[name].append(clock(weight.device) - t0)
+    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
+
+
+def choose_wide_product(weight: torch.Tensor) -> str:
+    """The product dense calls on ``weight`` (out, in), a re-laid 2-byte float view on a CPU, run on this machine:
+    "torch" or "float32", measured once per machine, dtype and shape (``measure_wide``), then read from the timing
+    cache. The widened product must win by more than TOLERANCE."""
+    dtype = str(weight.dtype).removeprefix("torch.")
+    key = f"m{MEASUREMENT}|wide|{dtype}|{weight.shape[0]}x{weight.shape[1]}|{WIDE_ROWS}"
+    ms = load_cache(weight.device).get(key)
+    if ms is None:
+        ms = measure_wide(weight)
+        store_cache(weight.device, {key: ms})
+    return "float32" if ms["float32"] < ms["torch"] * (1 - TOLERANCE) else "torch"
+
+
 # --- applying the decisions to a patched model -------------------------------------------------------------------
 
 class MeasuredLayout:

@@ -21,10 +21,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from .backends import DENSE, MASKED, PATH_NAMES, BackendChooser
 from .calls import CallState
 from .rules import ATTENTION_SIDES, SIDES, SPARSITY_KEYS, SparsityRule, centred, compensated, threshold_keep
+from .selection import choose_wide_product, wide_product
 
 DENSITY_ROWS = 16  # token rows at the end of a dense call whose keep shares estimate a side's density
 # runtime.stats()["decode_steps"]: sparse decode calls, their token positions (rows x new tokens), and those of calls
@@ -327,6 +329,13 @@ class RowGroup:
         return last[1][:, a:b]
 
 
+def hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook watches any of ``modules`` (or every module): then they are called as modules, so
+    that the hooks see the calls they watch."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
 class Wrapper(nn.Module):
     """A module standing in for ``inner`` whose state dict is ``inner``'s under the wrapper's own name.
 
@@ -372,19 +381,37 @@ class GatedProjection(Wrapper):
         self.rows_of = rows_of
         self.group, self.member = group, member  # plain attributes: the group is shared, not a submodule
         self.shape = shape  # runtime.selection.Shape of the call's row buffer (the measured choice is per shape)
+        self._wide: tuple | None = None  # ((dtype, shape, threads) of the last dense call on a re-laid weight, choice)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The inner projection's dense call. A plain Linear whose 2-byte float weight is re-laid (gathering layout)
+        on a CPU runs the product measured faster there for it (``selection.choose_wide_product``): torch's
+        product on the transposed view, or the same widened to float32."""
+        inner = self.inner
+        weight = getattr(inner, "weight", None)
+        if (type(inner) is not nn.Linear or weight.device.type != "cpu" or weight.element_size() != 2
+                or not weight.is_floating_point() or weight.is_contiguous() or hooked(inner)):
+            return inner(x)
+        case = (weight.dtype, weight.shape, torch.get_num_threads())
+        known = self._wide
+        if known is None or known[0] != case:
+            known = self._wide = (case, choose_wide_product(weight))
+        if known[1] == "torch":
+            return inner(x)
+        return wide_product(x, weight, known[1], inner.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, inner = self.gate, self.inner
         st = gate.state
         if st.multiplier is None:
             gate.observe(x)
-            return inner(x)
+            return self.dense(x)
         backend = MASKED
         if self.rows_of is not None and st.rule.threshold_form:
             backend = st.chooser.choose(x.device, x.dtype, x.numel() // x.shape[-1], self.shape)
         if backend is DENSE:
             gate.record_dense(x)
-            return inner(x)
+            return self.dense(x)
         if not backend.gathers:
             return inner(gate(x))
         out = self.group.output(backend, x, gate, self.member) if self.group is not None else None

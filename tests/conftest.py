@@ -60,14 +60,21 @@ def fixed_product_timing(native_ms: float, torch_ms: float = 1.0):
     return measure
 
 
+def fixed_wide_timing(float32_ms: float, torch_ms: float = 1.0):
+    """A stand-in for ``selection.measure_wide`` reporting the same milliseconds per call for every case."""
+    return lambda weight, clock=None, reps=None: {"torch": torch_ms, "float32": float32_ms}
+
+
 @pytest.fixture(autouse=True)
 def gathering_pays(monkeypatch, tmp_path):
     """``backend="auto"`` times dense against gathering per machine (runtime.selection), and a tiny random
     model's timings are noise: every test runs as on a machine where gathering pays, and where the compiled dense
-    product beats torch's (runtime.dense_products), with its own timing cache. tests/test_selection.py and
+    product beats torch's (runtime.dense_products), and where the dense calls of a re-laid weight run torch's product
+    (runtime.selection.choose_wide_product), with its own timing cache. tests/test_selection.py and
     tests/test_dense_products.py test the measurements and the decisions themselves."""
     monkeypatch.setattr(selection, "measure", fixed_timing(0.5))
     monkeypatch.setattr(selection, "measure_products", fixed_product_timing(native_ms=0.5))
+    monkeypatch.setattr(selection, "measure_wide", fixed_wide_timing(float32_ms=1.0))  # torch's product on re-laid weights
     monkeypatch.setattr(selection, "_cache_file", lambda device: tmp_path / "selection-cache.json")
 
 
