@@ -32,6 +32,7 @@ from clada.runtime.machine import cpu_info
 
 COLUMNS = ("dtype", "batch", "threads", "dense tok/s", "CLADA tok/s", "ratio", "paired ratio (CLADA faster)",
            "layout / dense", "CLADA / layout (paired)", "skip bound", "mlp_reads_saved", "reads_saved", "spread",
+           "prefill overhead",
            "backend per shape (1 row; the products left dense at the batch's rows)")
 
 
@@ -56,7 +57,7 @@ def table(cpu: dict, rows: list[dict], llama: dict | None) -> str:
             f"**{r['ratio']:.3f}**", f"{r['paired_ratio']:.3f} ({r['clada_faster']}/{r['reps']})",
             f"{r['layout_ratio']:.3f}", f"{r['sparsity_ratio']:.3f} ({r['paired_sparsity_ratio']:.3f})",
             f"{r['skip_bound']:.3f}", f"{r['mlp_reads_saved']:.3f}", f"{r['reads_saved']:.3f}",
-            f"{worst:.0%}" + (" (noisy)" if worst > NOISY else ""),
+            f"{worst:.0%}" + (" (noisy)" if worst > NOISY else ""), f"{r['prefill_overhead']:+.3f}",
             ", ".join(f"{s}: {b}" for s, b in shapes.items())]) + " |")
     if llama:
         out += ["", "llama.cpp on the same prompt (batch 1), decode tok/s (median; spread):", ""]
