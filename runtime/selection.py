@@ -350,17 +350,25 @@ def measure_products(weights: Sequence[torch.Tensor], rows: int, clock: Clock = 
     stream = _streaming(list(weights), device)
     x = torch.randn(rows, weights[0].shape[1], generator=torch.Generator().manual_seed(rows)).to(weights[0].dtype)
     calls = {"torch": lambda w: F.linear(x, w), "native": lambda w: kernel.gemv(x, w)}
-    times: dict[str, list[float]] = {name: [] for name in PRODUCT_CANDIDATES}
+    seconds = alternating_medians({name: (lambda call=calls[name]: [call(w) for w in stream])
+                                   for name in PRODUCT_CANDIDATES}, device, clock, reps)
+    ms = {name: t / len(stream) * 1e3 for name, t in seconds.items()}
+    return ProductTiming(rows, torch=ms["torch"], native=ms["native"])
+
+
+def alternating_medians(passes: dict[str, Callable[[], object]], device: torch.device, clock: Clock,
+                        reps: int) -> dict[str, float]:
+    """Median seconds of each named pass, the passes run in turn ``reps`` times after one untimed round (so that a
+    disturbance hits every candidate alike)."""
+    times: dict[str, list[float]] = {name: [] for name in passes}
     with torch.no_grad():
         for rep in range(reps + 1):
-            for name in PRODUCT_CANDIDATES:
+            for name, run in passes.items():
                 t0 = clock(device)
-                for w in stream:
-                    calls[name](w)
+                run()
                 if rep:
                     times[name].append(clock(device) - t0)
-    ms = {name: statistics.median(v) / len(stream) * 1e3 for name, v in times.items()}
-    return ProductTiming(rows, ms["torch"], ms["native"])
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def choose_product(weights: Sequence[torch.Tensor], rows: int) -> ProductDecision:
@@ -405,15 +413,9 @@ def measure_wide(weight: torch.Tensor, clock: Clock = wall_clock, reps: int = 3)
     """Milliseconds of one call of each of ``WIDE_CANDIDATES`` on ``weight`` (out, in) at ``WIDE_ROWS`` token rows,
     alternating them; median of ``reps`` after one warm-up."""
     x = torch.randn(WIDE_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    times: dict[str, list[float]] = {name: [] for name in WIDE_CANDIDATES}
-    with torch.no_grad():
-        for rep in range(reps + 1):
-            for name in WIDE_CANDIDATES:
-                t0 = clock(weight.device)
-                wide_product(x, weight, name)
-                if rep:
-                    times[name].append(clock(weight.device) - t0)
-    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    seconds = alternating_medians({name: (lambda name=name: wide_product(x, weight, name)) for name in WIDE_CANDIDATES},
+                                  weight.device, clock, reps)
+    return {name: t * 1e3 for name, t in seconds.items()}
 
 
 def choose_wide_product(weight: torch.Tensor) -> str:
