@@ -46,6 +46,9 @@ class KernelBackend:
 
     name: ClassVar[str] = ""
     gathers: ClassVar[bool] = True  # False: the masked reference (the projection's own product)
+    # True: ``gather(x, weight, tau, rows, counter)`` adds the kept count to ``counter`` (() int64 on x's device, or
+    # a new one where None) and returns it, costing no operation of its own (the Triton kernel)
+    counts_into: ClassVar[bool] = False
 
     def accepts(self, device: torch.device, dtype: torch.dtype, rows: int) -> bool:
         raise NotImplementedError

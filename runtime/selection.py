@@ -14,6 +14,8 @@ the model's own weights of that shape (enough layers that they stream from memor
 
 On a CPU each layer's timed calls follow an attention-shaped product (channels x channels, untimed), as an MLP
 product follows torch's own work in a model, whose worker threads may still be spinning when the kernel starts.
+On a GPU each candidate's pass is captured in a CUDA graph and its replays are timed: the device's work, as a
+served model replaying a graph per decode step spends it, without Python's launches.
 
 Per shape, the layout is decided at the row count of the call that triggered the measurement (the batch the user
 decodes; the next timed count up): the gathering layout if there the faster of ``sparse`` and ``dense_rows`` beats
@@ -210,6 +212,8 @@ def measure(workload: Workload, gather: Callable, rows: int, density: float, dty
         return total
 
     passes = {"dense": dense_calls, "dense_rows": dense_rows_calls, "sparse": sparse_calls}
+    if device.type == "cuda":  # the device's time, as a decode step replayed from a CUDA graph spends it
+        passes = {name: graphed(calls, device) for name, calls in passes.items()}
     times: dict[str, list[float]] = {name: [] for name in CANDIDATES}
     with torch.no_grad():
         for rep in range(reps + 1):
@@ -219,6 +223,26 @@ def measure(workload: Workload, gather: Callable, rows: int, density: float, dty
                     times[name].append(elapsed)
     ms = {name: statistics.median(v) / len(layers) * 1e3 for name, v in times.items()}
     return Timing(rows, density, ms["dense"], ms["dense_rows"], ms["sparse"])
+
+
+def graphed(calls: list[list[Callable]], device: torch.device) -> list[list[Callable]]:
+    """``calls`` (per layer, its calls) as one replay of a CUDA graph of a pass over them, so that timing a pass
+    measures the device's work and not Python's launches (which a served model replaying graphs does not pay);
+    the calls themselves where capture fails. Runs the pass once first (Triton's autotuning, cuBLAS's setup)."""
+    with torch.no_grad():
+        for layer in calls:
+            for call in layer:
+                call()
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for layer in calls:
+                    for call in layer:
+                        call()
+        except RuntimeError:
+            return calls
+    return [[graph.replay]]
 
 
 def _bounds(members: list[torch.Tensor]) -> list[tuple[int, int]]:

@@ -105,6 +105,11 @@ class SparsityState:
         device = device or self.rule.tau["in"].device
         self.skipped = {side: torch.zeros(self.num_layers, 2, dtype=torch.float64, device=device) for side in SIDES}
         self.skipped_host = {side: [[0, 0.0] for _ in range(self.num_layers)] for side in SIDES}
+        # backends that count into a device counter (``counts_into``): kept pairs per layer on the device, the
+        # token rows and channels of those calls on the host; one 0-dim view per layer, made once
+        self.kept_counts = {side: torch.zeros(self.num_layers, dtype=torch.int64, device=device) for side in SIDES}
+        self.kept_counters = {side: list(self.kept_counts[side].unbind(0)) for side in SIDES}
+        self.counted = {side: [[0, 1] for _ in range(self.num_layers)] for side in SIDES}  # [rows, channels]
         self.dense_rows = dict.fromkeys(SIDES, 0)  # token rows every layer of a side ran in pass-through
         self.relaxed = torch.zeros(2, dtype=torch.float64, device=device)  # [decode tokens, relaxed tokens]
         self.path_calls = dict.fromkeys(PATH_NAMES, 0)
@@ -136,6 +141,12 @@ class SparsityState:
         acc = self.skipped[side][layer]
         acc[0] += frac.numel()
         acc[1] += frac.sum()
+
+    def record_counted(self, side: str, layer: int, rows: int, channels: int) -> None:
+        """Accumulate a gathering call whose backend added its kept pairs to ``kept_counters[side][layer]``."""
+        acc = self.counted[side][layer]
+        acc[0] += rows
+        acc[1] = channels
 
     def record_kept(self, side: str, layer: int, rows: int, kept: int | torch.Tensor, channels: int) -> None:
         """Accumulate a gathering call: ``kept`` (row, channel) pairs kept over ``rows`` rows of ``channels``."""
@@ -174,6 +185,9 @@ class SparsityState:
         share, tokens = {}, 0.0
         for side in SIDES:
             acc = self.skipped[side].cpu() + torch.tensor(self.skipped_host[side], dtype=torch.float64).view(-1, 2)
+            counted = torch.tensor(self.counted[side], dtype=torch.float64).view(-1, 2)
+            acc[:, 0] += counted[:, 0]
+            acc[:, 1] += counted[:, 0] - self.kept_counts[side].cpu().double() / counted[:, 1]
             acc[:, 0] += self.dense_rows[side]
             share[side] = torch.where(acc[:, 0] > 0, acc[:, 1] / acc[:, 0].clamp_min(1), torch.zeros(()))
             tokens = max(tokens, float(acc[:, 0].max())) if self.num_layers else 0.0
@@ -263,11 +277,20 @@ class ChannelGate(nn.Module):
         center = rule.center(self.layer, self.side)
         flat = centred(x.reshape(-1, x.shape[-1]), center).contiguous()
         tau = st.step_thresholds(self.layer, self.side, flat)
-        out, kept = backend.gather(flat, rule.keep_weight(self.layer, self.side, flat), tau, rows)
+        weight = rule.keep_weight(self.layer, self.side, flat)
+        first = x is not self._last_counted  # gate and up gathering their own rows: count the input once
+        if backend.counts_into:
+            out, _ = backend.gather(flat, weight, tau, rows, st.kept_counters[self.side][self.layer] if first
+                                    else None)
+        else:
+            out, kept = backend.gather(flat, weight, tau, rows)
         if center is not None:
             out = out + self.center_term(center, rows)
-        if x is not self._last_counted:  # gate and up gathering their own rows: count the input once
-            st.record_kept(self.side, self.layer, flat.shape[0], kept, flat.shape[1])
+        if first:
+            if backend.counts_into:
+                st.record_counted(self.side, self.layer, flat.shape[0], flat.shape[1])
+            else:
+                st.record_kept(self.side, self.layer, flat.shape[0], kept, flat.shape[1])
             st.path_calls[backend.name] += 1
             self.__dict__["_last_counted"] = x
         return out

@@ -8,17 +8,21 @@ Shapes and units of one call (``TritonBackend.gather``)::
     rows        (C, OUT)  weight rows in x's dtype, unit column stride, row stride >= OUT
     row r keeps channel c  iff  float32(|x[r, c]|) * weight[r, c] > thresholds[r]     (strict)
     out         (N, OUT)  sum over row r's kept channels c of x[r, c] * rows[c, :]; float32 sums, x's dtype
-    kept        ()        int32 on x's device: kept (row, channel) pairs over all rows
+    counter     ()        int64 on x's device: the call adds its kept (row, channel) pairs over all rows to it
 
-Split-K design (after TEAL's sparse GEMV): the grid is (OUT / BLOCK_N, C / BLOCK_K). A program computes the keep
-masks of its BLOCK_K channels for every token row, loads the weight block ``rows[k0:k0+BLOCK_K, n0:n0+BLOCK_N]``
-once with a mask that is true only where some row keeps the channel (masked loads, static shapes, no compaction),
-and stores each row's float32 partial sum in its own slot of a float32 (C / MIN_BLOCK_K, N, OUT) buffer (a block
-of BLOCK_K > MIN_BLOCK_K channels zeroes its other slots), which a torch sum over the first dimension reduces and casts to x's dtype. No float atomics: a row's result is summed in
-one fixed order that does not depend on the other rows of the call (a channel another row needs is read, but
-contributes an exact zero to this row) nor on the scheduling of programs, so batches of one size give each row
-the same bits whatever its companions (batch invariance; TEAL's kernel adds partials atomically). Programs with
-pid_n == 0 add their slice's kept count (an integer atomic). Nothing on the call path synchronises with the host.
+Split-K design: the grid is (OUT / BLOCK_N, SPLIT). A program owns BLOCK_N outputs of every row and one slice of
+``K_SPLIT`` channels (``channels_per_program``: a function of (C, OUT) and the device, never of the data or N).
+It walks its slice BLOCK_K channels at a time: the keep masks of every token row, their union, one masked load
+of the weight block ``rows[k:k+BLOCK_K, n0:n0+BLOCK_N]`` (only rows some token row keeps are read: masked
+loads, static shapes, no compaction) and each row's float32 products, accumulated in registers (multiply-adds,
+or the tensor cores with rows padded to 16: ``USE_DOT``, autotuned). With one slice (SPLIT = 1) the program
+writes its outputs in x's dtype; else each slice's float32 sums go to their own slot of a (SPLIT, N, OUT)
+buffer that a second kernel adds in slot order and casts. No float atomics: a row's result is summed in one
+fixed order that depends on neither the other rows of the call (a channel only another row keeps contributes an
+exact zero) nor the scheduling of programs, so batches of one size give each row the same bits whatever its
+companions (batch invariance; TEAL's kernel adds partials atomically). Programs with pid_n == 0 add their
+slice's kept count to ``counter`` (one integer atomic), so statistics cost no kernel of their own. Nothing on
+the call path synchronises with the host; a decode step through it can be captured in a CUDA graph.
 
 Triton is imported on first use, not with this module: Triton decorates its own library (``tl.sum``, ...) for
 the interpreter or for the GPU when it is imported, so TRITON_INTERPRET must be set before that import.
@@ -26,20 +30,25 @@ the interpreter or for the GPU when it is imported, so TRITON_INTERPRET must be 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import inspect
 import os
 
 import torch
 
-MAX_ROWS = 8  # token rows per call (one unrolled loop iteration each)
+MAX_ROWS = 8  # token rows per call
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Block sizes under TRITON_INTERPRET=1, read at each call (tests change it); autotuning would run every config.
+# Block sizes (and USE_DOT, default False) under TRITON_INTERPRET=1, read at each call (tests change it);
+# autotuning would run every config.
 INTERPRETER_CONFIG = {"BLOCK_K": 16, "BLOCK_N": 32}
-# (BLOCK_K, BLOCK_N, num_warps) autotuned on CUDA per (C, OUT, N). At N = 8 on sm_90 (ptxas -v) none spills more
-# than 32 bytes; 64 x 128 blocks on 4 warps or 128 x 256 on 8 spill kilobytes.
-CUDA_CONFIGS = ((16, 64, 2), (32, 128, 4), (16, 256, 4), (64, 128, 8), (128, 64, 8), (32, 256, 8),
-                (16, 512, 8), (32, 512, 8))
-MIN_BLOCK_K = 16  # channels per slot of partial sums: every BLOCK_K above is a multiple of it
+# (BLOCK_K, BLOCK_N, num_warps, num_stages, USE_DOT) autotuned on CUDA per (C, OUT, N, channels per program).
+CUDA_CONFIGS = ((32, 128, 4, 3, False), (64, 64, 4, 4, False), (16, 256, 4, 4, False), (32, 256, 8, 3, False),
+                (64, 64, 4, 4, True), (64, 128, 4, 3, True), (128, 64, 4, 3, True), (128, 128, 8, 3, True))
+K_ALIGN = 128  # channels per program are a multiple of every BLOCK_K above
+PROGRAMS_PER_SM = 4  # split-K target: about this many programs per multiprocessor at BLOCK_N = 128
+SPLIT_OVERRIDE: dict[tuple[int, int], int] = {}  # (C, OUT) -> channels per program (benchmarks sweep it)
+REDUCE_BLOCK = 1024  # outputs per program of the slot-sum kernel
 
 triton = tl = None  # set by _import_triton()
 
@@ -53,7 +62,7 @@ def _installed() -> bool:
 
 
 _INSTALLED = _installed()
-_KERNELS: dict[bool, object] = {}  # interpreted? -> kernel
+_KERNELS: dict[bool, tuple] = {}  # interpreted? -> (gather kernel, slot-sum kernel)
 
 
 def _import_triton() -> bool:
@@ -82,59 +91,103 @@ def triton_available() -> bool:
     return _import_triton() and (torch.cuda.is_available() or _interpreting())
 
 
-def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, kept_ptr, C, OUT, row_stride, SLOTS,
-                   N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, MIN_BLOCK_K: tl.constexpr,
-                   ROW_WEIGHTS: tl.constexpr):
-    """One (BLOCK_K channels) x (BLOCK_N outputs) block for all N rows; decorated by ``_kernel()``. ``out_ptr``:
-    float32 (SLOTS, N, OUT) partial sums, one slot per MIN_BLOCK_K channels (a larger block fills its first slot
-    and zeroes the others). ``ROW_WEIGHTS``: ``weight_ptr`` holds one row of C weights per token row (a prompt
-    prior), loaded per row; else one row shared by all, loaded once."""
-    SLOTS_PER_BLOCK: tl.constexpr = BLOCK_K // MIN_BLOCK_K
+def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, counter_ptr, C, OUT, row_stride, K_SPLIT,
+                   N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ROW_WEIGHTS: tl.constexpr, USE_DOT: tl.constexpr, DIRECT: tl.constexpr,
+                   DOT_FLOAT32: tl.constexpr):
+    """BLOCK_N outputs of all N rows over one slice of K_SPLIT channels; decorated by ``_kernels()``.
+    ``out_ptr``: (N, OUT) in x's dtype where DIRECT (one slice), else float32 (SPLIT, N, OUT) slots.
+    ``ROW_WEIGHTS``: ``weight_ptr`` holds one row of C weights per token row (a prompt prior), else one row.
+    ``DOT_FLOAT32``: tl.dot on float32 copies of the operands (the interpreter: its bfloat16 dot is wrong)."""
+    ROWS: tl.constexpr = 16 if USE_DOT else N_POW2  # tl.dot needs 16 rows; padding rows keep nothing
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_k = offs_k < C
     in_n = offs_n < OUT
-    if not ROW_WEIGHTS:
-        weight = tl.load(weight_ptr + offs_k, mask=in_k, other=0.0)
-    # Pass 1: the union of the rows' keep masks decides which weight rows are read (once, for all rows).
-    needed = tl.zeros([BLOCK_K], dtype=tl.int1)
-    for r in tl.static_range(N):
-        xr = tl.load(x_ptr + r * C + offs_k, mask=in_k, other=0.0).to(tl.float32)
+    offs_r = tl.arange(0, ROWS)
+    in_r = offs_r < N
+    tau = tl.load(thresholds_ptr + offs_r, mask=in_r, other=0.0)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    kept = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
+    k_begin = pid_s * K_SPLIT
+    k_end = tl.minimum(k_begin + K_SPLIT, C)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < k_end
+        valid = in_r[:, None] & in_k[None, :]
+        x = tl.load(x_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
         if ROW_WEIGHTS:
-            weight = tl.load(weight_ptr + r * C + offs_k, mask=in_k, other=0.0)
-        needed = needed | ((tl.abs(xr) * weight > tl.load(thresholds_ptr + r)) & in_k)
-    w_ptrs = rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :]
-    w = tl.load(w_ptrs, mask=needed[:, None] & in_n[None, :], other=0.0).to(tl.float32)
-    # Pass 2: each row's float32 partial sum over its own kept channels, added into the float32 output.
-    kept = tl.zeros([BLOCK_K], dtype=tl.int32)  # per channel: rows keeping it
-    for r in tl.static_range(N):
-        xr = tl.load(x_ptr + r * C + offs_k, mask=in_k, other=0.0).to(tl.float32)
-        if ROW_WEIGHTS:
-            weight = tl.load(weight_ptr + r * C + offs_k, mask=in_k, other=0.0)
-        keep = (tl.abs(xr) * weight > tl.load(thresholds_ptr + r)) & in_k
-        partial = tl.sum(tl.where(keep, xr, 0.0)[:, None] * w, axis=0)
-        tl.store(out_ptr + ((pid_k * SLOTS_PER_BLOCK) * N + r).to(tl.int64) * OUT + offs_n, partial, mask=in_n)
-        for extra in tl.static_range(1, SLOTS_PER_BLOCK):  # this block's other MIN_BLOCK_K slots: zeros
-            slot = pid_k * SLOTS_PER_BLOCK + extra
-            tl.store(out_ptr + (slot * N + r).to(tl.int64) * OUT + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32),
-                     mask=in_n & (tl.broadcast_to(slot, [BLOCK_N]) < SLOTS))  # vector compare for the interpreter
+            weight = tl.load(weight_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
+        else:
+            weight = tl.load(weight_ptr + offs_k, mask=in_k, other=0.0)[None, :]
+        keep = (tl.abs(x.to(tl.float32)) * weight > tau[:, None]) & valid
+        needed = tl.max(keep.to(tl.int32), axis=0) > 0  # the union of the rows' keep masks: rows read once
+        w = tl.load(rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :],
+                    mask=needed[:, None] & in_n[None, :], other=0.0)
+        xk = tl.where(keep, x, tl.zeros_like(x))
+        if USE_DOT and DOT_FLOAT32:
+            acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        elif USE_DOT:
+            acc = tl.dot(xk, w, acc, input_precision="ieee")
+        else:
+            acc += tl.sum(xk.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
         kept += keep.to(tl.int32)
-    tl.atomic_add(kept_ptr, tl.sum(kept, axis=0), mask=pid_n == 0)  # one program per channel slice counts it
+    store = in_r[:, None] & in_n[None, :]
+    if DIRECT:
+        tl.store(out_ptr + offs_r[:, None] * OUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=store)
+    else:
+        tl.store(out_ptr + (pid_s * N + offs_r[:, None]).to(tl.int64) * OUT + offs_n[None, :], acc, mask=store)
+    tl.atomic_add(counter_ptr, tl.sum(tl.sum(kept, axis=1), axis=0).to(tl.int64), mask=pid_n == 0)
 
 
-def _kernel() -> tuple[object, bool]:
-    """(kernel, interpreted?) for the current mode, decorated once per mode: the interpreter when
-    TRITON_INTERPRET=1 (one fixed config), else the GPU kernel autotuned over CUDA_CONFIGS."""
+def _slot_sum_kernel(slots_ptr, out_ptr, SPLIT, SIZE, BLOCK: tl.constexpr):
+    """out[i] = sum over s = 0, 1, .. SPLIT-1 of slots[s, i] (float32, in slot order), cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < SIZE
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(slots_ptr + s * SIZE + offs, mask=inside, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _kernels() -> tuple[object, object, bool]:
+    """(gather kernel, slot-sum kernel, interpreted?) for the current mode, decorated once per mode: the
+    interpreter when TRITON_INTERPRET=1 (one fixed config), else the GPU kernel autotuned over CUDA_CONFIGS."""
     interpreted = _interpreting()
     if interpreted not in _KERNELS:
-        jitted = triton.jit(_gather_kernel)
-        if not interpreted:  # reset_to_zero: each trial run adds into the kept count
-            configs = [triton.Config({"BLOCK_K": k, "BLOCK_N": n}, num_warps=w) for k, n, w in CUDA_CONFIGS]
-            jitted = triton.autotune(configs=configs, key=["C", "OUT", "N"], reset_to_zero=["kept_ptr"])(jitted)
-        _KERNELS[interpreted] = jitted
-    return _KERNELS[interpreted], interpreted
+        gather = triton.jit(_gather_kernel)
+        if not interpreted:  # restore_value: each trial run adds into the caller's counter
+            configs = [triton.Config({"BLOCK_K": k, "BLOCK_N": n, "USE_DOT": dot}, num_warps=w, num_stages=s)
+                       for k, n, w, s, dot in CUDA_CONFIGS]
+            gather = triton.autotune(configs=configs, key=["C", "OUT", "K_SPLIT", "N"],
+                                     restore_value=["counter_ptr"])(gather)
+        _KERNELS[interpreted] = (gather, triton.jit(_slot_sum_kernel))
+    return (*_KERNELS[interpreted], interpreted)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    count = _SMS.get(device.index)
+    if count is None:
+        count = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return count
+
+
+_SMS: dict[int | None, int] = {}
+
+
+def channels_per_program(channels: int, width: int, device: torch.device, block_k: int | None = None) -> int:
+    """K_SPLIT: the channels one program sums for a (C = ``channels``, OUT = ``width``) call on ``device``:
+    enough slices for about PROGRAMS_PER_SM programs per multiprocessor at BLOCK_N = 128, a multiple of K_ALIGN
+    (of ``block_k`` under the interpreter: one slice). Depends on the shape and device only, so a row's sums
+    have one order whatever the data and the other rows."""
+    if block_k is not None:
+        return -(-channels // block_k) * block_k
+    override = SPLIT_OVERRIDE.get((channels, width))
+    if override is not None:
+        return override
+    columns = -(-width // 128)
+    split = max(1, min(-(-channels // K_ALIGN), round(PROGRAMS_PER_SM * _multiprocessors(device) / columns)))
+    return -(-(-(-channels // split)) // K_ALIGN) * K_ALIGN
 
 
 def _register_op() -> None:
@@ -143,37 +196,47 @@ def _register_op() -> None:
     define = getattr(torch.library, "triton_op", None) or torch.library.custom_op
     wrap = getattr(torch.library, "wrap_triton", None) or (lambda kernel: kernel)
 
-    @define("clada::triton_gather", mutates_args=())
-    def triton_gather(x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tensor,
-                      rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out (N, OUT) in x's dtype, kept () int32): see the module docstring; inputs as checked by gather."""
+    @define("clada::triton_gather", mutates_args=("counter",))
+    def triton_gather(x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tensor, rows: torch.Tensor,
+                      counter: torch.Tensor) -> torch.Tensor:
+        """out (N, OUT) in x's dtype, adding the kept count to ``counter``: see the module docstring; inputs as
+        checked by gather."""
         n, channels = x.shape
         width = rows.shape[1]
-        kept = torch.zeros((), dtype=torch.int32, device=x.device)
-        kernel, interpreted = _kernel()
-        # one float32 slot of partial sums per MIN_BLOCK_K channels, whichever block size the autotuner picks
-        slots = -(-channels // MIN_BLOCK_K)
-        partials = torch.empty(slots, n, width, dtype=torch.float32, device=x.device)
-        grid = lambda meta: (-(-width // meta["BLOCK_N"]), -(-channels // meta["BLOCK_K"]))
-        wrap(kernel)[grid](x, weight, thresholds, rows, partials, kept, channels, width, rows.stride(0), slots, N=n,
-                           MIN_BLOCK_K=MIN_BLOCK_K, ROW_WEIGHTS=weight.dim() == 2,
-                           **(INTERPRETER_CONFIG if interpreted else {}))
-        return partials.sum(0).to(x.dtype), kept
+        gather, slot_sum, interpreted = _kernels()
+        blocks = INTERPRETER_CONFIG if interpreted else {}
+        k_split = channels_per_program(channels, width, x.device, blocks.get("BLOCK_K"))
+        split = -(-channels // k_split)
+        out = torch.empty(n, width, dtype=x.dtype, device=x.device)
+        slots = out if split == 1 else torch.empty(split, n, width, dtype=torch.float32, device=x.device)
+        grid = lambda meta: (-(-width // meta["BLOCK_N"]), split)
+        wrap(gather)[grid](x, weight, thresholds, rows, slots, counter, channels, width, rows.stride(0), k_split,
+                           N=n, N_POW2=triton.next_power_of_2(n), ROW_WEIGHTS=weight.dim() == 2, DIRECT=split == 1,
+                           DOT_FLOAT32=interpreted,
+                           **({"USE_DOT": False, **blocks} if interpreted else {}))
+        if split > 1:
+            size = n * width
+            wrap(slot_sum)[(-(-size // REDUCE_BLOCK),)](slots, out, split, size, BLOCK=REDUCE_BLOCK)
+        return out
 
     @triton_gather.register_fake
-    def _(x, weight, thresholds, rows):
-        return x.new_empty(x.shape[0], rows.shape[1]), x.new_empty((), dtype=torch.int32)
+    def _(x, weight, thresholds, rows, counter):
+        return x.new_empty(x.shape[0], rows.shape[1])
 
 
 class TritonBackend:
-    """The decode-step gather on Triton: ``gather(x, weight, thresholds, rows) -> (out, kept)``."""
+    """The decode-step gather on Triton: ``gather(x, weight, thresholds, rows, counter) -> (out, counter)``."""
 
     name = "triton"
     gathers = True  # as runtime.backends.KernelBackend: reads only the kept channels' rows
+    counts_into = True  # adds its kept count to a caller's device counter (no kernel of its own)
 
     def identity(self) -> str:
-        """The backend with Triton's version (keys measured timings)."""
-        return f"{self.name}:{triton.__version__ if _import_triton() else 'absent'}"
+        """The backend with Triton's version and a hash of the kernels' source (keys measured timings)."""
+        if not _import_triton():
+            return f"{self.name}:absent"
+        source = inspect.getsource(_gather_kernel) + inspect.getsource(_slot_sum_kernel) + repr(CUDA_CONFIGS)
+        return f"{self.name}:{triton.__version__}:{hashlib.sha256(source.encode()).hexdigest()[:8]}"
 
     def accepts(self, device: torch.device, dtype: torch.dtype, rows: int) -> bool:
         """Whether a call with ``rows`` token rows of ``dtype`` on ``device`` can run here."""
@@ -182,9 +245,10 @@ class TritonBackend:
         device = torch.device(device)  # CPU: Triton is not even imported unless TRITON_INTERPRET=1
         return _import_triton() if device.type == "cuda" else device.type == "cpu" and _interpreting()
 
-    def gather(self, x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tensor,
-               rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out (N, OUT) in x's dtype, kept () int32 on x's device); checks metadata only (no host sync)."""
+    def gather(self, x: torch.Tensor, weight: torch.Tensor, thresholds: torch.Tensor, rows: torch.Tensor,
+               counter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out (N, OUT) in x's dtype, counter) where ``counter`` (() int64 on x's device; a new zero one if None)
+        has had the call's kept (row, channel) pairs added; checks metadata only (no host sync)."""
         if not _import_triton():
             raise RuntimeError("clada triton gather: triton is not installed")
         if thresholds.numel() in (1, x.shape[0]):  # (N,), (N, 1) or one for all rows, possibly broadcast
@@ -203,6 +267,10 @@ class TritonBackend:
                 or rows.stride(0) < rows.shape[1]):
             raise ValueError(f"rows must be ({channels}, OUT) of {x.dtype} with unit column stride: "
                              f"{tuple(rows.shape)} {rows.dtype} strides {rows.stride()}")
-        if len({x.device, weight.device, thresholds.device, rows.device}) != 1:
-            raise ValueError("x, weight, thresholds and rows must be on one device")
-        return torch.ops.clada.triton_gather(x, weight, thresholds, rows)
+        if counter is None:
+            counter = torch.zeros((), dtype=torch.int64, device=x.device)
+        elif counter.shape != () or counter.dtype != torch.int64:
+            raise ValueError(f"counter must be a 0-dim int64 tensor: {tuple(counter.shape)} {counter.dtype}")
+        if len({x.device, weight.device, thresholds.device, rows.device, counter.device}) != 1:
+            raise ValueError("x, weight, thresholds, rows and counter must be on one device")
+        return torch.ops.clada.triton_gather(x, weight, thresholds, rows, counter), counter

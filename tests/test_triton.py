@@ -45,6 +45,7 @@ DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in TOLERANCE]
 SMALL_BLOCKS = {"BLOCK_K": 16, "BLOCK_N": 32}  # interpreter blocks: several per dimension, the last ones partial
 MID_BLOCKS = {"BLOCK_K": 64, "BLOCK_N": 64}
 BIG_BLOCKS = {"BLOCK_K": 128, "BLOCK_N": 512}  # interpreter blocks for SmolLM2's shapes (fewer programs)
+DOT_BLOCKS = {"BLOCK_K": 16, "BLOCK_N": 32, "USE_DOT": True}  # the tensor-core variant (rows padded to 16)
 # (channels C, width OUT, row stride, interpreter blocks); stride > OUT: rows is a view of a wider buffer
 SHAPES = [
     pytest.param(37, 50, 70, SMALL_BLOCKS, id="C37-OUT50-stride70"),
@@ -116,7 +117,7 @@ def reference(x, weight, thresholds, rows):
 
 def check(got, kept, x, weight, thresholds, rows):
     want, want_kept = reference(x, weight, thresholds, rows)
-    assert kept.dim() == 0 and kept.device == x.device and kept.dtype in (torch.int32, torch.int64)
+    assert kept.dim() == 0 and kept.device == x.device and kept.dtype == torch.int64
     assert int(kept) == int(want_kept)
     assert got.dtype == x.dtype and got.shape == want.shape and got.device == x.device
     tol = TOLERANCE[x.dtype]
@@ -135,7 +136,44 @@ def test_triton_gather_equals_masked_product(blocks, dtype, channels, width, str
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [SMALL_BLOCKS, MID_BLOCKS])
+@pytest.mark.parametrize("variant", ["fma", "dot"])
+@pytest.mark.parametrize("split", [None, 48, 100])
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_triton_split_and_dot_variants_equal_masked_product(blocks, monkeypatch, dtype, variant, split, n):
+    """Slices of ``split`` channels per program (float32 slots summed by the second kernel; 100: slices that are
+    no multiple of BLOCK_K) and the tensor-core variant compute the same selection and sums, with per-row
+    weights (a prompt prior) too."""
+    blocks(DOT_BLOCKS if variant == "dot" else SMALL_BLOCKS)
+    if split is not None:
+        monkeypatch.setitem(tk.SPLIT_OVERRIDE, (300, 129), split)
+    x, weight, thresholds, rows = inputs(n, 300, 129, 140, dtype)
+    got, kept = tk.TritonBackend().gather(x, weight, thresholds, rows)
+    check(got, kept, x, weight, thresholds, rows)
+    per_row = torch.rand(n, 300, generator=torch.Generator().manual_seed(n)).to(DEVICE) + 0.5
+    got, kept = tk.TritonBackend().gather(x, per_row, thresholds, rows)
+    keep = x.float().abs() * per_row > thresholds.view(-1, 1)
+    assert int(kept) == int(keep.sum())
+    want = (x.float() * keep) @ rows.float()
+    tol = TOLERANCE[x.dtype]
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * max(want.abs().max().item(), 1.0))
+
+
+def test_triton_counter_accumulates(blocks):
+    """A given counter has each call's kept pairs added to what it holds (statistics without a kernel of their
+    own); a counter of the wrong kind is refused."""
+    blocks(SMALL_BLOCKS)
+    x, weight, thresholds, rows = inputs(4, 37, 50, 70, torch.float32)
+    counter = torch.full((), 5, dtype=torch.int64, device=DEVICE)
+    _, same = tk.TritonBackend().gather(x, weight, thresholds, rows, counter)
+    tk.TritonBackend().gather(x, weight, thresholds, rows, counter)
+    want = int((x.abs() * weight > thresholds.view(-1, 1)).sum())
+    assert same is counter and int(counter) == 5 + 2 * want
+    with pytest.raises(ValueError, match="counter"):
+        tk.TritonBackend().gather(x, weight, thresholds, rows, torch.zeros((), dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [SMALL_BLOCKS, MID_BLOCKS, DOT_BLOCKS])
 def test_triton_row_does_not_depend_on_its_companions(blocks, dtype, config):
     """Batch invariance: a row's output has the same bits whatever the other rows of the call keep (partial sums in
     fixed slots, no float atomics, so also on a GPU whatever the order programs run in)."""
@@ -258,20 +296,20 @@ def test_triton_op_registered_with_fake_implementation(blocks):
 
     op = torch.ops.clada.triton_gather.default
     assert op.name() == "clada::triton_gather"
-    assert len(op._schema.returns) == 2
+    assert len(op._schema.returns) == 1 and op._schema.arguments[-1].alias_info.is_write  # mutates the counter
     blocks(SMALL_BLOCKS)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     if ON_CUDA:  # the interpreted kernel cannot be traced (wrap_triton passes it through): CUDA only
         checks += ("test_aot_dispatch_dynamic",)
-    torch.library.opcheck(op, inputs(3, 37, 50, 70, torch.bfloat16), test_utils=checks)
+    counter = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    torch.library.opcheck(op, (*inputs(3, 37, 50, 70, torch.bfloat16), counter), test_utils=checks)
     with FakeTensorMode():
         x = torch.empty(3, 40, dtype=torch.bfloat16, device=DEVICE)
         rows = torch.empty(40, 96, dtype=torch.bfloat16, device=DEVICE)[:, :50]
-        out, kept = torch.ops.clada.triton_gather(x, torch.empty(40, device=DEVICE),
-                                                  torch.empty(3, device=DEVICE), rows)
-    assert isinstance(out, FakeTensor) and isinstance(kept, FakeTensor)
+        out = torch.ops.clada.triton_gather(x, torch.empty(40, device=DEVICE), torch.empty(3, device=DEVICE), rows,
+                                            torch.zeros((), dtype=torch.int64, device=DEVICE))
+    assert isinstance(out, FakeTensor)
     assert out.shape == (3, 50) and out.dtype == torch.bfloat16 and out.device == DEVICE
-    assert kept.shape == () and kept.dtype == torch.int32 and kept.device == DEVICE
 
 
 def _left_padded_batch():
