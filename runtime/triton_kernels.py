@@ -43,12 +43,21 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # autotuning would run every config.
 INTERPRETER_CONFIG = {"BLOCK_K": 16, "BLOCK_N": 32}
 # (BLOCK_K, BLOCK_N, num_warps, num_stages, USE_DOT) autotuned on CUDA per (C, OUT, N, channels per program).
+# Triton pipelines none of the multiply-add loops (their weight loads wait on a comparison chain): configs with
+# one stage suit slices of one block (many short programs hide the memory latency instead).
 CUDA_CONFIGS = ((32, 128, 4, 3, False), (64, 64, 4, 4, False), (16, 256, 4, 4, False), (32, 256, 8, 3, False),
-                (64, 64, 4, 4, True), (64, 128, 4, 3, True), (128, 64, 4, 3, True), (128, 128, 8, 3, True))
+                (64, 64, 4, 4, True), (64, 128, 4, 3, True), (128, 64, 4, 3, True), (128, 128, 8, 3, True),
+                (64, 64, 2, 1, False), (64, 128, 4, 1, False), (128, 64, 4, 1, False), (32, 128, 2, 1, False))
 K_ALIGN = 128  # channels per program are a multiple of every BLOCK_K above
 PROGRAMS_PER_SM = 4  # split-K target: about this many programs per multiprocessor at BLOCK_N = 128
 SPLIT_OVERRIDE: dict[tuple[int, int], int] = {}  # (C, OUT) -> channels per program (benchmarks sweep it)
 REDUCE_BLOCK = 1024  # outputs per program of the slot-sum kernel
+SELECT_BLOCK = 256  # channels per program of the select kernel
+# "fused": each program of the row kernel compares its channels' scores itself; "two_pass": a select kernel
+# writes the masked rows and the union of the keep masks first, and the row kernel's weight loads depend on one
+# load instead of a comparison chain (read by each call; benchmarks/gpu/bench_gpu.py times both)
+VARIANT = "fused"
+VARIANTS = ("fused", "two_pass")
 
 triton = tl = None  # set by _import_triton()
 
@@ -94,11 +103,13 @@ def triton_available() -> bool:
 def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, counter_ptr, C, OUT, row_stride, K_SPLIT,
                    N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    ROW_WEIGHTS: tl.constexpr, USE_DOT: tl.constexpr, DIRECT: tl.constexpr,
-                   DOT_FLOAT32: tl.constexpr):
+                   DOT_FLOAT32: tl.constexpr, PRESELECTED: tl.constexpr):
     """BLOCK_N outputs of all N rows over one slice of K_SPLIT channels; decorated by ``_kernels()``.
     ``out_ptr``: (N, OUT) in x's dtype where DIRECT (one slice), else float32 (SPLIT, N, OUT) slots.
     ``ROW_WEIGHTS``: ``weight_ptr`` holds one row of C weights per token row (a prompt prior), else one row.
-    ``DOT_FLOAT32``: tl.dot on float32 copies of the operands (the interpreter: its bfloat16 dot is wrong)."""
+    ``DOT_FLOAT32``: tl.dot on float32 copies of the operands (the interpreter: its bfloat16 dot is wrong).
+    ``PRESELECTED``: ``_select_kernel`` ran first: ``x_ptr`` holds the masked rows (skipped entries zero) and
+    ``weight_ptr`` the int8 union of the keep masks (C,); no thresholds are compared here and nothing is counted."""
     ROWS: tl.constexpr = 16 if USE_DOT else N_POW2  # tl.dot needs 16 rows; padding rows keep nothing
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -116,28 +127,54 @@ def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, counter
         in_k = offs_k < k_end
         valid = in_r[:, None] & in_k[None, :]
         x = tl.load(x_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
-        if ROW_WEIGHTS:
-            weight = tl.load(weight_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
+        if PRESELECTED:
+            needed = tl.load(weight_ptr + offs_k, mask=in_k, other=0) != 0
+            xk = x
         else:
-            weight = tl.load(weight_ptr + offs_k, mask=in_k, other=0.0)[None, :]
-        keep = (tl.abs(x.to(tl.float32)) * weight > tau[:, None]) & valid
-        needed = tl.max(keep.to(tl.int32), axis=0) > 0  # the union of the rows' keep masks: rows read once
+            if ROW_WEIGHTS:
+                weight = tl.load(weight_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
+            else:
+                weight = tl.load(weight_ptr + offs_k, mask=in_k, other=0.0)[None, :]
+            keep = (tl.abs(x.to(tl.float32)) * weight > tau[:, None]) & valid
+            needed = tl.max(keep.to(tl.int32), axis=0) > 0  # the union of the rows' keep masks: rows read once
+            xk = tl.where(keep, x, tl.zeros_like(x))
+            kept += keep.to(tl.int32)
         w = tl.load(rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :],
                     mask=needed[:, None] & in_n[None, :], other=0.0)
-        xk = tl.where(keep, x, tl.zeros_like(x))
         if USE_DOT and DOT_FLOAT32:
             acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         elif USE_DOT:
             acc = tl.dot(xk, w, acc, input_precision="ieee")
         else:
             acc += tl.sum(xk.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-        kept += keep.to(tl.int32)
     store = in_r[:, None] & in_n[None, :]
     if DIRECT:
         tl.store(out_ptr + offs_r[:, None] * OUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=store)
     else:
         tl.store(out_ptr + (pid_s * N + offs_r[:, None]).to(tl.int64) * OUT + offs_n[None, :], acc, mask=store)
-    tl.atomic_add(counter_ptr, tl.sum(tl.sum(kept, axis=1), axis=0).to(tl.int64), mask=pid_n == 0)
+    if not PRESELECTED:
+        tl.atomic_add(counter_ptr, tl.sum(tl.sum(kept, axis=1), axis=0).to(tl.int64), mask=pid_n == 0)
+
+
+def _select_kernel(x_ptr, weight_ptr, thresholds_ptr, masked_ptr, needed_ptr, counter_ptr, C, N: tl.constexpr,
+                   N_POW2: tl.constexpr, BLOCK: tl.constexpr, ROW_WEIGHTS: tl.constexpr):
+    """The keep decisions once for every program of the row kernel (``VARIANT`` "two_pass"): ``masked_ptr`` (N, C)
+    gets x with skipped entries zero, ``needed_ptr`` (C,) int8 the union of the rows' keep masks, ``counter_ptr``
+    the kept count."""
+    offs_r = tl.arange(0, N_POW2)
+    in_r = offs_r < N
+    offs_k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = in_r[:, None] & (offs_k < C)[None, :]
+    x = tl.load(x_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
+    if ROW_WEIGHTS:
+        weight = tl.load(weight_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
+    else:
+        weight = tl.load(weight_ptr + offs_k, mask=offs_k < C, other=0.0)[None, :]
+    tau = tl.load(thresholds_ptr + offs_r, mask=in_r, other=0.0)
+    keep = (tl.abs(x.to(tl.float32)) * weight > tau[:, None]) & valid
+    tl.store(masked_ptr + offs_r[:, None] * C + offs_k[None, :], tl.where(keep, x, tl.zeros_like(x)), mask=valid)
+    tl.store(needed_ptr + offs_k, tl.max(keep.to(tl.int8), axis=0), mask=offs_k < C)
+    tl.atomic_add(counter_ptr, tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0).to(tl.int64))
 
 
 def _slot_sum_kernel(slots_ptr, out_ptr, SPLIT, SIZE, BLOCK: tl.constexpr):
@@ -150,18 +187,19 @@ def _slot_sum_kernel(slots_ptr, out_ptr, SPLIT, SIZE, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def _kernels() -> tuple[object, object, bool]:
-    """(gather kernel, slot-sum kernel, interpreted?) for the current mode, decorated once per mode: the
-    interpreter when TRITON_INTERPRET=1 (one fixed config), else the GPU kernel autotuned over CUDA_CONFIGS."""
+def _kernels() -> tuple[object, object, object, bool]:
+    """(gather kernel, slot-sum kernel, select kernel, interpreted?) for the current mode, decorated once per mode:
+    the interpreter when TRITON_INTERPRET=1 (one fixed config), else the GPU kernel autotuned over CUDA_CONFIGS."""
     interpreted = _interpreting()
     if interpreted not in _KERNELS:
         gather = triton.jit(_gather_kernel)
         if not interpreted:  # restore_value: each trial run adds into the caller's counter
             configs = [triton.Config({"BLOCK_K": k, "BLOCK_N": n, "USE_DOT": dot}, num_warps=w, num_stages=s)
                        for k, n, w, s, dot in CUDA_CONFIGS]
+            brief = {"warmup": 5, "rep": 25} if "rep" in inspect.signature(triton.autotune).parameters else {}
             gather = triton.autotune(configs=configs, key=["C", "OUT", "K_SPLIT", "N"],
-                                     restore_value=["counter_ptr"])(gather)
-        _KERNELS[interpreted] = (gather, triton.jit(_slot_sum_kernel))
+                                     restore_value=["counter_ptr"], **brief)(gather)
+        _KERNELS[interpreted] = (gather, triton.jit(_slot_sum_kernel), triton.jit(_select_kernel))
     return (*_KERNELS[interpreted], interpreted)
 
 
@@ -177,14 +215,14 @@ _SMS: dict[int | None, int] = {}
 
 def channels_per_program(channels: int, width: int, device: torch.device, block_k: int | None = None) -> int:
     """K_SPLIT: the channels one program sums for a (C = ``channels``, OUT = ``width``) call on ``device``:
-    enough slices for about PROGRAMS_PER_SM programs per multiprocessor at BLOCK_N = 128, a multiple of K_ALIGN
-    (of ``block_k`` under the interpreter: one slice). Depends on the shape and device only, so a row's sums
-    have one order whatever the data and the other rows."""
-    if block_k is not None:
-        return -(-channels // block_k) * block_k
+    ``SPLIT_OVERRIDE``'s entry for the shape, else enough slices for about PROGRAMS_PER_SM programs per
+    multiprocessor at BLOCK_N = 128, a multiple of K_ALIGN (under the interpreter, ``block_k`` given: one slice).
+    Depends on the shape and device only, so a row's sums have one order whatever the data and the other rows."""
     override = SPLIT_OVERRIDE.get((channels, width))
     if override is not None:
         return override
+    if block_k is not None:
+        return -(-channels // block_k) * block_k
     columns = -(-width // 128)
     split = max(1, min(-(-channels // K_ALIGN), round(PROGRAMS_PER_SM * _multiprocessors(device) / columns)))
     return -(-(-(-channels // split)) // K_ALIGN) * K_ALIGN
@@ -203,16 +241,25 @@ def _register_op() -> None:
         checked by gather."""
         n, channels = x.shape
         width = rows.shape[1]
-        gather, slot_sum, interpreted = _kernels()
+        gather, slot_sum, select, interpreted = _kernels()
         blocks = INTERPRETER_CONFIG if interpreted else {}
         k_split = channels_per_program(channels, width, x.device, blocks.get("BLOCK_K"))
         split = -(-channels // k_split)
         out = torch.empty(n, width, dtype=x.dtype, device=x.device)
         slots = out if split == 1 else torch.empty(split, n, width, dtype=torch.float32, device=x.device)
+        preselected = VARIANT == "two_pass"
+        n_pow2 = triton.next_power_of_2(n)
+        if preselected:
+            masked = torch.empty_like(x)
+            needed = torch.empty(channels, dtype=torch.int8, device=x.device)
+            wrap(select)[(-(-channels // SELECT_BLOCK),)](x, weight, thresholds, masked, needed, counter, channels,
+                                                          N=n, N_POW2=n_pow2, BLOCK=SELECT_BLOCK,
+                                                          ROW_WEIGHTS=weight.dim() == 2)
+            x, weight = masked, needed
         grid = lambda meta: (-(-width // meta["BLOCK_N"]), split)
         wrap(gather)[grid](x, weight, thresholds, rows, slots, counter, channels, width, rows.stride(0), k_split,
-                           N=n, N_POW2=triton.next_power_of_2(n), ROW_WEIGHTS=weight.dim() == 2, DIRECT=split == 1,
-                           DOT_FLOAT32=interpreted,
+                           N=n, N_POW2=n_pow2, ROW_WEIGHTS=weight.dim() == 2, DIRECT=split == 1,
+                           DOT_FLOAT32=interpreted, PRESELECTED=preselected,
                            **({"USE_DOT": False, **blocks} if interpreted else {}))
         if split > 1:
             size = n * width
@@ -235,7 +282,8 @@ class TritonBackend:
         """The backend with Triton's version and a hash of the kernels' source (keys measured timings)."""
         if not _import_triton():
             return f"{self.name}:absent"
-        source = inspect.getsource(_gather_kernel) + inspect.getsource(_slot_sum_kernel) + repr(CUDA_CONFIGS)
+        source = (inspect.getsource(_gather_kernel) + inspect.getsource(_slot_sum_kernel)
+                  + inspect.getsource(_select_kernel) + repr(CUDA_CONFIGS) + VARIANT)
         return f"{self.name}:{triton.__version__}:{hashlib.sha256(source.encode()).hexdigest()[:8]}"
 
     def accepts(self, device: torch.device, dtype: torch.dtype, rows: int) -> bool:

@@ -136,14 +136,15 @@ def test_triton_gather_equals_masked_product(blocks, dtype, channels, width, str
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", ["fma", "dot"])
+@pytest.mark.parametrize("variant", ["fma", "dot", "two_pass-fma", "two_pass-dot"])
 @pytest.mark.parametrize("split", [None, 48, 100])
 @pytest.mark.parametrize("n", [1, 3, 8])
 def test_triton_split_and_dot_variants_equal_masked_product(blocks, monkeypatch, dtype, variant, split, n):
     """Slices of ``split`` channels per program (float32 slots summed by the second kernel; 100: slices that are
-    no multiple of BLOCK_K) and the tensor-core variant compute the same selection and sums, with per-row
-    weights (a prompt prior) too."""
-    blocks(DOT_BLOCKS if variant == "dot" else SMALL_BLOCKS)
+    no multiple of BLOCK_K), the tensor-core variant and the two-pass one (a select kernel first) compute the same
+    selection and sums, with per-row weights (a prompt prior) too."""
+    blocks(DOT_BLOCKS if variant.endswith("dot") else SMALL_BLOCKS)
+    monkeypatch.setattr(tk, "VARIANT", "two_pass" if variant.startswith("two_pass") else "fused")
     if split is not None:
         monkeypatch.setitem(tk.SPLIT_OVERRIDE, (300, 129), split)
     x, weight, thresholds, rows = inputs(n, 300, 129, 140, dtype)
@@ -174,10 +175,12 @@ def test_triton_counter_accumulates(blocks):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", [SMALL_BLOCKS, MID_BLOCKS, DOT_BLOCKS])
-def test_triton_row_does_not_depend_on_its_companions(blocks, dtype, config):
+@pytest.mark.parametrize("variant", ["fused", "two_pass"])
+def test_triton_row_does_not_depend_on_its_companions(blocks, monkeypatch, dtype, config, variant):
     """Batch invariance: a row's output has the same bits whatever the other rows of the call keep (partial sums in
     fixed slots, no float atomics, so also on a GPU whatever the order programs run in)."""
     blocks(config)
+    monkeypatch.setattr(tk, "VARIANT", variant)
     x, weight, thresholds, rows = inputs(3, 300, 129, 129, dtype)
     other, _, other_thresholds, _ = inputs(3, 300, 129, 129, dtype, seed=1)
     x2, thresholds2 = x.clone(), thresholds.clone()
