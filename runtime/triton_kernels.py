@@ -55,9 +55,10 @@ REDUCE_BLOCK = 1024  # outputs per program of the slot-sum kernel
 SELECT_BLOCK = 256  # channels per program of the select kernel
 # "fused": each program of the row kernel compares its channels' scores itself; "two_pass": a select kernel
 # writes the masked rows and the union of the keep masks first, and the row kernel's weight loads depend on one
-# load instead of a comparison chain (read by each call; benchmarks/gpu/bench_gpu.py times both)
+# load instead of a comparison chain; "prefetch": two_pass with the row kernel's loads issued one block ahead
+# (read by each call; benchmarks/gpu/bench_gpu.py times all three)
 VARIANT = "fused"
-VARIANTS = ("fused", "two_pass")
+VARIANTS = ("fused", "two_pass", "prefetch")
 
 triton = tl = None  # set by _import_triton()
 
@@ -103,13 +104,15 @@ def triton_available() -> bool:
 def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, counter_ptr, C, OUT, row_stride, K_SPLIT,
                    N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    ROW_WEIGHTS: tl.constexpr, USE_DOT: tl.constexpr, DIRECT: tl.constexpr,
-                   DOT_FLOAT32: tl.constexpr, PRESELECTED: tl.constexpr):
+                   DOT_FLOAT32: tl.constexpr, PRESELECTED: tl.constexpr, PREFETCH: tl.constexpr):
     """BLOCK_N outputs of all N rows over one slice of K_SPLIT channels; decorated by ``_kernels()``.
     ``out_ptr``: (N, OUT) in x's dtype where DIRECT (one slice), else float32 (SPLIT, N, OUT) slots.
     ``ROW_WEIGHTS``: ``weight_ptr`` holds one row of C weights per token row (a prompt prior), else one row.
     ``DOT_FLOAT32``: tl.dot on float32 copies of the operands (the interpreter: its bfloat16 dot is wrong).
     ``PRESELECTED``: ``_select_kernel`` ran first: ``x_ptr`` holds the masked rows (skipped entries zero) and
-    ``weight_ptr`` the int8 union of the keep masks (C,); no thresholds are compared here and nothing is counted."""
+    ``weight_ptr`` the int8 union of the keep masks (C,); no thresholds are compared here and nothing is counted.
+    ``PREFETCH`` (with PRESELECTED): each block's weight rows are loaded one iteration ahead of their sums and the
+    union one more ahead (Triton pipelines none of these loops itself)."""
     ROWS: tl.constexpr = 16 if USE_DOT else N_POW2  # tl.dot needs 16 rows; padding rows keep nothing
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -122,31 +125,54 @@ def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, counter
     kept = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
     k_begin = pid_s * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, C)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        in_k = offs_k < k_end
-        valid = in_r[:, None] & in_k[None, :]
-        x = tl.load(x_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
-        if PRESELECTED:
-            needed = tl.load(weight_ptr + offs_k, mask=in_k, other=0) != 0
-            xk = x
-        else:
-            if ROW_WEIGHTS:
-                weight = tl.load(weight_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
-            else:
-                weight = tl.load(weight_ptr + offs_k, mask=in_k, other=0.0)[None, :]
-            keep = (tl.abs(x.to(tl.float32)) * weight > tau[:, None]) & valid
-            needed = tl.max(keep.to(tl.int32), axis=0) > 0  # the union of the rows' keep masks: rows read once
-            xk = tl.where(keep, x, tl.zeros_like(x))
-            kept += keep.to(tl.int32)
+    if PREFETCH:  # preselected rows, software-pipelined by hand: block i's loads are issued before block i-1's sums
+        offs_k = k_begin + tl.arange(0, BLOCK_K)
+        needed = tl.load(weight_ptr + offs_k, mask=offs_k < k_end, other=0) != 0
         w = tl.load(rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :],
                     mask=needed[:, None] & in_n[None, :], other=0.0)
-        if USE_DOT and DOT_FLOAT32:
-            acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        elif USE_DOT:
-            acc = tl.dot(xk, w, acc, input_precision="ieee")
-        else:
-            acc += tl.sum(xk.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        xk = tl.load(x_ptr + offs_r[:, None] * C + offs_k[None, :], mask=in_r[:, None] & (offs_k < k_end)[None, :],
+                     other=0.0)
+        needed = tl.load(weight_ptr + offs_k + BLOCK_K, mask=offs_k + BLOCK_K < k_end, other=0) != 0
+        for k0 in range(k_begin + BLOCK_K, k_end + BLOCK_K, BLOCK_K):  # the last one loads nothing (all masked)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            w_next = tl.load(rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :],
+                             mask=needed[:, None] & in_n[None, :], other=0.0)
+            x_next = tl.load(x_ptr + offs_r[:, None] * C + offs_k[None, :],
+                             mask=in_r[:, None] & (offs_k < k_end)[None, :], other=0.0)
+            needed = tl.load(weight_ptr + offs_k + BLOCK_K, mask=offs_k + BLOCK_K < k_end, other=0) != 0
+            if USE_DOT and DOT_FLOAT32:
+                acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            elif USE_DOT:
+                acc = tl.dot(xk, w, acc, input_precision="ieee")
+            else:
+                acc += tl.sum(xk.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+            w, xk = w_next, x_next
+    else:
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            in_k = offs_k < k_end
+            valid = in_r[:, None] & in_k[None, :]
+            x = tl.load(x_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
+            if PRESELECTED:
+                needed = tl.load(weight_ptr + offs_k, mask=in_k, other=0) != 0
+                xk = x
+            else:
+                if ROW_WEIGHTS:
+                    weight = tl.load(weight_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
+                else:
+                    weight = tl.load(weight_ptr + offs_k, mask=in_k, other=0.0)[None, :]
+                keep = (tl.abs(x.to(tl.float32)) * weight > tau[:, None]) & valid
+                needed = tl.max(keep.to(tl.int32), axis=0) > 0  # the union of the rows' keep masks: rows read once
+                xk = tl.where(keep, x, tl.zeros_like(x))
+                kept += keep.to(tl.int32)
+            w = tl.load(rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :],
+                        mask=needed[:, None] & in_n[None, :], other=0.0)
+            if USE_DOT and DOT_FLOAT32:
+                acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            elif USE_DOT:
+                acc = tl.dot(xk, w, acc, input_precision="ieee")
+            else:
+                acc += tl.sum(xk.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     store = in_r[:, None] & in_n[None, :]
     if DIRECT:
         tl.store(out_ptr + offs_r[:, None] * OUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=store)
@@ -247,7 +273,7 @@ def _register_op() -> None:
         split = -(-channels // k_split)
         out = torch.empty(n, width, dtype=x.dtype, device=x.device)
         slots = out if split == 1 else torch.empty(split, n, width, dtype=torch.float32, device=x.device)
-        preselected = VARIANT == "two_pass"
+        preselected = VARIANT in ("two_pass", "prefetch")
         n_pow2 = triton.next_power_of_2(n)
         if preselected:
             masked = torch.empty_like(x)
@@ -259,7 +285,7 @@ def _register_op() -> None:
         grid = lambda meta: (-(-width // meta["BLOCK_N"]), split)
         wrap(gather)[grid](x, weight, thresholds, rows, slots, counter, channels, width, rows.stride(0), k_split,
                            N=n, N_POW2=n_pow2, ROW_WEIGHTS=weight.dim() == 2, DIRECT=split == 1,
-                           DOT_FLOAT32=interpreted, PRESELECTED=preselected,
+                           DOT_FLOAT32=interpreted, PRESELECTED=preselected, PREFETCH=VARIANT == "prefetch",
                            **({"USE_DOT": False, **blocks} if interpreted else {}))
         if split > 1:
             size = n * width

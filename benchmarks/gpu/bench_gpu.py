@@ -58,7 +58,7 @@ KERNEL_ROWS = (1, 4, 8)
 GRAPH_CALLS = 20  # calls captured in one CUDA graph by the kernel timer
 STEP_ROOM = 256  # positions a static cache has beyond the prompt in step_times (it runs < 100 steps)
 SWEEP_ROWS = (1, 8)  # token rows at which the first model's kernels are timed at every variant and split
-SWEEP_SPLITS = (64, 128, 256, 512, 1024)  # channels per program swept (besides the default)
+SWEEP_SPLITS = (256, 512, 1024, 2048)  # channels per program swept (besides the default; 64 and 128 lost on an H200)
 DRY_DEFAULTS = {"reads": "0.4", "other_reads": "0.4", "batches": "1,4", "eager_batches": "1,4", "backend": "triton",
                 "dtypes": "float32,bfloat16"}
 DRY_BLOCKS = {"BLOCK_K": 64, "BLOCK_N": 512}  # interpreter blocks: one program per call on the tiny shapes
@@ -285,7 +285,7 @@ def tune_from(kernels: list[dict]) -> dict:
 
     swept = [k for k in kernels if k["rows"] == 1 and k["sparsity"] == 0.4]
     best = {}
-    for variant in tk.VARIANTS:
+    for variant in sorted({k["variant"] for k in swept}):
         total, splits = 0.0, {}
         for buffer in ("gate_up", "down"):
             mine = [k for k in swept if k["variant"] == variant and k["buffer"] == buffer]
@@ -500,7 +500,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default=None, help="runtime backend of the sparse modes (default auto)")
     p.add_argument("--minutes", type=float, default=7.5, help="start no new configuration past this budget")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel microbenchmark")
+    p.add_argument("--variants", default=None, help="Triton kernel variants checked and swept (default: all)")
+    p.add_argument("--sweep-rows", default=None, help="token rows of the variant x split sweep (default 1,8)")
+    p.add_argument("--kernel-sparsity", default=None, help="sparsities of the kernel microbenchmark "
+                                                           "(default 0,0.4,0.5)")
     args = p.parse_args(argv)
+    from clada.runtime import triton_kernels as tk
+
+    if args.variants:
+        tk.VARIANTS = tuple(v.strip() for v in args.variants.split(","))
+        unknown = set(tk.VARIANTS) - {"fused", "two_pass", "prefetch"}
+        if unknown:
+            p.error(f"--variants: unknown {sorted(unknown)}; expected fused, two_pass, prefetch")
+    global SWEEP_ROWS, KERNEL_SPARSITY
+    if args.sweep_rows:
+        SWEEP_ROWS = tuple(int(n) for n in args.sweep_rows.split(","))
+    if args.kernel_sparsity:
+        KERNEL_SPARSITY = tuple(float(s) for s in args.kernel_sparsity.split(","))
     dry = args.dry_run
     defaults = DRY_DEFAULTS if dry else {"reads": "0.25,0.40,0.50", "other_reads": "0.40", "batches": "1,4,8",
                                          "eager_batches": "1", "backend": "auto", "dtypes": "bfloat16,float16"}
