@@ -46,10 +46,11 @@ class Patch:
     routing: Routing | None  # backend="auto": the original modules run where the dense product wins
     dense_products: DenseProducts | None  # the projections left dense, on the compiled CPU product where faster
     mlp_steps: MLPSteps  # gated MLPs whose gathered decode calls skip their wrappers' per-call work
+    disable_compile: tuple | None = None  # (generation_config.disable_compile before apply,); None: no such setting
 
 
 def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None, *, force: bool = False,
-          backend: str = "auto") -> None:
+          backend: str = "auto", cuda_graphs: bool = False) -> None:
     """Validate ``artifact`` against ``model`` and patch its MLPs (and, for an artifact that sparsifies them, its
     attention projections) for adaptive sparse decoding.
 
@@ -61,7 +62,11 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     product, and elsewhere runs the original modules (``runtime.routing``). On a CPU, except for ``"masked"``,
     the products a decode step leaves dense (attention projections the artifact does not sparsify, the LM head,
     MLP projections ``auto`` runs dense) run on the compiled product where it is measured faster than torch's
-    (``runtime.dense_products``).
+    (``runtime.dense_products``). ``cuda_graphs``: the caller replays its decode steps from CUDA graphs (a serving
+    engine's captured steps; the decode path never synchronises): ``auto`` then compares the device time of dense
+    and gathering products, not their time as launched from Python, which on a GPU favours the dense product.
+    transformers' automatic ``torch.compile`` of ``generate`` (static caches on a GPU) is turned off while patched
+    (``generation_config.disable_compile``): the runtime's hooks and Python-side state are not traceable.
     Nothing is changed if validation fails. ``model.config`` declares the artifact and
     ``model.save_pretrained(dir)`` writes it beside the dense weights, for ``runtime.from_pretrained(dir)``.
     """
@@ -91,7 +96,7 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     gathering = backend != "masked" and rule.threshold_form
     rows_of = rows_view(adapter) if gathering else None
     # auto re-lays a shape's weights only where measurement shows that gathering pays (runtime.selection)
-    layout = MeasuredLayout(adapter, state, artifact) if gathering and backend == "auto" else None
+    layout = MeasuredLayout(adapter, state, artifact, cuda_graphs) if gathering and backend == "auto" else None
     routing = Routing(state, chooser, param) if layout is not None else None
     for layer, part in enumerate(parts):
         if "in" in rule.sides:
@@ -122,8 +127,13 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
         *([model.register_forward_pre_hook(products.pre_forward, with_kwargs=True)] if products is not None else []),
     ]
     tracker.follow_model(model)  # beam search with legacy tuple caches reorders through the model
+    generation = getattr(model, "generation_config", None)
+    compile_setting = None
+    if generation is not None and hasattr(generation, "disable_compile"):  # transformers >= 4.52
+        compile_setting = (generation.disable_compile,)
+        generation.disable_compile = True  # transformers would torch.compile generate's forward (and fail in it)
     setattr(model, PATCH_ATTR, Patch(state, tracker, parts + attention, adapter.act_name, hooks, artifact, routing,
-                                     products, steps))
+                                     products, steps, compile_setting))
     setattr(model.config, CONFIG_KEY, declaration())
     model.save_pretrained = types.MethodType(_save_pretrained, model)  # shadows the class's until remove
 
@@ -199,6 +209,8 @@ def remove(model: nn.Module) -> None:
         if isinstance(act, GatedActivation):
             setattr(part.owner, patch.act_name, act.inner)
     delattr(model, PATCH_ATTR)
+    if patch.disable_compile is not None:
+        model.generation_config.disable_compile = patch.disable_compile[0]
     for name in ("save_pretrained", "_reorder_cache"):  # the instance attributes apply set
         model.__dict__.pop(name, None)
     if hasattr(model.config, CONFIG_KEY):  # a dense model declares no artifact: saving it writes none

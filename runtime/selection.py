@@ -14,8 +14,10 @@ the model's own weights of that shape (enough layers that they stream from memor
 
 On a CPU each layer's timed calls follow an attention-shaped product (channels x channels, untimed), as an MLP
 product follows torch's own work in a model, whose worker threads may still be spinning when the kernel starts.
-On a GPU each candidate's pass is captured in a CUDA graph and its replays are timed: the device's work, as a
-served model replaying a graph per decode step spends it, without Python's launches.
+On a GPU the passes are timed as launched from Python (what a plain ``generate`` pays: the Triton kernel's launch
+costs about 0.1 ms more than cuBLAS's), or, where ``runtime.apply(..., cuda_graphs=True)`` says the decode steps
+are replayed from CUDA graphs (a serving engine's captured steps), each candidate's pass is captured in a graph and
+its replays are timed: the device's work alone.
 
 Per shape, the layout is decided at the row count of the call that triggered the measurement (the batch the user
 decodes; the next timed count up): the gathering layout if there the faster of ``sparse`` and ``dense_rows`` beats
@@ -170,8 +172,9 @@ def _streaming(layers: Sequence, device: torch.device) -> list:
 
 
 def measure(workload: Workload, gather: Callable, rows: int, density: float, dtype: torch.dtype,
-            device: torch.device, clock: Clock = wall_clock, reps: int = REPS) -> Timing:
-    """Time the three candidates of ``workload`` at ``rows`` token rows keeping ``density`` of the channels."""
+            device: torch.device, clock: Clock = wall_clock, reps: int = REPS, graphs: bool = False) -> Timing:
+    """Time the three candidates of ``workload`` at ``rows`` token rows keeping ``density`` of the channels
+    (``graphs``, on a GPU: as replays of a CUDA graph of each pass, else as calls launched from Python)."""
     layers = _streaming(workload.weights, device)
     channels = workload.shape.channels
     gen = torch.Generator().manual_seed(rows)
@@ -212,7 +215,7 @@ def measure(workload: Workload, gather: Callable, rows: int, density: float, dty
         return total
 
     passes = {"dense": dense_calls, "dense_rows": dense_rows_calls, "sparse": sparse_calls}
-    if device.type == "cuda":  # the device's time, as a decode step replayed from a CUDA graph spends it
+    if device.type == "cuda" and graphs:  # the device's time, as a decode step replayed from a graph spends it
         passes = {name: graphed(calls, device) for name, calls in passes.items()}
     times: dict[str, list[float]] = {name: [] for name in CANDIDATES}
     with torch.no_grad():
@@ -275,9 +278,10 @@ def _cache_file(device: torch.device) -> Path:
 MEASUREMENT = 3  # how ``measure`` times (3: on a CPU, after an attention-shaped product); part of the cache key
 
 
-def case_key(backend: str, dtype: torch.dtype, shape: Shape, rows: int, density: float) -> str:
-    """``backend``: its identity (name and, e.g., the built kernel's hash)."""
-    return f"m{MEASUREMENT}|{backend}|{str(dtype).removeprefix('torch.')}|{shape}|{rows}|{density:.2f}"
+def case_key(backend: str, dtype: torch.dtype, shape: Shape, rows: int, density: float, graphs: bool = False) -> str:
+    """``backend``: its identity (name and, e.g., the built kernel's hash); ``graphs``: timed as CUDA graph replays."""
+    return (f"m{MEASUREMENT}|{backend}|{str(dtype).removeprefix('torch.')}|{shape}|{rows}|{density:.2f}"
+            + ("|graphs" if graphs else ""))
 
 
 def load_cache(device: torch.device) -> dict[str, dict]:
@@ -305,9 +309,12 @@ def round_density(density: float) -> float:
 
 
 def select(workloads: Sequence[Workload], densities: Sequence[float], backend, dtype: torch.dtype,
-           device: torch.device, rows: int = 1, clock: Clock = wall_clock) -> list[ShapeDecision]:
+           device: torch.device, rows: int = 1, clock: Clock = wall_clock,
+           graphs: bool = False) -> list[ShapeDecision]:
     """A decision per workload (shape) between the dense product and ``backend`` (a gathering KernelBackend),
-    its layout decided at ``rows`` token rows, measuring what the cache does not have yet."""
+    its layout decided at ``rows`` token rows, measuring what the cache does not have yet (``graphs``: on a GPU,
+    timed as CUDA graph replays)."""
+    graphs = graphs and device.type == "cuda"
     cache = load_cache(device)
     fresh: dict[str, dict] = {}
     decisions = []
@@ -315,11 +322,11 @@ def select(workloads: Sequence[Workload], densities: Sequence[float], backend, d
         density = round_density(density)
         timings = []
         for n in ROW_COUNTS:
-            key = case_key(backend.identity(), dtype, workload.shape, n, density)
+            key = case_key(backend.identity(), dtype, workload.shape, n, density, graphs)
             if key in cache:
                 timings.append(Timing(**{**cache[key], "cached": True}))
                 continue
-            timing = measure(workload, backend.gather, n, density, dtype, device, clock)
+            timing = measure(workload, backend.gather, n, density, dtype, device, clock, graphs=graphs)
             fresh[key] = {k: v for k, v in asdict(timing).items() if k != "cached"}
             timings.append(timing)
         overhead = CALL_OVERHEAD_MS[min(workload.shape.members, 2)] if device.type == "cpu" else 0.0
@@ -468,8 +475,8 @@ class MeasuredLayout:
     the artifact's held-out figure, else 1 (nothing skipped).
     """
 
-    def __init__(self, adapter, state, artifact):
-        self.adapter, self.state = adapter, state
+    def __init__(self, adapter, state, artifact, graphs: bool = False):
+        self.adapter, self.state, self.graphs = adapter, state, graphs
         self.layers: dict[Shape, tuple[str, list[list]]] = {}  # shape -> (side, per layer: its projections)
         heldout = (artifact.figures or {}).get("heldout", {})
         self.fallback = {side: 1.0 - float(heldout.get(key) or 0.0) for side, key in SPARSITY_KEYS.items()}
@@ -486,7 +493,7 @@ class MeasuredLayout:
         workloads = [Workload(s, [[self.adapter.weight_of(p) for p in members] for members in self.layers[s][1]])
                      for s in shapes]
         densities = [self.state.expected_density(self.layers[s][0], self.fallback[self.layers[s][0]]) for s in shapes]
-        decisions = select(workloads, densities, backend, dtype, device, rows)
+        decisions = select(workloads, densities, backend, dtype, device, rows, graphs=self.graphs)
         for shape, decision in zip(shapes, decisions):
             if decision.gathering_layout:
                 for members in self.layers[shape][1]:

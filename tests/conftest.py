@@ -47,7 +47,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
 
 def fixed_timing(sparse_ms: float, dense_ms: float = 1.0, dense_rows_ms: float | None = None):
     """A stand-in for ``selection.measure`` reporting the same milliseconds per call for every case."""
-    def measure(workload, gather, rows, density, dtype, device, clock=None, reps=None):
+    def measure(workload, gather, rows, density, dtype, device, clock=None, reps=None, graphs=False):
         return selection.Timing(rows, density, dense_ms, dense_ms if dense_rows_ms is None else dense_rows_ms,
                                 sparse_ms)
     return measure

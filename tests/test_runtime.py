@@ -135,6 +135,33 @@ def test_static_kv_cache_generates_what_the_dynamic_cache_does():
     runtime.remove(model)
 
 
+@pytest.mark.parametrize("before", [None, False, True])
+def test_patched_model_turns_off_generates_automatic_compile(before):
+    """transformers compiles generate's forward for static caches on a GPU; the runtime's hooks cannot be traced, so
+    apply sets generation_config.disable_compile and remove puts back what was there."""
+    model = tiny_model("llama")
+    if not hasattr(model.generation_config, "disable_compile"):
+        pytest.skip("this transformers has no generation_config.disable_compile (no automatic compile)")
+    model.generation_config.disable_compile = before
+    runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05))
+    assert model.generation_config.disable_compile is True
+    runtime.remove(model)
+    assert model.generation_config.disable_compile is before
+
+
+def test_cuda_graphs_flag_reaches_the_measured_choice():
+    """apply(cuda_graphs=True) makes auto time GPU candidates as graph replays (cached apart from launched ones)."""
+    from clada.runtime.selection import Shape, case_key
+
+    model = tiny_model("llama")
+    for flag in (False, True):
+        runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05), cuda_graphs=flag)
+        assert _patch_of(model).state.chooser.selector.__self__.graphs is flag
+        runtime.remove(model)
+    shape = Shape(64, 320, 2)
+    assert case_key("triton", torch.bfloat16, shape, 1, 0.6, True) != case_key("triton", torch.bfloat16, shape, 1, 0.6)
+
+
 def test_remove_restores_bit_exact_dense(family_model):
     dense = decode_logits(family_model, PROMPT)
     dense_gen = greedy(family_model, PROMPT)

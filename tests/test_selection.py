@@ -225,7 +225,7 @@ def test_timings_are_measured_once_per_machine_and_case(monkeypatch, tmp_path):
     monkeypatch.setattr(selection, "_cache_file", lambda device: cache)
     measured = []
 
-    def counting(workload, gather, rows, density, dtype, device, clock=None, reps=None):
+    def counting(workload, gather, rows, density, dtype, device, clock=None, reps=None, graphs=False):
         measured.append((workload.shape, rows, density))
         return Timing(rows, density, 1.0, 1.0, 0.5)
 
