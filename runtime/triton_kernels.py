@@ -12,17 +12,21 @@ Shapes and units of one call (``TritonBackend.gather``)::
 
 Split-K design: the grid is (OUT / BLOCK_N, SPLIT). A program owns BLOCK_N outputs of every row and one slice of
 ``K_SPLIT`` channels (``channels_per_program``: a function of (C, OUT) and the device, never of the data or N).
-It walks its slice BLOCK_K channels at a time: the keep masks of every token row, their union, one masked load
-of the weight block ``rows[k:k+BLOCK_K, n0:n0+BLOCK_N]`` (only rows some token row keeps are read: masked
-loads, static shapes, no compaction) and each row's float32 products, accumulated in registers (multiply-adds,
-or the tensor cores with rows padded to 16: ``USE_DOT``, autotuned). With one slice (SPLIT = 1) the program
-writes its outputs in x's dtype; else each slice's float32 sums go to their own slot of a (SPLIT, N, OUT)
-buffer that a second kernel adds in slot order and casts. No float atomics: a row's result is summed in one
-fixed order that depends on neither the other rows of the call (a channel only another row keeps contributes an
-exact zero) nor the scheduling of programs, so batches of one size give each row the same bits whatever its
-companions (batch invariance; TEAL's kernel adds partials atomically). Programs with pid_n == 0 add their
-slice's kept count to ``counter`` (one integer atomic), so statistics cost no kernel of their own. Nothing on
-the call path synchronises with the host; a decode step through it can be captured in a CUDA graph.
+It walks its slice BLOCK_K channels at a time: the union of the rows' keep masks, one masked load of the weight
+block ``rows[k:k+BLOCK_K, n0:n0+BLOCK_N]`` (only rows some token row keeps are read: masked loads, static shapes,
+no compaction) and each row's float32 products, accumulated in registers (multiply-adds, or the tensor cores with
+rows padded to 16: ``USE_DOT``, autotuned). ``VARIANT`` says where the keep masks come from: "two_pass" (the
+default) runs a select kernel first that writes the masked rows and the union as int8, so the row kernel's
+weight loads wait on one load; "fused" compares the scores in every program; "prefetch" is two_pass with the
+weight rows loaded one block ahead by hand. With one slice (SPLIT = 1) the program writes its outputs in x's
+dtype; else each slice's float32 sums go to their own slot of a (SPLIT, N, OUT) buffer that a slot-sum kernel
+adds in slot order and casts. No float atomics: a row's result is summed in one fixed order that depends on
+neither the other rows of the call (a channel only another row keeps contributes an exact zero) nor the
+scheduling of programs, so batches of one size give each row the same bits whatever its companions (batch
+invariance; TEAL's kernel adds partials atomically). The kept count is added to ``counter`` with one integer
+atomic per program (of the select kernel, or of the fused kernel's pid_n == 0 programs), so statistics cost no
+kernel of their own. Nothing on the call path synchronises with the host; a decode step through it can be
+captured in a CUDA graph (benchmarks/gpu/bench_gpu.py replays one).
 
 Triton is imported on first use, not with this module: Triton decorates its own library (``tl.sum``, ...) for
 the interpreter or for the GPU when it is imported, so TRITON_INTERPRET must be set before that import.
@@ -56,8 +60,10 @@ SELECT_BLOCK = 256  # channels per program of the select kernel
 # "fused": each program of the row kernel compares its channels' scores itself; "two_pass": a select kernel
 # writes the masked rows and the union of the keep masks first, and the row kernel's weight loads depend on one
 # load instead of a comparison chain; "prefetch": two_pass with the row kernel's loads issued one block ahead
-# (read by each call; benchmarks/gpu/bench_gpu.py times all three)
-VARIANT = "fused"
+# (read by each call; benchmarks/gpu/bench_gpu.py times all three). On an H200 (bfloat16, LLaMA-2-7B's MLP,
+# sparsity 0.4, CUDA graph replays) two_pass beat fused at 1 token row (gate+up 41.5 vs 45.3 us, down 27.1 vs
+# 29.7) and at 8 (54.8 vs 64.6, 34.9 vs 43.8); prefetch matched two_pass at 1 row (40.4 / 26.6 us, another run).
+VARIANT = "two_pass"
 VARIANTS = ("fused", "two_pass", "prefetch")
 
 triton = tl = None  # set by _import_triton()
@@ -125,33 +131,27 @@ def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, counter
     kept = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
     k_begin = pid_s * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, C)
-    if PREFETCH:  # preselected rows, software-pipelined by hand: block i's loads are issued before block i-1's sums
+    if PREFETCH:  # preselected rows, software-pipelined by hand: block i+1's loads are issued before block i's sums
         offs_k = k_begin + tl.arange(0, BLOCK_K)
         needed = tl.load(weight_ptr + offs_k, mask=offs_k < k_end, other=0) != 0
-        w = tl.load(rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :],
-                    mask=needed[:, None] & in_n[None, :], other=0.0)
-        xk = tl.load(x_ptr + offs_r[:, None] * C + offs_k[None, :], mask=in_r[:, None] & (offs_k < k_end)[None, :],
-                     other=0.0)
-        needed = tl.load(weight_ptr + offs_k + BLOCK_K, mask=offs_k + BLOCK_K < k_end, other=0) != 0
-        for k0 in range(k_begin + BLOCK_K, k_end + BLOCK_K, BLOCK_K):  # the last one loads nothing (all masked)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            w_next = tl.load(rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :],
-                             mask=needed[:, None] & in_n[None, :], other=0.0)
-            x_next = tl.load(x_ptr + offs_r[:, None] * C + offs_k[None, :],
-                             mask=in_r[:, None] & (offs_k < k_end)[None, :], other=0.0)
-            needed = tl.load(weight_ptr + offs_k + BLOCK_K, mask=offs_k + BLOCK_K < k_end, other=0) != 0
-            if USE_DOT and DOT_FLOAT32:
-                acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            elif USE_DOT:
-                acc = tl.dot(xk, w, acc, input_precision="ieee")
-            else:
-                acc += tl.sum(xk.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        w_next = tl.load(rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :],
+                         mask=needed[:, None] & in_n[None, :], other=0.0)
+        x_next = tl.load(x_ptr + offs_r[:, None] * C + offs_k[None, :],
+                         mask=in_r[:, None] & (offs_k < k_end)[None, :], other=0.0)
+        needed_next = tl.load(weight_ptr + offs_k + BLOCK_K, mask=offs_k + BLOCK_K < k_end, other=0) != 0
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < k_end
+        valid = in_r[:, None] & in_k[None, :]
+        if PREFETCH:  # this block was loaded one iteration ago; load the next (past the slice: all masked)
             w, xk = w_next, x_next
-    else:
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            in_k = offs_k < k_end
-            valid = in_r[:, None] & in_k[None, :]
+            ahead = offs_k + BLOCK_K
+            w_next = tl.load(rows_ptr + ahead.to(tl.int64)[:, None] * row_stride + offs_n[None, :],
+                             mask=needed_next[:, None] & in_n[None, :], other=0.0)
+            x_next = tl.load(x_ptr + offs_r[:, None] * C + ahead[None, :],
+                             mask=in_r[:, None] & (ahead < k_end)[None, :], other=0.0)
+            needed_next = tl.load(weight_ptr + ahead + BLOCK_K, mask=ahead + BLOCK_K < k_end, other=0) != 0
+        else:
             x = tl.load(x_ptr + offs_r[:, None] * C + offs_k[None, :], mask=valid, other=0.0)
             if PRESELECTED:
                 needed = tl.load(weight_ptr + offs_k, mask=in_k, other=0) != 0
@@ -167,12 +167,12 @@ def _gather_kernel(x_ptr, weight_ptr, thresholds_ptr, rows_ptr, out_ptr, counter
                 kept += keep.to(tl.int32)
             w = tl.load(rows_ptr + offs_k.to(tl.int64)[:, None] * row_stride + offs_n[None, :],
                         mask=needed[:, None] & in_n[None, :], other=0.0)
-            if USE_DOT and DOT_FLOAT32:
-                acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            elif USE_DOT:
-                acc = tl.dot(xk, w, acc, input_precision="ieee")
-            else:
-                acc += tl.sum(xk.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        if USE_DOT and DOT_FLOAT32:
+            acc = tl.dot(xk.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        elif USE_DOT:
+            acc = tl.dot(xk, w, acc, input_precision="ieee")
+        else:
+            acc += tl.sum(xk.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     store = in_r[:, None] & in_n[None, :]
     if DIRECT:
         tl.store(out_ptr + offs_r[:, None] * OUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=store)
