@@ -1,12 +1,16 @@
 """Decode speed and gather-kernel bandwidth of CLADA on LLaMA-2-7B / Llama-3-8B shapes: one command, one JSON.
 
     python benchmarks/gpu/bench_gpu.py [--dry-run] [--out results/bench/gpu/] [--models llama2-7b,llama3-8b]
-        [--dtypes bfloat16,float16] [--reads 0.25,0.40,0.50] [--batches 1,4,8] [--backend auto] [--minutes 7.5]
+        [--dtypes bfloat16,float16] [--reads 0.25,0.40,0.50] [--other-reads 0.40] [--batches 1,4,8]
+        [--eager-batches 1] [--backend auto] [--minutes 7.5] [--variants fused,two_pass,prefetch]
+        [--sweep-rows 1,8] [--kernel-sparsity 0,0.4,0.5] [--no-kernels]
 
-Random-weight models of the real shapes (built directly on the GPU in the dtype), TEAL-style per-layer thresholds
-calibrated on the random model's own MLP inputs (``baseline_artifacts("teal", ...)``) at each reads-saved target,
-then ``calibrate.bench.run_bench`` (dense, clada and layout-only, alternating in one process, static KV cache)
-per model x dtype x target x batch, and a microbenchmark of the Triton gather against cuBLAS ``F.linear``.
+Random-weight models of the real shapes (built directly on the GPU in the dtype): a check of the Triton kernels
+against float64, a microbenchmark of the Triton gather against cuBLAS ``F.linear`` (CUDA graph replays, and a sweep
+of variants x channels per program whose fastest the rest of the run uses), TEAL-style per-layer thresholds
+calibrated on the random model's own MLP inputs (``baseline_artifacts("teal", ...)``, and the attention inputs at
+the same sparsity), decode steps replayed from CUDA graphs (dense, layout-only, CLADA, CLADA with triton
+everywhere, CLADA with attention) per model x dtype x target x batch, and an eager ``calibrate.bench.run_bench``.
 ``--dry-run``: tiny shapes on CPU under ``TRITON_INTERPRET=1`` (a smoke test of the script, not a measurement: one
 reads target, batches 1 and 4, 3 new tokens, backend ``triton`` so that auto does not time the interpreter;
 about a minute). See benchmarks/gpu/README.md.
@@ -409,8 +413,8 @@ def graph_bench(model, artifact, batch: int, prompt_tokens: int, dry: bool, back
     for mode, setup in modes.items():
         if runtime.is_patched(model):
             runtime.remove(model)
-        if setup is not None:
-            runtime.apply(model, setup[0], backend=setup[1])
+        if setup is not None:  # timed as graph replays: auto compares device times too
+            runtime.apply(model, setup[0], backend=setup[1], cuda_graphs=True)
         try:
             row["modes"][mode] = step_times(model, ids, steps, replays)
         except Exception as exc:  # noqa: BLE001 -- record, go on with the other modes
