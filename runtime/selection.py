@@ -308,6 +308,7 @@ def round_density(density: float) -> float:
     return min(1.0, max(DENSITY_STEP, round(density / DENSITY_STEP) * DENSITY_STEP))
 
 
+@torch.compiler.disable  # measures, reads and writes files: never traced into a compiled graph
 def select(workloads: Sequence[Workload], densities: Sequence[float], backend, dtype: torch.dtype,
            device: torch.device, rows: int = 1, clock: Clock = wall_clock,
            graphs: bool = False) -> list[ShapeDecision]:
@@ -402,6 +403,7 @@ def alternating_medians(passes: dict[str, Callable[[], object]], device: torch.d
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+@torch.compiler.disable  # measures, reads and writes files: never traced into a compiled graph
 def choose_product(weights: Sequence[torch.Tensor], rows: int) -> ProductDecision:
     """The product the dense projections with ``weights`` (one shape) run at ``rows`` (a ``ROW_COUNTS`` entry) token
     rows on this machine: measured once per machine and case, then read from the timing cache."""
@@ -449,6 +451,7 @@ def measure_wide(weight: torch.Tensor, clock: Clock = wall_clock, reps: int = 3)
     return {name: t * 1e3 for name, t in seconds.items()}
 
 
+@torch.compiler.disable  # measures, reads and writes files: never traced into a compiled graph
 def choose_wide_product(weight: torch.Tensor) -> str:
     """The product dense calls on ``weight`` (out, in), a re-laid 2-byte float view on a CPU, run on this machine:
     "torch" or "float32", measured once per machine, dtype and shape (``measure_wide``), then read from the timing

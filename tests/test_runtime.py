@@ -149,6 +149,35 @@ def test_patched_model_turns_off_generates_automatic_compile(before):
     assert model.generation_config.disable_compile is before
 
 
+def test_compiled_patched_model_decodes_as_eager():
+    """torch.compile (dynamo; transformers' own compile of generate, or a user's) over a patched model gives the eager
+    logits: the first decode step's measured choice runs outside the traced graph (selection.select is never
+    traced; on an H200 with torch 2.11 dynamo failed inside it), and gathering still takes the decode calls."""
+    model = tiny_model("llama")
+    art = make_artifact(model, tau_in=0.05, tau_mid=0.02, lam=-0.5, tau_s=0.5)
+    ids = torch.randint(4, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def prefill_and_step(m):
+        with torch.no_grad():
+            out = m(input_ids=ids, use_cache=True)
+            step = m(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(model, output_cache(out)))
+        return step.logits
+
+    runtime.apply(model, art)
+    eager = prefill_and_step(model)
+    runtime.remove(model)
+    runtime.apply(model, art)
+    torch._dynamo.reset()
+    try:
+        compiled = prefill_and_step(torch.compile(model, backend="eager"))
+    finally:
+        torch._dynamo.reset()
+    calls = runtime.stats(model)["path_calls"]
+    runtime.remove(model)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert sum(v for k, v in calls.items() if k not in ("masked", "dense")) > 0, calls
+
+
 def test_cuda_graphs_flag_reaches_the_measured_choice():
     """apply(cuda_graphs=True) makes auto time GPU candidates as graph replays (cached apart from launched ones)."""
     from clada.runtime.selection import Shape, case_key
