@@ -31,10 +31,12 @@ measures each case once. Units: milliseconds per call (all layers of the shape d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -138,6 +140,23 @@ def decide(shape: Shape, backend: str, timings: Sequence[Timing], rows: int = 1,
 
 
 # --- measurement -----------------------------------------------------------------------------------------------
+
+def not_traced(fn: Callable) -> Callable:
+    """``fn``, never traced by dynamo (``torch.compiler.disable``, torch 2.11's dynamo crashed inside the measured
+    choices), decorated at its first call where dynamo is loaded: without dynamo nothing is compiling, and importing
+    it with the runtime would cost ~1.4 s and import Triton."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+    return call
+
 
 Clock = Callable[[torch.device], float]
 
@@ -308,7 +327,7 @@ def round_density(density: float) -> float:
     return min(1.0, max(DENSITY_STEP, round(density / DENSITY_STEP) * DENSITY_STEP))
 
 
-@torch.compiler.disable  # measures, reads and writes files: never traced into a compiled graph
+@not_traced  # measures, reads and writes files: never traced into a compiled graph
 def select(workloads: Sequence[Workload], densities: Sequence[float], backend, dtype: torch.dtype,
            device: torch.device, rows: int = 1, clock: Clock = wall_clock,
            graphs: bool = False) -> list[ShapeDecision]:
@@ -403,7 +422,7 @@ def alternating_medians(passes: dict[str, Callable[[], object]], device: torch.d
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-@torch.compiler.disable  # measures, reads and writes files: never traced into a compiled graph
+@not_traced  # measures, reads and writes files: never traced into a compiled graph
 def choose_product(weights: Sequence[torch.Tensor], rows: int) -> ProductDecision:
     """The product the dense projections with ``weights`` (one shape) run at ``rows`` (a ``ROW_COUNTS`` entry) token
     rows on this machine: measured once per machine and case, then read from the timing cache."""
@@ -451,7 +470,7 @@ def measure_wide(weight: torch.Tensor, clock: Clock = wall_clock, reps: int = 3)
     return {name: t * 1e3 for name, t in seconds.items()}
 
 
-@torch.compiler.disable  # measures, reads and writes files: never traced into a compiled graph
+@not_traced  # measures, reads and writes files: never traced into a compiled graph
 def choose_wide_product(weight: torch.Tensor) -> str:
     """The product dense calls on ``weight`` (out, in), a re-laid 2-byte float view on a CPU, run on this machine:
     "torch" or "float32", measured once per machine, dtype and shape (``measure_wide``), then read from the timing
