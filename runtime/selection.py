@@ -247,24 +247,35 @@ def measure(workload: Workload, gather: Callable, rows: int, density: float, dty
     return Timing(rows, density, ms["dense"], ms["dense_rows"], ms["sparse"])
 
 
+def capture(run: Callable[[], object], device: torch.device):
+    """(a CUDA graph of one ``run()``, None) after one eager ``run()`` on a side stream (Triton's autotuning and
+    cuBLAS's setup stay out of the graph), or (None, why) where capture fails (something in ``run`` synchronises)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            run()
+    except RuntimeError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    return graph, None
+
+
 def graphed(calls: list[list[Callable]], device: torch.device) -> list[list[Callable]]:
-    """``calls`` (per layer, its calls) as one replay of a CUDA graph of a pass over them, so that timing a pass
-    measures the device's work and not Python's launches (which a served model replaying graphs does not pay);
-    the calls themselves where capture fails. Runs the pass once first (Triton's autotuning, cuBLAS's setup)."""
-    with torch.no_grad():
+    """``calls`` (per layer, its calls) as one replay of a CUDA graph of a pass over them (``capture``), so that
+    timing a pass measures the device's work and not Python's launches (which a served model replaying graphs does
+    not pay); the calls themselves where capture fails."""
+    def one_pass() -> None:
         for layer in calls:
             for call in layer:
                 call()
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                for layer in calls:
-                    for call in layer:
-                        call()
-        except RuntimeError:
-            return calls
-    return [[graph.replay]]
+
+    with torch.no_grad():
+        graph, _ = capture(one_pass, device)
+    return calls if graph is None else [[graph.replay]]
 
 
 def _bounds(members: list[torch.Tensor]) -> list[tuple[int, int]]:

@@ -78,7 +78,7 @@ def _installed() -> bool:
 
 
 _INSTALLED = _installed()
-_KERNELS: dict[bool, tuple] = {}  # interpreted? -> (gather kernel, slot-sum kernel)
+_KERNELS: dict[bool, tuple] = {}  # interpreted? -> (gather kernel, slot-sum kernel, select kernel)
 
 
 def _import_triton() -> bool:

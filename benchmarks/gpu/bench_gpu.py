@@ -48,6 +48,7 @@ from clada.calibrate.baselines import CalibrationActivations, baseline_artifacts
 from clada.calibrate.measure import attention_thresholds  # noqa: E402
 from clada.calibrate.bench import BenchConfig, layout_backend, run_bench, zero_artifact  # noqa: E402
 from clada.runtime.backends import BACKENDS  # noqa: E402
+from clada.runtime.selection import capture  # noqa: E402
 
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -115,16 +116,10 @@ def _timer(device: torch.device, fn, calls: int, warmup: int, graph: bool = Fals
     for _ in range(warmup):
         fn()
     if device.type == "cuda" and graph:
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(g):
-                for _ in range(GRAPH_CALLS):
-                    fn()
-        except RuntimeError as exc:
-            log(f"  graph capture failed ({exc}); timing eager calls")
-        else:
-            return _timer(device, g.replay, max(3, calls // GRAPH_CALLS), 1) / GRAPH_CALLS
+        captured, why = capture(lambda: [fn() for _ in range(GRAPH_CALLS)], device)
+        if captured is not None:
+            return _timer(device, captured.replay, max(3, calls // GRAPH_CALLS), 1) / GRAPH_CALLS
+        log(f"  graph capture failed ({why}); timing eager calls")
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -355,18 +350,11 @@ def step_times(model, ids: torch.Tensor, steps: int, replays: int) -> dict:
                       backends=stats["backends"])
     if device.type == "cuda":
         result.update(kernel_time(step))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                step()
+        graph, why = capture(step, device)
+        if graph is not None:
             result["graph_ms"] = _timer(device, graph.replay, replays, 3)
-        except RuntimeError as exc:
-            result["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        else:
+            result["graph_error"] = why[:500]
             log(f"  graph capture failed: {result['graph_error']}")
     del cache
     return result
