@@ -476,6 +476,14 @@ def print_steps(rows: list[dict]) -> None:
                          f"{f(r.get('clada_eager_ratio'))} / {chosen}"))
 
 
+def numbers(parser: argparse.ArgumentParser, flag: str, text: str, kind: type) -> list:
+    """The comma-separated ``kind`` values of ``text`` (empty items skipped); one error line naming ``flag`` else."""
+    try:
+        return [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        parser.error(f"{flag}: expected comma-separated {kind.__name__} values, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
@@ -506,9 +514,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--variants: unknown {sorted(unknown)}; expected fused, two_pass, prefetch")
     global SWEEP_ROWS, KERNEL_SPARSITY
     if args.sweep_rows:
-        SWEEP_ROWS = tuple(int(n) for n in args.sweep_rows.split(","))
+        SWEEP_ROWS = tuple(numbers(p, "--sweep-rows", args.sweep_rows, int))
     if args.kernel_sparsity:
-        KERNEL_SPARSITY = tuple(float(s) for s in args.kernel_sparsity.split(","))
+        KERNEL_SPARSITY = tuple(numbers(p, "--kernel-sparsity", args.kernel_sparsity, float))
     dry = args.dry_run
     defaults = DRY_DEFAULTS if dry else {"reads": "0.25,0.40,0.50", "other_reads": "0.40", "batches": "1,4,8",
                                          "eager_batches": "1", "backend": "auto", "dtypes": "bfloat16,float16"}
@@ -524,10 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         if d not in ("float32", "bfloat16", "float16"):
             p.error(f"--dtypes: unknown dtype {d!r}; expected float32, bfloat16 or float16")
     dtypes = [getattr(torch, d) for d in dtype_names]
-    reads = [float(q) for q in args.reads.split(",")]
-    other_reads = [float(q) for q in args.other_reads.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
-    eager_batches = [int(b) for b in args.eager_batches.split(",") if b.strip()]
+    reads = numbers(p, "--reads", args.reads, float)
+    other_reads = numbers(p, "--other-reads", args.other_reads, float)
+    batches = numbers(p, "--batches", args.batches, int)
+    eager_batches = numbers(p, "--eager-batches", args.eager_batches, int)
     if dry:
         from clada.runtime import triton_kernels
 
