@@ -171,3 +171,18 @@ def test_measure_products_times_both_candidates_alternately():
     weights = [torch.randn(24, 16) for _ in range(3)]
     timing = MEASURE_PRODUCTS(weights, 2, clock=lambda device: float(next(ticks)), reps=3)
     assert timing.rows == 2 and timing.torch == timing.native == pytest.approx(1e3 / 3)
+
+
+def test_a_close_product_choice_is_measured_again_until_it_is_clear(monkeypatch, tmp_path):
+    """The compiled product 6% faster than torch's (within TOLERANCE: torch) is a close call: the next choice measures
+    again and keeps each candidate's fastest, which here makes the compiled one win clearly; then nothing more."""
+    monkeypatch.setattr(selection, "_cache_file", lambda device: tmp_path / "sel.json")
+    sittings = iter([ProductTiming(1, 1.0, 0.94), ProductTiming(1, 1.1, 0.6)])
+    measured = []
+    monkeypatch.setattr(selection, "measure_products", lambda weights, rows, *a, **k: measured.append(rows)
+                        or next(sittings))
+    weights = [torch.zeros(8, 8)]
+    assert selection.choose_product(weights, 1).choice == "torch"
+    second = selection.choose_product(weights, 1)
+    assert second.choice == "native" and (second.timing.torch, second.timing.native, second.timing.sittings) == (1.0, 0.6, 2)
+    assert selection.choose_product(weights, 1).timing.cached and len(measured) == 2

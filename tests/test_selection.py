@@ -374,3 +374,49 @@ def test_calls_of_more_rows_than_auto_gathers_run_dense_not_masked(monkeypatch):
     runtime.remove(model)
     assert torch.equal(got, want)
     assert st["path_calls"]["masked"] == 0 and st["path_calls"]["dense"] > 0
+
+
+def test_a_close_call_is_measured_again_and_keeps_each_candidates_fastest(monkeypatch, tmp_path):
+    """A sitting slowed down fourfold by a neighbour (dense 0.42, native 0.34 ms) gathers, the runtime's 0.025 ms
+    diluted; that is a close call, so the next decision measures again (0.11 / 0.104 ms) and the fastest of each
+    candidate decides: dense. A clear decision is not measured again, and a close one at most SITTINGS times."""
+    monkeypatch.setattr(selection, "_cache_file", lambda device: tmp_path / "cache.json")
+    sittings = iter([(0.42, 0.34), (0.11, 0.104), (0.12, 0.09), (0.11, 0.08)])
+    measured = []
+
+    def sitting(workload, gather, rows, density, *a, **k):
+        dense, sparse = next(sittings) if rows == 1 else (1.0, 0.5)
+        measured.append(rows)
+        return Timing(rows, density, dense, 10.0, sparse)
+
+    monkeypatch.setattr(selection, "measure", sitting)
+    shape = Shape(64, 64, 1)
+    workload = selection.Workload(shape, [[torch.zeros(64, 64)]])
+    decide_now = lambda: selection.select([workload], [0.6], _native_stub(), torch.bfloat16, torch.device("cpu"))[0]
+    first = decide_now()
+    assert first.gathering_layout and len(measured) == len(ROW_COUNTS)
+    second = decide_now()  # (0.34 + 0.025) / (0.42 * 0.9) = 0.97: close, measured again at the deciding row count
+    assert measured[len(ROW_COUNTS):] == [1] and not second.gathering_layout
+    at = second.timings[0]
+    assert (at.dense, at.sparse, at.sittings) == (0.11, 0.104, 2) and "2 sittings" in second.reason()
+    assert json.loads((tmp_path / "cache.json").read_text())[
+        selection.case_key("stub", torch.bfloat16, shape, 1, 0.6)]["sittings"] == 2
+    third = decide_now()  # (0.104 + 0.025) / 0.099 = 1.30: clear, nothing measured
+    assert len(measured) == len(ROW_COUNTS) + 1 and not third.gathering_layout and third.timings[0].cached
+
+
+def test_close_calls_stop_after_the_last_sitting(monkeypatch, tmp_path):
+    monkeypatch.setattr(selection, "_cache_file", lambda device: tmp_path / "cache.json")
+    measured = []
+    monkeypatch.setattr(selection, "measure", lambda workload, gather, rows, density, *a, **k: measured.append(rows)
+                        or Timing(rows, density, 1.0, 10.0, 0.86))  # (0.86 + 0.025) / 0.9 = 0.98: always close
+    workload = selection.Workload(Shape(64, 64, 1), [[torch.zeros(64, 64)]])
+    for _ in range(selection.SITTINGS + 2):
+        decision = selection.select([workload], [0.6], _native_stub(), torch.float32, torch.device("cpu"))[0]
+    assert measured.count(1) == selection.SITTINGS and decision.timings[0].sittings == selection.SITTINGS
+
+
+def test_fastest_of_keeps_each_candidates_minimum():
+    old, new = Timing(1, 0.6, 0.4, 2.0, 0.3, sittings=2), Timing(1, 0.6, 0.5, 1.0, 0.2)
+    both = selection.fastest_of(old, new, selection.CANDIDATES)
+    assert (both.dense, both.dense_rows, both.sparse, both.sittings, both.cached) == (0.4, 1.0, 0.2, 3, False)
