@@ -24,10 +24,12 @@ decodes; the next timed count up): the gathering layout if there the faster of `
 ``dense`` by more than ``TOLERANCE`` (10%), the runtime's own per-call work (``CALL_OVERHEAD_MS``, on CPU: the timed
 calls are the kernels alone) added to it; then every row count runs the faster of the two. Otherwise the shape keeps
 its original layout and runs ``dense`` at every row count. (One copy of the weights has one layout: a process that
-later decodes at another row count gets the best that layout allows there, which ``reason`` shows.) Timings are cached in ``$CLADA_CACHE/selection/`` keyed by the CPU (model and flags) or GPU name,
-torch version, thread count, dtype, shape, rows and density (rounded to ``DENSITY_STEP``), so a machine
-measures each case once -- or, where the decision was a close call, again at later decisions (up to ``SITTINGS``
-sittings, each candidate's fastest kept: a neighbour's memory traffic only ever slows a sitting down). Units: milliseconds per call (all layers of the shape divided by their number).
+later decodes at another row count gets the best that layout allows there, which ``reason`` shows.) Timings are
+cached in ``$CLADA_CACHE/selection/`` keyed by the CPU (model and flags) or GPU name, torch version, thread count,
+dtype, shape, rows and density (rounded to ``DENSITY_STEP``), so a machine measures each case once -- or, where the
+decision was a close call, again at later decisions (up to ``SITTINGS`` sittings, each candidate's fastest kept: a
+neighbour's memory traffic only ever slows a sitting down). Units: milliseconds per call (all layers of the shape
+divided by their number).
 """
 
 from __future__ import annotations
