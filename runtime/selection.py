@@ -171,8 +171,17 @@ def fastest_of(old, new, candidates: Sequence[str]):
                    sittings=old.sittings + new.sittings, cached=False)
 
 
-def _cached(cls, entry: dict | None):
-    return None if entry is None else cls(**{**entry, "cached": True})
+def settled(cls, entry: dict | None, candidates: Sequence[str], measure_now: Callable[[], object],
+            margin: Callable[[object], float] | None = None) -> tuple[object, bool]:
+    """(timing, fresh) of one case: the cache's ``entry`` read as ``cls`` (Timing or ProductTiming); measured now
+    (``measure_now()``) where there is none; measured again and combined (``fastest_of`` over ``candidates``) where
+    ``margin`` (None: never) puts its decision within CLOSE_CALL of the edge and it has fewer than SITTINGS sittings.
+    ``fresh``: the timing is new and belongs in the cache."""
+    timing = None if entry is None else cls(**{**entry, "cached": True})
+    if timing is not None and (margin is None or timing.sittings >= SITTINGS or not close_call(margin(timing))):
+        return timing, False
+    new = measure_now()
+    return (new if timing is None else fastest_of(timing, new, candidates)), True
 
 
 def _entry(timing) -> dict:
@@ -393,14 +402,13 @@ def select(workloads: Sequence[Workload], densities: Sequence[float], backend, d
         density = round_density(density)
         overhead = CALL_OVERHEAD_MS[min(workload.shape.members, 2)] if device.type == "cpu" else 0.0
         timings = []
-        for n in ROW_COUNTS:
+        for n in ROW_COUNTS:  # only the deciding row count's close call is measured again: it decides the layout
             key = case_key(backend.identity(), dtype, workload.shape, n, density, graphs)
-            timing = _cached(Timing, cache.get(key))
-            again = (timing is not None and n == timed_count(rows) and timing.sittings < SITTINGS
-                     and close_call(gathering_margin(timing, overhead)))
-            if timing is None or again:
-                new = measure(workload, backend.gather, n, density, dtype, device, clock, graphs=graphs)
-                timing = fastest_of(timing, new, CANDIDATES) if again else new
+            timing, new = settled(Timing, cache.get(key), CANDIDATES,
+                                  lambda n=n: measure(workload, backend.gather, n, density, dtype, device, clock,
+                                                      graphs=graphs),
+                                  (lambda t: gathering_margin(t, overhead)) if n == timed_count(rows) else None)
+            if new:
                 fresh[key] = _entry(timing)
             timings.append(timing)
         decisions.append(decide(workload.shape, backend.name, timings, rows, overhead))
@@ -491,11 +499,9 @@ def choose_product(weights: Sequence[torch.Tensor], rows: int) -> ProductDecisio
     w = weights[0]
     dtype = str(w.dtype).removeprefix("torch.")
     key = f"m{MEASUREMENT}|gemv:{native.gather_kernel().path.stem}|{dtype}|{w.shape[0]}x{w.shape[1]}|{rows}"
-    timing = _cached(ProductTiming, load_cache(w.device).get(key))
-    again = timing is not None and timing.sittings < SITTINGS and close_call(product_margin(timing))
-    if timing is None or again:
-        new = measure_products(weights, rows)
-        timing = fastest_of(timing, new, PRODUCT_CANDIDATES) if again else new
+    timing, new = settled(ProductTiming, load_cache(w.device).get(key), PRODUCT_CANDIDATES,
+                          lambda: measure_products(weights, rows), product_margin)
+    if new:
         store_cache(w.device, {key: _entry(timing)})
     native_wins = product_margin(timing) < 1.0
     return ProductDecision((int(w.shape[0]), int(w.shape[1])), dtype, timing, "native" if native_wins else "torch")
