@@ -20,6 +20,7 @@ TARGET = {"lee": 0.02, "enwiki": 0.04}  # issue 3: reads saved >= TARGET_READS a
 TARGET_READS = 0.20
 TARGET_17 = {"lee": 0.015, "enwiki": 0.02}  # issue 17: reads saved >= TARGET_READS_17 at these
 TARGET_READS_17 = 0.25
+FIGURE_FORMAT = {"ppl_increase": "+.4f", "kl": ".4f"}  # the figures compared at equal reads saved
 
 
 def lines(rows: list[dict]) -> dict[str, list[dict]]:
@@ -42,12 +43,19 @@ def _f(value, fmt: str = ".4f") -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def equal_reads_table(by_method: dict[str, list[dict]], data: str) -> list[str]:
+def curve(rows: list[dict], data: str, figure: str) -> list[tuple[float, float]]:
+    """(mlp_reads_saved, ``figure``) of a method's ``rows`` on ``data``, sorted by reads saved."""
+    return sorted((r[data]["mlp_reads_saved"], r[data][figure]) for r in rows)
+
+
+def equal_reads_table(by_method: dict[str, list[dict]], data: str, figure: str = "ppl_increase") -> list[str]:
+    """Each method's ``figure`` interpolated at READS_GRID (markdown rows)."""
+    fmt = FIGURE_FORMAT[figure]
     out = [f"| method | " + " | ".join(f"reads {x:.2f}" for x in READS_GRID) + " |",
            "|---|" + "---:|" * len(READS_GRID)]
     for method, rows in by_method.items():
-        pts = sorted((r[data]["mlp_reads_saved"], r[data]["ppl_increase"]) for r in rows)
-        out.append(f"| {method} | " + " | ".join(_f(interpolate(pts, x), "+.4f") for x in READS_GRID) + " |")
+        pts = curve(rows, data, figure)
+        out.append(f"| {method} | " + " | ".join(_f(interpolate(pts, x), fmt) for x in READS_GRID) + " |")
     return out
 
 
@@ -86,15 +94,16 @@ def clada_table(rows: list[dict]) -> list[str]:
     return out
 
 
-def against(by_method: dict[str, list[dict]], method: str, peer: str, data: str) -> str:
-    """Where ``method``'s interpolated ppl_increase is at or below ``peer``'s on READS_GRID, in words."""
-    def curve(m):
-        return sorted((r[data]["mlp_reads_saved"], r[data]["ppl_increase"]) for r in by_method.get(m, []))
+def against(by_method: dict[str, list[dict]], method: str, peer: str, data: str,
+            figure: str = "ppl_increase") -> str:
+    """Where ``method``'s interpolated ``figure`` is at or below ``peer``'s on READS_GRID, in words."""
+    fmt = FIGURE_FORMAT[figure]
+    mine, theirs = curve(by_method.get(method, []), data, figure), curve(by_method.get(peer, []), data, figure)
     cells = []
     for x in READS_GRID:
-        a, b = interpolate(curve(method), x), interpolate(curve(peer), x)
+        a, b = interpolate(mine, x), interpolate(theirs, x)
         cells.append(f"{x:.2f}: " + ("—" if a is None or b is None else ("yes" if a <= b else "no") +
-                                     f" ({a:+.4f} vs {b:+.4f})"))
+                                     f" ({a:{fmt}} vs {b:{fmt}})"))
     return f"`{data}`: " + "; ".join(cells)
 
 
@@ -151,6 +160,14 @@ def render_markdown(result: dict) -> str:
     ]
     for data in DATASETS:
         md += [f"Held-out `{data}`:" if data == "lee" else f"`{data}`:", ""] + equal_reads_table(by_method, data) + [""]
+    md += ["## KL divergence at equal reads saved (the search's own unit; same interpolation)", "",
+           "Mean KL(dense || sparse) per scored token, nats. Unlike ppl_increase it cannot cancel (a sparse model "
+           "that is more confident on some tokens and less on others), so it moves less between nearby points.", "",
+           "CLADA at or below teal-greedy: " + " — ".join(against(by_method, "clada", "teal-greedy", x, "kl")
+                                                          for x in DATASETS), ""]
+    for data in DATASETS:
+        md += [f"Held-out `{data}`:" if data == "lee" else f"`{data}`:", ""] + equal_reads_table(by_method, data,
+                                                                                                 "kl") + [""]
     md += ["![frontier](frontier.png)", "", "## Every measured point", ""] + points_table(by_method) + [""]
     same = [r for r in result["rows"] if r.get("same_as")]
     if same:
