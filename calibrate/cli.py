@@ -15,6 +15,7 @@ import click
 from ..runtime import SPARSITY_FIGURES
 from ..runtime.backends import BACKEND_NAMES
 from .methods import METHODS
+from .report import interval_words
 
 SPARSITY_HELP = "Sparsity level (quantile or target) of the methods that take one, e.g. 0.5."
 
@@ -53,6 +54,8 @@ def _print_figures(title: str, figures: dict) -> None:
         if figures.get(key) is not None:
             value = figures[key]
             click.echo(f"  {key:25s} {value:.4f}" if isinstance(value, float) else f"  {key:25s} {value}")
+            if key == "ppl_increase" and figures.get("ppl_increase_interval"):
+                click.echo(f"  {'':25s}{interval_words(figures)}")
 
 
 RECIPE_ARG = click.argument("recipe", type=click.Path(dir_okay=False))

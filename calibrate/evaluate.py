@@ -43,6 +43,10 @@ def tokenize_documents(tokenizer, documents: list[str], length: int, max_docs: i
     return torch.tensor(rows, dtype=torch.long)
 
 
+INTERVAL_LEVEL = 0.95  # ppl_increase_interval: the share of bootstrap draws it holds
+INTERVAL_DRAWS = 2000  # documents resampled this many times (the ends then vary by ~0.0003, one SD, with the seed)
+
+
 def _kl(dense_logits: torch.Tensor, sparse_logits: torch.Tensor) -> torch.Tensor:
     """KL(dense || sparse) per position, nats: (..., V) -> (...)."""
     p = torch.log_softmax(dense_logits.float(), -1)
@@ -97,17 +101,36 @@ def _dense_logits(model: nn.Module, tokens: torch.Tensor, prompt: int, scored: i
         return model(input_ids=tokens[:, : prompt + scored]).logits[:, prompt:]
 
 
+def ppl_increase_interval(nll_sparse: torch.Tensor, nll_dense: torch.Tensor, level: float = INTERVAL_LEVEL,
+                          draws: int = INTERVAL_DRAWS, seed: int = 0) -> list[float]:
+    """[low, high]: percentile bootstrap interval of ppl_increase over documents, the documents resampled with
+    replacement (``draws`` times, a fixed ``seed``: the same figures give the same interval).
+
+    nll_sparse, nll_dense: (N, S) per-token NLL (nats) of the same N documents' S scored tokens. Resampling whole
+    documents keeps the pairing of sparse and dense and the dependence between a document's tokens."""
+    per_document = (nll_sparse.double() - nll_dense.double()).mean(1)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(per_document.numel(), (draws, per_document.numel()), generator=generator)
+    increases = torch.expm1(per_document[picks].mean(1))
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(increases, torch.tensor([tail, 1.0 - tail], dtype=increases.dtype)).tolist()
+    return [low, high]
+
+
 def _summarise(nll_sparse: list, nll_dense: list, kl: list, stats: dict) -> dict:
-    sparse = torch.cat(nll_sparse).double().mean().item()
-    dense = torch.cat(nll_dense).double().mean().item()
+    sparse_nll, dense_nll = torch.cat(nll_sparse), torch.cat(nll_dense)  # (N, S) each
+    sparse = sparse_nll.double().mean().item()
+    dense = dense_nll.double().mean().item()
     out = {
         "dense_ppl": math.exp(dense),
         "sparse_ppl": math.exp(sparse),
         "ppl_increase": math.exp(sparse - dense) - 1.0,
+        "ppl_increase_interval": ppl_increase_interval(sparse_nll, dense_nll),
         "kl": torch.cat(kl).double().mean().item(),
     }
     out.update({k: stats.get(k) for k in ("rule", *SPARSITY_FIGURES)})
-    out["tokens"] = int(torch.cat(nll_sparse).numel())
+    out["tokens"] = int(sparse_nll.numel())
+    out["documents"] = int(sparse_nll.shape[0])
     out["per_layer"] = stats["per_layer"]
     return out
 

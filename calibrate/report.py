@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_path, write_atomic
 from ..runtime import SPARSITY_FIGURES
+from .evaluate import INTERVAL_LEVEL
 
 HEADLINE_KEYS = ("dense_ppl", "sparse_ppl", "ppl_increase", "kl", *SPARSITY_FIGURES, "tokens")
 
@@ -15,6 +16,16 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:+.4f}" if abs(value) < 1 and value < 0 else f"{value:.4f}"
     return str(value)
+
+
+def interval_words(figures: dict) -> str:
+    """`` (95% interval +a to +b over N documents)`` for figures with a ``ppl_increase_interval``, else ``""``."""
+    interval = figures.get("ppl_increase_interval")
+    if not interval:
+        return ""
+    documents = figures.get("documents")
+    return (f" ({INTERVAL_LEVEL:.0%} interval {interval[0]:+.4f} to {interval[1]:+.4f}"
+            + (f" over {documents} documents" if documents else "") + ")")
 
 
 def budget_warning(report: dict) -> str | None:
@@ -49,7 +60,8 @@ def render_markdown(report: dict) -> str:
         "| key | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {_fmt(held[k])}" + (" **above the budget**" if k == "ppl_increase" and warning else "") + " |"
+    lines += [f"| {k} | {_fmt(held[k])}" + (interval_words(held) if k == "ppl_increase" else "")
+              + (" **above the budget**" if k == "ppl_increase" and warning else "") + " |"
               for k in HEADLINE_KEYS if held.get(k) is not None]
     if warning:
         lines += ["", f"**Warning:** {warning}."]

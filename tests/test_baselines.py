@@ -17,7 +17,8 @@ from clada.calibrate.baselines import (CalibrationActivations, MethodError, base
                                        magnitude_error_model, teal_greedy_path)
 from clada.calibrate.cli import main
 from clada.calibrate.compare import threshold_sensitivity
-from clada.calibrate.evaluate import TeacherForcedEvaluator, generation_eval, greedy_agreement
+from clada.calibrate.evaluate import (TeacherForcedEvaluator, generation_eval, greedy_agreement,
+                                      ppl_increase_interval)
 from clada.calibrate.measure import LayerErrorModel
 from clada.calibrate.methods import METHODS, build_method, method_artifact
 from clada.runtime.rules import threshold_keep
@@ -210,6 +211,31 @@ def test_teacher_forced_equals_generation_regime_without_adaptation(name):
     assert fast["tokens"] == exact["tokens"]
     if name != "dense":
         assert exact["mlp_reads_saved"] > 0.1
+    method.remove()
+
+
+def test_ppl_increase_interval_resamples_whole_documents():
+    dense = torch.rand(2, 5)
+    # two documents whose sparse NLL is 0 and 1 nat above dense: resampled means 0, 0.5, 1 with odds 1/4, 1/2, 1/4
+    low, high = ppl_increase_interval(dense + torch.tensor([[0.0], [1.0]]), dense)
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(torch.e - 1.0)
+    assert ppl_increase_interval(dense + 0.01, dense) == pytest.approx([0.01005017] * 2, rel=1e-5)  # no spread: a point
+    spread = torch.linspace(-0.03, 0.03, 32).unsqueeze(1)  # per-document differences around a mean of 0.01 nat
+    base = torch.rand(32, 8)
+    narrow = ppl_increase_interval(base + 0.01 + 0.5 * spread, base)
+    wide = ppl_increase_interval(base + 0.01 + spread, base)
+    assert wide[0] < narrow[0] < 0.01005 < narrow[1] < wide[1]  # both around the point estimate expm1(0.01)
+    assert ppl_increase_interval(base + 0.01 + spread, base) == wide  # a fixed seed: the same figures, the same interval
+
+
+def test_evaluations_report_the_interval_around_their_ppl_increase():
+    model = tiny_model("llama")
+    method = build_method("clada", model, artifact=make_artifact(model, tau_in=0.05, tau_mid=0.05))
+    for figures in (generation_eval(model, TOKENS, PROMPT, batch_size=4, progress=False, method=method),
+                    TeacherForcedEvaluator(model, TOKENS, PROMPT, batch_size=4)(method)):
+        low, high = figures["ppl_increase_interval"]
+        assert low <= figures["ppl_increase"] <= high and low < high
+        assert figures["documents"] == TOKENS.shape[0]
     method.remove()
 
 

@@ -144,13 +144,16 @@ def test_heldout_figure_above_the_budget_is_a_warning_and_marked_in_the_report(w
     report = json.loads((root / "out" / "report.json").read_text())
     report["search"]["max_ppl_increase"] = 0.015
     report["heldout"]["ppl_increase"] = report["ppl_increase"] = 0.0187
+    assert len(report["heldout"]["ppl_increase_interval"]) == 2 and report["heldout"]["documents"] > 0
+    report["heldout"]["ppl_increase_interval"], report["heldout"]["documents"] = [0.012, 0.025], 32
     monkeypatch.setattr(pipeline, "run_calibration", lambda recipe, progress: report)
     result = CliRunner().invoke(calibrate_main, [str(root / "recipe.yaml"), "--quiet"])
     assert result.exit_code == 0, result.output
     warning = "clada: warning: held-out ppl_increase +0.0187 is above the recipe's budget 0.015 (search.max_ppl_increase)"
     assert warning in result.stderr and result.stderr.count("clada: warning") == 1
     markdown = render_markdown(report)
-    assert "| ppl_increase | 0.0187 **above the budget** |" in markdown and "**Warning:** held-out" in markdown
+    assert ("| ppl_increase | 0.0187 (95% interval +0.0120 to +0.0250 over 32 documents) **above the budget** |"
+            in markdown) and "**Warning:** held-out" in markdown
     report["heldout"]["ppl_increase"] = report["ppl_increase"] = 0.0149
     result = CliRunner().invoke(calibrate_main, [str(root / "recipe.yaml"), "--quiet"])
     assert "warning" not in result.output and "above the budget" not in render_markdown(report)
