@@ -49,7 +49,8 @@ from clada.calibrate.evaluate import (QUALITY_BACKEND, ProxyEvaluator, Sparsifie
                                       greedy_tokens, tokenize_documents)
 from clada.calibrate.models import load_model
 from clada.calibrate.multiple_choice import load_questions, multiple_choice_eval
-from clada.calibrate.pipeline import ARTIFACT_NAME, Measurements, measure, point_artifact, study_name, token_splits
+from clada.calibrate.pipeline import (ARTIFACT_NAME, MEASUREMENTS_NAME, Measurements, measure, measurement_key,
+                                     point_artifact, study_name, token_splits)
 from clada.calibrate.recipe import load_recipe
 from clada.calibrate.search import SearchSettings, ThresholdSearch
 
@@ -69,9 +70,18 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def measurements(recipe, model, adapter, act_tokens: torch.Tensor) -> Measurements:
-    """``pipeline.measure`` of the recipe, cached by what it depends on (model fingerprint and every recipe field
-    but the search, eval and output settings) -- it is deterministic, and a new budget needs no new tables."""
+def measurements(recipe, model, adapter, act_tokens: torch.Tensor, study_dir: Path | None = None,
+                 data_sha256: str | None = None) -> Measurements:
+    """``pipeline.measure`` of the recipe: the calibration's own (``study_dir``'s measurements file, where it was
+    made from the same model, documents ``data_sha256`` and settings), else cached by what it depends on (model
+    fingerprint and every recipe field but the search, eval and output settings) -- it is deterministic, and a new
+    budget needs no new tables."""
+    if study_dir is not None and data_sha256 is not None:
+        key = measurement_key(recipe, runtime.model_identity(model, adapter), runtime.mlp_fingerprint(model, adapter),
+                              data_sha256)
+        calibrated = Measurements.load(study_dir / MEASUREMENTS_NAME, key)
+        if calibrated is not None:
+            return calibrated
     inputs = {k: v for k, v in recipe.to_dict().items() if k not in ("search", "eval", "output")}
     key = hashlib.sha256((json.dumps(inputs, sort_keys=True) + repr(runtime.mlp_fingerprint(model, adapter).tolist())).encode())
     path = cache_dir() / "tables" / f"{key.hexdigest()[:16]}.safetensors"
@@ -96,6 +106,7 @@ class Bench:
         self.adapter = runtime.adapter_for(self.model)
         self.prompt = r.prompt_tokens
         lee = load_documents(r.data)
+        self.data_sha256 = lee.identity["sha256"]
         self.splits = token_splits(r, self.tokenizer, lee.documents)
         length = r.prompt_tokens + r.scored_tokens + 1
         self.tokens = {"lee": self.splits.held[: args.docs],
@@ -106,7 +117,9 @@ class Bench:
         self.reference = {k: TeacherForcedEvaluator(self.model, v, self.prompt, self.batch)
                           for k, v in self.tokens.items()}
         self.prompts = self.tokens["lee"][: args.greedy_prompts, : self.prompt]
-        self.greedy_reference = greedy_tokens(self.model, self.prompts, args.greedy_tokens)
+        # dense greedy continuations (none where no greedy agreement is wanted: greedy_prompts 0)
+        self.greedy_reference = (greedy_tokens(self.model, self.prompts, args.greedy_tokens) if args.greedy_prompts
+                                 else None)
         self.measured: dict[str, dict] = {}  # decode digest -> row (evaluate_artifact)
         self.dense_ppl = {k: math.exp(torch.cat([b["nll_dense"] for b in ev.batches]).double().mean().item())
                           for k, ev in self.reference.items()}
@@ -124,17 +137,21 @@ class Bench:
         self.measured[key] = row
         return row
 
+    def figures(self, method, data: str) -> dict:
+        """``generation_eval``'s figures of an attached ``method`` on data set ``data`` (teacher forced, in one
+        forward, where that is exact: without adaptation)."""
+        if method.adaptive:
+            return generation_eval(self.model, self.tokens[data], self.prompt, self.batch, progress=False,
+                                   method=method, reference=self.reference[data])
+        return self.reference[data](method)
+
     def evaluate(self, method, label: str, level, extra: dict | None = None) -> dict:
         """Figures of an attached ``method`` on both data sets and its greedy agreement; detaches it."""
         t = time.time()
         row = {"method": label, "level": level, **(extra or {})}
         try:
-            for name, tokens in self.tokens.items():
-                if method.adaptive:
-                    figures = generation_eval(self.model, tokens, self.prompt, self.batch,
-                                              progress=False, method=method, reference=self.reference[name])
-                else:
-                    figures = self.reference[name](method)
+            for name in self.tokens:
+                figures = self.figures(method, name)
                 row[name] = {k: figures[k] for k in KEYS}
             row["greedy_agreement"] = greedy_agreement(self.model, self.prompts, method, self.args.greedy_tokens,
                                                        reference=self.greedy_reference)
@@ -218,7 +235,7 @@ def study_search(bench: Bench, study_dir: Path, default: Artifact) -> tuple[Thre
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=study_name(r), storage=storage)
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    m = measurements(r, bench.model, bench.adapter, bench.splits.act)
+    m = measurements(r, bench.model, bench.adapter, bench.splits.act, study_dir, bench.data_sha256)
     fingerprint = runtime.mlp_fingerprint(bench.model, bench.adapter)
     artifact_of = partial(point_artifact, weight_in=m.weight_in, weight_mid=m.weight_mid, fingerprint=fingerprint,
                           centers=m.centers)

@@ -101,20 +101,26 @@ def _dense_logits(model: nn.Module, tokens: torch.Tensor, prompt: int, scored: i
         return model(input_ids=tokens[:, : prompt + scored]).logits[:, prompt:]
 
 
+def bootstrap_interval(per_document: torch.Tensor, level: float = INTERVAL_LEVEL, draws: int = INTERVAL_DRAWS,
+                       seed: int = 0) -> list[float]:
+    """[low, high]: percentile bootstrap interval of the mean of ``per_document`` (N,) values, the documents resampled
+    with replacement ``draws`` times (a fixed ``seed``: the same values give the same interval)."""
+    values = per_document.double().flatten()
+    generator = torch.Generator().manual_seed(seed)
+    means = values[torch.randint(values.numel(), (draws, values.numel()), generator=generator)].mean(1)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
+    return [low, high]
+
+
 def ppl_increase_interval(nll_sparse: torch.Tensor, nll_dense: torch.Tensor, level: float = INTERVAL_LEVEL,
                           draws: int = INTERVAL_DRAWS, seed: int = 0) -> list[float]:
-    """[low, high]: percentile bootstrap interval of ppl_increase over documents, the documents resampled with
-    replacement (``draws`` times, a fixed ``seed``: the same figures give the same interval).
+    """[low, high]: ``bootstrap_interval`` of ppl_increase over documents.
 
     nll_sparse, nll_dense: (N, S) per-token NLL (nats) of the same N documents' S scored tokens. Resampling whole
     documents keeps the pairing of sparse and dense and the dependence between a document's tokens."""
-    per_document = (nll_sparse.double() - nll_dense.double()).mean(1)
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(per_document.numel(), (draws, per_document.numel()), generator=generator)
-    increases = torch.expm1(per_document[picks].mean(1))
-    tail = (1.0 - level) / 2
-    low, high = torch.quantile(increases, torch.tensor([tail, 1.0 - tail], dtype=increases.dtype)).tolist()
-    return [low, high]
+    increase = (nll_sparse.double() - nll_dense.double()).mean(1)
+    return [math.expm1(v) for v in bootstrap_interval(increase, level, draws, seed)]
 
 
 def _summarise(nll_sparse: list, nll_dense: list, kl: list, stats: dict) -> dict:
@@ -131,6 +137,11 @@ def _summarise(nll_sparse: list, nll_dense: list, kl: list, stats: dict) -> dict
     out.update({k: stats.get(k) for k in ("rule", *SPARSITY_FIGURES)})
     out["tokens"] = int(sparse_nll.numel())
     out["documents"] = int(sparse_nll.shape[0])
+    # per document (in document order): mean NLL increase (nats; ppl_increase = expm1 of their mean) and mean KL, what
+    # a comparison of two methods on the same documents pairs (benchmarks/paired_quality.py)
+    out["per_document"] = {
+        "nll_increase": (sparse_nll.double() - dense_nll.double()).mean(1).tolist(),
+        "kl": torch.cat([k.double().view(n.shape[0], -1).mean(1) for k, n in zip(kl, nll_sparse)]).tolist()}
     out["per_layer"] = stats["per_layer"]
     return out
 

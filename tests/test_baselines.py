@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import json
 import tarfile
 
@@ -236,6 +237,11 @@ def test_evaluations_report_the_interval_around_their_ppl_increase():
         low, high = figures["ppl_increase_interval"]
         assert low <= figures["ppl_increase"] <= high and low < high
         assert figures["documents"] == TOKENS.shape[0]
+        per_document = figures["per_document"]  # what a paired comparison of two methods takes, document by document
+        assert len(per_document["nll_increase"]) == len(per_document["kl"]) == TOKENS.shape[0]
+        mean_increase = sum(per_document["nll_increase"]) / TOKENS.shape[0]
+        assert math.expm1(mean_increase) == pytest.approx(figures["ppl_increase"], rel=1e-9, abs=1e-12)
+        assert sum(per_document["kl"]) / TOKENS.shape[0] == pytest.approx(figures["kl"], rel=1e-6)
     method.remove()
 
 
