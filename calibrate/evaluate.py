@@ -113,25 +113,30 @@ def bootstrap_interval(per_document: torch.Tensor, level: float = INTERVAL_LEVEL
     return [low, high]
 
 
-def ppl_increase_interval(nll_sparse: torch.Tensor, nll_dense: torch.Tensor, level: float = INTERVAL_LEVEL,
-                          draws: int = INTERVAL_DRAWS, seed: int = 0) -> list[float]:
-    """[low, high]: ``bootstrap_interval`` of ppl_increase over documents.
+def nll_increase_by_document(nll_sparse: torch.Tensor, nll_dense: torch.Tensor) -> torch.Tensor:
+    """(N,) float64 mean NLL increase (nats) of each document: ``nll_sparse``, ``nll_dense`` (N, S) are the per-token
+    NLL of the same N documents' S scored tokens. ppl_increase = expm1 of their mean."""
+    return (nll_sparse.double() - nll_dense.double()).mean(1)
 
-    nll_sparse, nll_dense: (N, S) per-token NLL (nats) of the same N documents' S scored tokens. Resampling whole
-    documents keeps the pairing of sparse and dense and the dependence between a document's tokens."""
-    increase = (nll_sparse.double() - nll_dense.double()).mean(1)
-    return [math.expm1(v) for v in bootstrap_interval(increase, level, draws, seed)]
+
+def ppl_increase_interval(nll_increase: torch.Tensor, level: float = INTERVAL_LEVEL, draws: int = INTERVAL_DRAWS,
+                          seed: int = 0) -> list[float]:
+    """[low, high]: ``bootstrap_interval`` of ppl_increase over documents, from their ``nll_increase`` (N,)
+    (``nll_increase_by_document``). Resampling whole documents keeps the pairing of sparse and dense and the
+    dependence between a document's tokens."""
+    return [math.expm1(v) for v in bootstrap_interval(nll_increase, level, draws, seed)]
 
 
 def _summarise(nll_sparse: list, nll_dense: list, kl: list, stats: dict) -> dict:
     sparse_nll, dense_nll = torch.cat(nll_sparse), torch.cat(nll_dense)  # (N, S) each
     sparse = sparse_nll.double().mean().item()
     dense = dense_nll.double().mean().item()
+    increase = nll_increase_by_document(sparse_nll, dense_nll)
     out = {
         "dense_ppl": math.exp(dense),
         "sparse_ppl": math.exp(sparse),
         "ppl_increase": math.exp(sparse - dense) - 1.0,
-        "ppl_increase_interval": ppl_increase_interval(sparse_nll, dense_nll),
+        "ppl_increase_interval": ppl_increase_interval(increase),
         "kl": torch.cat(kl).double().mean().item(),
     }
     out.update({k: stats.get(k) for k in ("rule", *SPARSITY_FIGURES)})
@@ -140,7 +145,7 @@ def _summarise(nll_sparse: list, nll_dense: list, kl: list, stats: dict) -> dict
     # per document (in document order): mean NLL increase (nats; ppl_increase = expm1 of their mean) and mean KL, what
     # a comparison of two methods on the same documents pairs (benchmarks/paired_quality.py)
     out["per_document"] = {
-        "nll_increase": (sparse_nll.double() - dense_nll.double()).mean(1).tolist(),
+        "nll_increase": increase.tolist(),
         "kl": torch.cat([k.double().view(n.shape[0], -1).mean(1) for k, n in zip(kl, nll_sparse)]).tolist()}
     out["per_layer"] = stats["per_layer"]
     return out

@@ -19,7 +19,7 @@ from clada.calibrate.baselines import (CalibrationActivations, MethodError, base
 from clada.calibrate.cli import main
 from clada.calibrate.compare import threshold_sensitivity
 from clada.calibrate.evaluate import (TeacherForcedEvaluator, generation_eval, greedy_agreement,
-                                      ppl_increase_interval)
+                                      nll_increase_by_document, ppl_increase_interval)
 from clada.calibrate.measure import LayerErrorModel
 from clada.calibrate.methods import METHODS, build_method, method_artifact
 from clada.runtime.rules import threshold_keep
@@ -216,17 +216,20 @@ def test_teacher_forced_equals_generation_regime_without_adaptation(name):
 
 
 def test_ppl_increase_interval_resamples_whole_documents():
+    def interval(sparse, dense):
+        return ppl_increase_interval(nll_increase_by_document(sparse, dense))
+
     dense = torch.rand(2, 5)
     # two documents whose sparse NLL is 0 and 1 nat above dense: resampled means 0, 0.5, 1 with odds 1/4, 1/2, 1/4
-    low, high = ppl_increase_interval(dense + torch.tensor([[0.0], [1.0]]), dense)
+    low, high = interval(dense + torch.tensor([[0.0], [1.0]]), dense)
     assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(torch.e - 1.0)
-    assert ppl_increase_interval(dense + 0.01, dense) == pytest.approx([0.01005017] * 2, rel=1e-5)  # no spread: a point
+    assert interval(dense + 0.01, dense) == pytest.approx([0.01005017] * 2, rel=1e-5)  # no spread: a point
     spread = torch.linspace(-0.03, 0.03, 32).unsqueeze(1)  # per-document differences around a mean of 0.01 nat
     base = torch.rand(32, 8)
-    narrow = ppl_increase_interval(base + 0.01 + 0.5 * spread, base)
-    wide = ppl_increase_interval(base + 0.01 + spread, base)
+    narrow = interval(base + 0.01 + 0.5 * spread, base)
+    wide = interval(base + 0.01 + spread, base)
     assert wide[0] < narrow[0] < 0.01005 < narrow[1] < wide[1]  # both around the point estimate expm1(0.01)
-    assert ppl_increase_interval(base + 0.01 + spread, base) == wide  # a fixed seed: the same figures, the same interval
+    assert interval(base + 0.01 + spread, base) == wide  # a fixed seed: the same figures, the same interval
 
 
 def test_evaluations_report_the_interval_around_their_ppl_increase():
