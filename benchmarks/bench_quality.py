@@ -39,7 +39,7 @@ import optuna
 import torch
 
 from clada import runtime
-from clada.artifacts import Artifact, load_artifact, write_atomic
+from clada.artifacts import Artifact, ArtifactError, load_artifact, write_atomic
 from clada.calibrate.baselines import THRESHOLD_BASELINES, CalibrationActivations, baseline_artifacts
 from clada.calibrate.methods import METHODS, build_method, method_artifact
 from clada.calibrate.cache import cache_dir
@@ -51,7 +51,7 @@ from clada.calibrate.models import load_model
 from clada.calibrate.multiple_choice import load_questions, multiple_choice_eval
 from clada.calibrate.pipeline import (ARTIFACT_NAME, MEASUREMENTS_NAME, Measurements, measure, measurement_key,
                                      point_artifact, study_name, token_splits)
-from clada.calibrate.recipe import load_recipe
+from clada.calibrate.recipe import RecipeError, load_recipe
 from clada.calibrate.search import SearchSettings, ThresholdSearch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,6 +68,16 @@ GREEDY_TOKENS = 64
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def default_of_study(parser: argparse.ArgumentParser, args) -> tuple[Path, Artifact]:
+    """(study folder, its default artifact) of ``args.recipe`` and ``args.study_dir`` (default: the recipe's
+    output), read before any model loads; a bad recipe or a missing or bad artifact is one error line, exit 2."""
+    try:
+        study_dir = Path(args.study_dir or ROOT / load_recipe(args.recipe).output)
+        return study_dir, load_artifact(study_dir / ARTIFACT_NAME)
+    except (RecipeError, ArtifactError) as exc:
+        parser.error(str(exc))
 
 
 def measurements(recipe, model, adapter, act_tokens: torch.Tensor, study_dir: Path | None = None,
@@ -329,10 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     t0 = time.time()
     torch.manual_seed(0)
+    study_dir, default = default_of_study(parser, args)
     bench = Bench(args)
     recipe = bench.recipe
-    study_dir = Path(args.study_dir or ROOT / recipe.output)
-    default = load_artifact(study_dir / ARTIFACT_NAME)
     attention_dropped = default.has_attention  # the baselines sparsify MLPs only: compare the MLP part
     if attention_dropped:
         log("the default artifact also sparsifies attention projections; the frontier uses its MLP part "

@@ -26,10 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402  (benchmarks/ is not a package)
 
-from clada.artifacts import load_artifact, write_atomic  # noqa: E402
+from clada.artifacts import write_atomic  # noqa: E402
 from clada.calibrate.evaluate import bootstrap_interval  # noqa: E402
 from clada.calibrate.methods import build_method  # noqa: E402
-from clada.calibrate.pipeline import ARTIFACT_NAME  # noqa: E402
 
 FIGURES = {"nll_increase": "NLL increase (nats)", "kl": "KL (nats)"}  # per-document figures compared
 
@@ -120,11 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(bq.ROOT / "results" / "quality"))
     args = parser.parse_args(argv)
     args.greedy_prompts, args.greedy_tokens = 0, bq.GREEDY_TOKENS  # no greedy agreement here
+    study_dir, default = bq.default_of_study(parser, args)
     t0 = time.time()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     bench = bq.Bench(args)
-    study_dir = Path(args.study_dir or bench.recipe.output)
-    default = load_artifact(study_dir / ARTIFACT_NAME)
     search, chosen, check = bq.study_search(bench, study_dir, default)
     bq.log(f"study {check['study']}: trial {check['trial']} reproduces the default artifact to {check['max_abs_diff']:.1e}")
     clada = []
