@@ -249,6 +249,12 @@ class LayerTable:
 _TABLE_FIELDS = ("tau_in", "tau_mid", "error", "saved", "centred")  # LayerTable's tensors, in constructor order
 
 
+def second_order_kl(grads: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """0.5 * mean over draws k and tokens n of (g_kn . d_n)^2: the KL divergence (nats per token, second order) that a
+    change ``change`` (N, D) of a layer's MLP output causes, from ``grads`` (K, N, D) (``output_gradients``)."""
+    return 0.5 * torch.einsum("knd,nd->kn", grads, change).pow(2).mean()
+
+
 class LayerErrorModel:
     """One layer's MLP on calibration inputs x (N, D): the thresholds of a quantile pair and the output error.
 
@@ -315,7 +321,7 @@ class LayerErrorModel:
         if self.grads is None:
             error = change.pow(2).sum() / self.y_norm
         else:
-            error = 0.5 * torch.einsum("knd,nd->kn", self.grads, change).pow(2).mean()
+            error = second_order_kl(self.grads, change)
         skip_mid = 1.0 - keep_mid.float().mean()
         saved = (skip_in * self.bytes_in + skip_mid * self.bytes_mid) / (self.bytes_in + self.bytes_mid)
         return float(error), float(saved)
