@@ -237,6 +237,13 @@ def reused_rows(path: Path, bench: Bench) -> tuple[list[dict], dict]:
                   "greedy_remeasured": any(row.get("greedy_remeasured") for row in rows)}
 
 
+def missing_levels(rows: list[dict], levels: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The baseline ``levels`` (method -> sparsity levels) that no row of ``rows`` measured."""
+    have = {(row["method"], row["level"]) for row in rows}
+    missing = {name: [q for q in qs if (name, q) not in have] for name, qs in levels.items()}
+    return {name: qs for name, qs in missing.items() if qs}
+
+
 def study_search(bench: Bench, study_dir: Path, default: Artifact) -> tuple[ThresholdSearch, dict, dict]:
     """The calibration study's search (its error tables, cached), the default artifact's trial (number, params,
     proxy figures) and a check that the study reproduces the default artifact."""
@@ -333,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="Smoke run: 2 levels per baseline, CLADA at one level.")
     parser.add_argument("--reuse-baselines", default=None, metavar="FRONTIER_JSON",
                         help="Take the baseline rows from an earlier frontier.json of the same recipe and data instead "
-                             "of measuring them again (they do not depend on the CLADA study); only their greedy "
+                             "of measuring them again (they do not depend on the CLADA study); levels it lacks are "
+                             "measured; only their greedy "
                              "agreement is measured again if that run used other greedy settings. Its CLADA rows are "
                              "kept as 'clada-earlier' when that run used another study.")
     args = parser.parse_args(argv)
@@ -363,8 +371,14 @@ def main(argv: list[str] | None = None) -> None:
     default_figures = run_default(bench, default, clada_rows, args)
     if args.reuse_baselines:
         earlier, reused = reused_rows(Path(args.reuse_baselines), bench)
-        rows = earlier + rows
         log(f"baselines: {len(earlier)} rows reused from {args.reuse_baselines}")
+        missing = missing_levels(earlier, levels)
+        if missing:
+            log("baselines: measuring the levels the earlier run lacks: " + ", ".join(
+                f"{name} {', '.join(map(str, qs))}" for name, qs in missing.items()))
+            earlier += run_baselines(bench, missing)
+            reused["measured_here"] = [f"{name} {q}" for name, qs in missing.items() for q in qs]
+        rows = earlier + rows
     result = {
         "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + "python benchmarks/bench_quality.py"
                    + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),

@@ -1,6 +1,6 @@
 """CLADA against a peer at equal MLP reads saved, document by document: a paired interval at each level.
 
-    python benchmarks/paired_quality.py        # ~15 min on 2 CPU cores, after clada-calibrate of the default recipe
+    python benchmarks/paired_quality.py        # ~20 min on 2 CPU cores, after clada-calibrate of the default recipe
 
 The frontier (bench_quality.py) compares means. Two methods measured on the same documents share each document's
 difficulty, so their difference per document spreads far less than either figure does, and only that difference
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=str(bq.ROOT / "recipes" / "smollm2-135m.yaml"))
     parser.add_argument("--study-dir", default=None, help="Calibration output folder (default: the recipe's output).")
     parser.add_argument("--peer", default="teal-greedy", choices=sorted(bq.THRESHOLD_BASELINES))
-    parser.add_argument("--levels", type=number_list, default=[0.15, 0.20, 0.25, 0.30],
+    parser.add_argument("--levels", type=number_list, default=[0.10, 0.15, 0.20, 0.25, 0.30, 0.35],
                         help="CLADA's levels: MLP reads saved in the error tables (comma-separated).")
     parser.add_argument("--docs", type=int, default=32, help="Documents per data set.")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -70,9 +70,9 @@ register(MethodSpec("dense", "nothing skipped", "nothing",
 register(MethodSpec("uniform", "|h| below the same quantile of every layer's down input", "sparsity",
                     _threshold("uniform"), calibrated=True, levels=(0.45, 0.6, 0.7, 0.8)))
 register(MethodSpec("teal", "TEAL: |x| and |h| below the same quantile in every layer", "sparsity",
-                    _threshold("teal"), calibrated=True, levels=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4)))
+                    _threshold("teal"), calibrated=True, levels=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)))
 register(MethodSpec("teal-greedy", "TEAL's block-wise greedy allocation of the MLP's sparsity", "sparsity",
-                    _threshold("teal-greedy"), calibrated=True, levels=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4)))
+                    _threshold("teal-greedy"), calibrated=True, levels=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)))
 register(MethodSpec("cats", "CATS: |act(gate(x))| below a per-layer quantile", "sparsity",
                     lambda model, q, artifact, calibration: cats_artifact(model, calibration, q), calibrated=True,
                     levels=(0.3, 0.4, 0.5, 0.6)))
