@@ -16,7 +16,6 @@ Writes results/quality/paired.json and paired.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402  (benchmarks/ is not a package)
+from script_io import command_line, number_list, write_results  # noqa: E402
 
-from clada.artifacts import write_atomic  # noqa: E402
 from clada.calibrate.evaluate import bootstrap_interval  # noqa: E402
 from clada.calibrate.methods import build_method  # noqa: E402
 
@@ -100,13 +99,6 @@ def render(result: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def number_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default=str(bq.ROOT / "recipes" / "smollm2-135m.yaml"))
@@ -133,15 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                  for name, q, method in bq.baseline_methods(bench, {args.peer: bq.LEVELS[args.peer]})]
     for row in clada:
         row["paired"] = {d: {f: paired(row, peer_rows, d, f) for f in FIGURES} for d in bq.DATASETS}
-    command = ("python benchmarks/paired_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    result = {"command": command, "minutes": round((time.time() - t0) / 60, 1), "threads": torch.get_num_threads(),
+    result = {"command": command_line("paired_quality.py", argv), "minutes": round((time.time() - t0) / 60, 1), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "model": bench.recipe.model, "study": check["study"],
               "trial": check["trial"], "peer": args.peer, "clada": clada, "peer_rows": peer_rows}
-    out = Path(args.out)
-    write_atomic(out / "paired.json", json.dumps(result, indent=1).encode())
-    md = render(result)
-    write_atomic(out / "paired.md", md.encode())
-    print(md)
+    write_results(args.out, "paired", result, render(result))
     return 0
 
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from script_io import command_line, write_results  # benchmarks/ is not a package: the module beside this script
 
 from clada import runtime
-from clada.artifacts import ATTENTION_KEYS, load_artifact, write_atomic
+from clada.artifacts import ATTENTION_KEYS, load_artifact
 from clada.calibrate.data import load_documents
 from clada.calibrate.evaluate import Sparsifier, TeacherForcedEvaluator
 from clada.calibrate.models import load_model
@@ -91,13 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] {data} scale {scale} alpha ({a_in}, {a_mid}): reads "
                       f"{figures['mlp_reads_saved']:.4f} ppl_increase {figures['ppl_increase']:+.4f}",
                       file=sys.stderr, flush=True)
-    command = ("python benchmarks/probe_prefix.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    md = render(rows, args.docs, command)
-    out = ROOT / "results" / "quality"
-    write_atomic(out / "prefix_probe.json", json.dumps({"artifact": args.artifact, "command": command, "rows": rows},
-                                                       indent=1).encode())
-    write_atomic(out / "prefix_probe.md", md.encode())
-    print(md)
+    command = command_line("probe_prefix.py", argv)
+    write_results(ROOT / "results" / "quality", "prefix_probe", {"artifact": args.artifact, "command": command,
+                                                                  "rows": rows}, render(rows, args.docs, command))
     return 0
 
 

@@ -26,16 +26,18 @@ from pathlib import Path
 
 import torch
 
-from clada import runtime
-from clada.artifacts import write_atomic
-from clada.calibrate.data import load_documents
-from clada.calibrate.measure import (channel_weights, collect_mlp_inputs, output_gradients, score_quantiles,
-                                     second_order_kl)
-from clada.calibrate.models import load_model
-from clada.calibrate.recipe import load_recipe
-from clada.calibrate.splits import token_splits
-from clada.runtime.rules import channel_scores
-from clada.runtime.signals import load_signals
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_io import command_line, write_results  # noqa: E402  (benchmarks/ is not a package)
+
+from clada import runtime  # noqa: E402
+from clada.calibrate.data import load_documents  # noqa: E402
+from clada.calibrate.measure import (channel_weights, collect_mlp_inputs, output_gradients,  # noqa: E402
+                                     score_quantiles, second_order_kl)
+from clada.calibrate.models import load_model  # noqa: E402
+from clada.calibrate.recipe import load_recipe  # noqa: E402
+from clada.calibrate.splits import token_splits  # noqa: E402
+from clada.runtime.rules import channel_scores  # noqa: E402
+from clada.runtime.signals import load_signals  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = (1, 4, 8, 12, 15, 19, 22, 25, 28)
@@ -164,14 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         layers[str(l)] = layer_errors(adapter, parts[l], xs[l].float(), grads[l], w_in[l], w_mid[l], signals)
         print(f"layer {l}: " + json.dumps({s: {q: {k: round(v, 3) for k, v in d.items() if k != "plain"}
                                               for q, d in v.items()} for s, v in layers[str(l)].items()}), flush=True)
-    command = ("python benchmarks/probe_token_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    result = {"command": command, "minutes": round((time.time() - t0) / 60, 1), "model": r.model,
+    result = {"command": command_line("probe_token_scale.py", argv), "minutes": round((time.time() - t0) / 60, 1), "model": r.model,
               "tokens": int(xs[0].shape[0]), "draws": DRAWS, "correlation": correlation, "layers": layers}
-    out = Path(args.out)
-    write_atomic(out / "token_scale_probe.json", json.dumps(result, indent=1).encode())
-    md = render(result)
-    write_atomic(out / "token_scale_probe.md", md.encode())
-    print(md)
+    write_results(args.out, "token_scale_probe", result, render(result))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +265,13 @@ def calibrate_tiny(root, family: str = "llama", trials: int = 6, max_ppl_increas
     Besides ``root/ckpt`` and ``root/docs.txt`` it writes ``root/recipe.yaml`` and the job's outputs in ``root/out``.
     """
     return run_recipe(root, tiny_job(root, family, trials, max_ppl_increase, allocation))
+
+
+def load_script(name: str):
+    """The module of ``benchmarks/<name>.py`` (benchmarks/ is not a package), imported from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,17 +11,12 @@ import torch
 from clada import runtime
 from clada.calibrate.measure import channel_weights, output_gradients
 
-from .conftest import tiny_model
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_token_scale.py"
+from .conftest import load_script, tiny_model
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("probe_token_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("probe_token_scale")
 
 
 @pytest.fixture(scope="module")
