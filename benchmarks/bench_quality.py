@@ -26,7 +26,6 @@ What is measured (recipe recipes/smollm2-135m.yaml: prompt 64, scored 128 tokens
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -80,28 +79,22 @@ def default_of_study(parser: argparse.ArgumentParser, args) -> tuple[Path, Artif
         parser.error(str(exc))
 
 
-def measurements(recipe, model, adapter, act_tokens: torch.Tensor, study_dir: Path | None = None,
-                 data_sha256: str | None = None) -> Measurements:
-    """``pipeline.measure`` of the recipe: the calibration's own (``study_dir``'s measurements file, where it was
-    made from the same model, documents ``data_sha256`` and settings), else cached by what it depends on (model
-    fingerprint and every recipe field but the search, eval and output settings) -- it is deterministic, and a new
-    budget needs no new tables."""
-    if study_dir is not None and data_sha256 is not None:
-        key = measurement_key(recipe, runtime.model_identity(model, adapter), runtime.mlp_fingerprint(model, adapter),
-                              data_sha256)
-        calibrated = Measurements.load(study_dir / MEASUREMENTS_NAME, key)
-        if calibrated is not None:
-            return calibrated
-    inputs = {k: v for k, v in recipe.to_dict().items() if k not in ("search", "eval", "output")}
-    key = hashlib.sha256((json.dumps(inputs, sort_keys=True) + repr(runtime.mlp_fingerprint(model, adapter).tolist())).encode())
-    path = cache_dir() / "tables" / f"{key.hexdigest()[:16]}.safetensors"
-    cached = Measurements.load(path, key.hexdigest())
-    if cached is not None:
-        return cached
+def measurements(recipe, model, adapter, act_tokens: torch.Tensor, data_sha256: str, study_dir: Path | None = None
+                 ) -> Measurements:
+    """``pipeline.measure`` of the recipe under its ``measurement_key`` (model, documents ``data_sha256``, settings):
+    the calibration's own (``study_dir``'s measurements file) where the key matches, else this cache's copy, else
+    measured once and cached -- it is deterministic, and a new budget needs no new tables."""
+    key = measurement_key(recipe, runtime.model_identity(model, adapter), runtime.mlp_fingerprint(model, adapter),
+                          data_sha256)
+    cached = cache_dir() / "tables" / f"{key[:16]}.safetensors"
+    for path in ([study_dir / MEASUREMENTS_NAME] if study_dir is not None else []) + [cached]:
+        found = Measurements.load(path, key)
+        if found is not None:
+            return found
     log("measuring per-layer error tables (once; cached)")
     m = measure(recipe, model, adapter, act_tokens, progress=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    m.save(path, key.hexdigest())
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    m.save(cached, key)
     return m
 
 
@@ -252,7 +245,7 @@ def study_search(bench: Bench, study_dir: Path, default: Artifact) -> tuple[Thre
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=study_name(r), storage=storage)
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    m = measurements(r, bench.model, bench.adapter, bench.splits.act, study_dir, bench.data_sha256)
+    m = measurements(r, bench.model, bench.adapter, bench.splits.act, bench.data_sha256, study_dir)
     fingerprint = runtime.mlp_fingerprint(bench.model, bench.adapter)
     artifact_of = partial(point_artifact, weight_in=m.weight_in, weight_mid=m.weight_mid, fingerprint=fingerprint,
                           centers=m.centers)

@@ -45,7 +45,7 @@ def curve(bench: Bench, layer_error: str) -> list[dict]:
     """Teacher-forced figures at each level of the plain allocation from ``layer_error`` tables."""
     recipe = copy.deepcopy(bench.recipe)
     recipe.calibration.layer_error = layer_error
-    m = measurements(recipe, bench.model, bench.adapter, bench.splits.act)
+    m = measurements(recipe, bench.model, bench.adapter, bench.splits.act, bench.data_sha256)
     artifact_of = partial(point_artifact, weight_in=m.weight_in, weight_mid=m.weight_mid, centers=m.centers,
                           fingerprint=runtime.mlp_fingerprint(bench.model, bench.adapter))
     search = ThresholdSearch(m.tables, m.ratios, _NoSignals(), SearchSettings(layer_error=layer_error), artifact_of)

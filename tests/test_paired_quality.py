@@ -36,8 +36,3 @@ def test_levels_must_be_numbers(script):
     with pytest.raises(argparse.ArgumentTypeError, match="comma-separated"):
         script.number_list("0.15,x")
 
-
-def test_a_reused_frontier_measures_only_the_levels_it_lacks(script):
-    rows = [{"method": "teal", "level": 0.1}, {"method": "teal", "level": 0.2}, {"method": "cats", "level": 0.3}]
-    levels = {"teal": [0.05, 0.1, 0.2], "cats": [0.3], "griffin": [0.1]}
-    assert script.bq.missing_levels(rows, levels) == {"teal": [0.05], "griffin": [0.1]}

@@ -1,0 +1,47 @@
+"""benchmarks/bench_quality.py: the error tables it allocates from, and the baseline levels a reused frontier lacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clada import runtime
+from clada.calibrate import pipeline
+from clada.calibrate.recipe import parse_recipe
+
+from .conftest import load_script, tiny_model
+
+
+@pytest.fixture(scope="module")
+def bq():
+    return load_script("bench_quality")
+
+
+def test_tables_are_the_calibrations_own_else_measured_once_under_its_key(bq, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLADA_CACHE", str(tmp_path / "cache"))
+    measured = []
+    monkeypatch.setattr(bq, "measure", lambda *a, **k: measured.append(1) or pipeline.measure(*a, **k))
+    model = tiny_model("llama")
+    adapter = runtime.adapter_for(model)
+    recipe = parse_recipe({"prompt_tokens": 4, "scored_tokens": 8, "calibration": {
+        "activation_tokens": 32, "layer_error": "relative", "q_in": [0.0, 0.2], "q_mid": [0.0, 0.3]}})
+    tokens = torch.randint(3, model.config.vocab_size, (6, 13), generator=torch.Generator().manual_seed(0))
+    first = bq.measurements(recipe, model, adapter, tokens, "documents")
+    again = bq.measurements(recipe, model, adapter, tokens, "documents")
+    assert len(measured) == 1 and torch.equal(first.tables[1].error, again.tables[1].error)
+    bq.measurements(recipe, model, adapter, tokens, "other documents")  # another key: measured again
+    assert len(measured) == 2
+    study = tmp_path / "study"
+    study.mkdir()
+    key = pipeline.measurement_key(recipe, runtime.model_identity(model, adapter),
+                                   runtime.mlp_fingerprint(model, adapter), "third documents")
+    own = pipeline.Measurements(first.weight_in, first.weight_mid, first.tables, first.ratios * 2, first.centers)
+    own.save(study / pipeline.MEASUREMENTS_NAME, key)
+    found = bq.measurements(recipe, model, adapter, tokens, "third documents", study)
+    assert len(measured) == 2 and torch.equal(found.ratios, first.ratios * 2)  # the calibration's file, not measured
+
+
+def test_a_reused_frontier_measures_only_the_levels_it_lacks(bq):
+    rows = [{"method": "teal", "level": 0.1}, {"method": "teal", "level": 0.2}, {"method": "cats", "level": 0.3}]
+    levels = {"teal": [0.05, 0.1, 0.2], "cats": [0.3], "griffin": [0.1]}
+    assert bq.missing_levels(rows, levels) == {"teal": [0.05], "griffin": [0.1]}
