@@ -9,9 +9,9 @@ times the token's own sensitivity (g_t: the gradient of the model's log-likeliho
 u_t, ``|a_ti|·c_i·(u_t / mean u)^beta`` (beta > 0: high-u tokens keep more), would follow that sensitivity if u
 tracked it. On the default recipe's activation documents (the dense model; 1024 scored tokens), per layer and MLP
 side, the probe skips the same share of (token, channel) entries by each rule and measures the second-order KL
-(``measure.second_order_kl``, 8 gradient draws) relative to the plain rule (WINA, one threshold). The signals
-u_t (``SIGNALS``): two oracles of the token's own prediction, the runtime's two load signals, and a table by the fed
-token that the runtime could know before the step at no cost.
+(``measure.second_order_kl``, 8 gradient draws) relative to the plain rule (WINA, one threshold, no compensation).
+The signals u_t (``SIGNALS``): two oracles of the token's own prediction, the runtime's two load signals, and a
+table by the fed token that the runtime could know before the step at no cost.
 
 Writes results/quality/token_scale_probe.json and .md.
 """
@@ -105,11 +105,11 @@ def layer_errors(adapter, part, x: torch.Tensor, grads: torch.Tensor, w_in: torc
     for side, shares in SKIPPED.items():
         act, weight = (x, w_in) if side == "in" else (h, w_mid)
         plain = channel_scores(act, weight)
+        rules = {"plain": plain, **{f"{name} ^{beta}": plain * (u / u.mean()).pow(beta)[:, None]
+                                    for name, u in signals.items() for beta in BETAS}}
         result[side] = {}
         for share in shares:
             errors = {}
-            rules = {"plain": plain, **{f"{name} ^{beta}": plain * (u / u.mean()).pow(beta)[:, None]
-                                        for name, u in signals.items() for beta in BETAS}}
             for rule, scores in rules.items():
                 kept = act * ~skip_mask(scores, share)
                 errors[rule] = float(second_order_kl(grads, (mlp_in(kept) if side == "in" else mlp_mid(kept)) - y))
@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         layers[str(l)] = layer_errors(adapter, parts[l], xs[l].float(), grads[l], w_in[l], w_mid[l], signals)
         print(f"layer {l}: " + json.dumps({s: {q: {k: round(v, 3) for k, v in d.items() if k != "plain"}
                                               for q, d in v.items()} for s, v in layers[str(l)].items()}), flush=True)
-    result = {"command": command_line("probe_token_scale.py", argv), "minutes": round((time.time() - t0) / 60, 1), "model": r.model,
-              "tokens": int(xs[0].shape[0]), "draws": DRAWS, "correlation": correlation, "layers": layers}
+    result = {"command": command_line("probe_token_scale.py", argv), "minutes": round((time.time() - t0) / 60, 1),
+              "model": r.model, "tokens": int(xs[0].shape[0]), "draws": DRAWS, "correlation": correlation,
+              "layers": layers}
     write_results(args.out, "token_scale_probe", result, render(result))
     return 0
 
