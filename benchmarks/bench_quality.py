@@ -41,9 +41,9 @@ from clada import runtime
 from clada.artifacts import Artifact, ArtifactError, load_artifact, write_atomic
 from clada.calibrate.baselines import THRESHOLD_BASELINES, CalibrationActivations, baseline_artifacts
 from clada.calibrate.methods import METHODS, build_method, method_artifact
-from clada.calibrate.cache import cache_dir
+from clada.calibrate.cache import FetchError, cache_dir
 from clada.calibrate.compare import threshold_sensitivity
-from clada.calibrate.data import load_documents
+from clada.calibrate.data import DataSpecError, load_documents
 from clada.calibrate.evaluate import (QUALITY_BACKEND, ProxyEvaluator, Sparsifier, TeacherForcedEvaluator, generation_eval, greedy_agreement,
                                       greedy_tokens, tokenize_documents)
 from clada.calibrate.models import load_model
@@ -290,8 +290,18 @@ def run_clada(bench: Bench, search: ThresholdSearch, default: Artifact, chosen: 
     return rows
 
 
-def run_default(bench: Bench, default: Artifact, rows: list[dict], args) -> dict:
-    """The default artifact: its ablations, threshold sensitivity on held-out lee, multiple choice.
+def mc_questions(parser: argparse.ArgumentParser, args) -> dict[str, list]:
+    """The questions of each ``--mc`` task (at most ``--mc-limit``), read before any model loads: a task that cannot be
+    had (unknown, or its data not downloadable) is one error line, exit 2, not a failure after the measurements."""
+    try:
+        return {spec: load_questions(spec)[: args.mc_limit] for spec in args.mc}
+    except (DataSpecError, FetchError, OSError) as exc:
+        parser.error(f"--mc: {str(exc).splitlines()[0]} (--mc with no task skips multiple choice)")
+
+
+def run_default(bench: Bench, default: Artifact, rows: list[dict], questions: dict[str, list]) -> dict:
+    """The default artifact: its ablations, threshold sensitivity on held-out lee, multiple choice (``questions``:
+    per task, ``mc_questions``).
 
     ``rows``: the CLADA rows, whose default point gives the "clada" and "clada-noadapt" ablations."""
     out = {"ablations": []}
@@ -307,12 +317,11 @@ def run_default(bench: Bench, default: Artifact, rows: list[dict], args) -> dict
     out["sensitivity"] = threshold_sensitivity(bench.model, default, bench.tokens["lee"], bench.prompt, 0.2,
                                                bench.batch, base=base, reference=bench.reference["lee"])
     out["mc"] = {}
-    for spec in args.mc:
-        questions = load_questions(spec)[: args.mc_limit]
+    for spec, task in questions.items():
         method = build_method("clada", bench.model, artifact=default)
         t = time.time()
         try:
-            out["mc"][spec] = multiple_choice_eval(bench.model, bench.tokenizer, questions, method, progress=False)
+            out["mc"][spec] = multiple_choice_eval(bench.model, bench.tokenizer, task, method, progress=False)
         finally:
             method.remove()
         log(f"multiple choice {spec}: {out['mc'][spec]} ({time.time() - t:.0f} s)")
@@ -341,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     torch.manual_seed(0)
     study_dir, default = default_of_study(parser, args)
+    questions = mc_questions(parser, args)
     bench = Bench(args)
     recipe = bench.recipe
     attention_dropped = default.has_attention  # the baselines sparsify MLPs only: compare the MLP part
@@ -361,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     search, chosen, check = study_search(bench, study_dir, default)
     clada_rows = run_clada(bench, search, default, chosen, (0.15,) if args.quick else CLADA_LEVELS)
     rows += clada_rows
-    default_figures = run_default(bench, default, clada_rows, args)
+    default_figures = run_default(bench, default, clada_rows, questions)
     if args.reuse_baselines:
         earlier, reused = reused_rows(Path(args.reuse_baselines), bench)
         log(f"baselines: {len(earlier)} rows reused from {args.reuse_baselines}")

@@ -203,8 +203,11 @@ def render_markdown(result: dict) -> str:
         md.append(f"| {s['variant']} | {s['tau_s']:.3f} | {s['tau_H']:.3f} | {s['mlp_reads_saved']:.4f} | "
                   f"{s['d_mlp_reads_saved']:+.4f} | {s['ppl_increase']:+.4f} | {s['d_ppl_increase']:+.4f} | "
                   f"{s['relaxed_share']:.3f} |")
-    md += ["", "## Multiple choice (BIG-bench 1.0.0, zero-shot log-likelihood, default artifact)", "",
-           "| task | questions | chance | accuracy dense | accuracy CLADA | same choice |", "|---|---:|---:|---:|---:|---:|"]
+    md += ["", "## Multiple choice (BIG-bench 1.0.0, zero-shot log-likelihood, default artifact)", ""]
+    if not result["mc"]:
+        md += ["Not measured by this run (`--mc` named no task).", ""]
+        return "\n".join(md)
+    md += ["| task | questions | chance | accuracy dense | accuracy CLADA | same choice |", "|---|---:|---:|---:|---:|---:|"]
     for spec, m in result["mc"].items():
         md.append(f"| {spec} | {m['questions']} | {m['chance']:.3f} | {m['accuracy_dense']:.3f} | "
                   f"{m['accuracy_sparse']:.3f} | {m['same_choice']:.3f} |")

@@ -45,3 +45,17 @@ def test_a_reused_frontier_measures_only_the_levels_it_lacks(bq):
     rows = [{"method": "teal", "level": 0.1}, {"method": "teal", "level": 0.2}, {"method": "cats", "level": 0.3}]
     levels = {"teal": [0.05, 0.1, 0.2], "cats": [0.3], "griffin": [0.1]}
     assert bq.missing_levels(rows, levels) == {"teal": [0.05], "griffin": [0.1]}
+
+
+def test_multiple_choice_tasks_are_read_before_any_model_loads(bq, tmp_path, capsys):
+    import argparse
+    parser = argparse.ArgumentParser(prog="bench_quality.py")
+    task = tmp_path / "q.jsonl"
+    task.write_text('{"context": "Sky?", "choices": ["blue", "green"], "label": 0}\n' * 3)
+    args = argparse.Namespace(mc=[str(task)], mc_limit=2)
+    assert [len(q) for q in bq.mc_questions(parser, args).values()] == [2]
+    with pytest.raises(SystemExit) as exit_info:
+        bq.mc_questions(parser, argparse.Namespace(mc=["nosuchtask"], mc_limit=None))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bench_quality.py: error: --mc: multiple-choice spec 'nosuchtask'")
