@@ -346,6 +346,9 @@ def main(argv: list[str] | None = None) -> None:
                              "measured; only their greedy "
                              "agreement is measured again if that run used other greedy settings. Its CLADA rows are "
                              "kept as 'clada-earlier' when that run used another study.")
+    parser.add_argument("--measure-again", nargs="*", default=[], choices=sorted(LEVELS), metavar="METHOD",
+                        help="With --reuse-baselines: baselines whose rows are measured again by this run, not reused "
+                             "(e.g. teal-greedy, when the baseline code changed since the earlier run).")
     args = parser.parse_args(argv)
     t0 = time.time()
     torch.manual_seed(0)
@@ -374,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     default_figures = run_default(bench, default, clada_rows, questions)
     if args.reuse_baselines:
         earlier, reused = reused_rows(Path(args.reuse_baselines), bench)
+        earlier = [row for row in earlier if row["method"] not in args.measure_again]
         log(f"baselines: {len(earlier)} rows reused from {args.reuse_baselines}")
         missing = missing_levels(earlier, levels)
         if missing:

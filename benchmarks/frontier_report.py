@@ -135,8 +135,8 @@ def render_markdown(result: dict) -> str:
                + f" reused from `{src['file']}`, measured by `{src['command']}` on the same model, documents and "
                "settings" + ("; their greedy agreement re-measured by this run." if src.get("greedy_remeasured")
                              else ".")
-               + (" Measured by this run, which the earlier one lacked: " + ", ".join(src["measured_here"]) + "."
-                  if src.get("measured_here") else ""), ""]
+               + (" Measured by this run (missing there, or `--measure-again`): " + ", ".join(src["measured_here"])
+                  + "." if src.get("measured_here") else ""), ""]
     md += [
         f"Model `{r['model']}`, {r['dtype']}. Data: {result['data']['lee']} held-out `lee` documents (never seen by the "
         f"calibration) and {result['data']['enwiki']} `enwiki` documents; each scored on {result['scored_tokens']} tokens after a "
