@@ -217,7 +217,8 @@ def reused_rows(path: Path, bench: Bench) -> tuple[list[dict], dict]:
             "documents": earlier["data"] == {k: int(v.shape[0]) for k, v in bench.tokens.items()}}
     if not all(same.values()):
         raise SystemExit(f"{path}: cannot reuse its baselines, it differs in " + ", ".join(k for k, v in same.items() if not v))
-    rows = [row for row in earlier["rows"] if row["method"] in BASELINES]
+    rows = [{k: v for k, v in row.items() if k != "greedy_remeasured"}  # that flag says what this run re-measured
+            for row in earlier["rows"] if row["method"] in BASELINES]
     if earlier["greedy"] != {"prompts": int(bench.prompts.shape[0]), "tokens": bench.args.greedy_tokens}:
         log(f"baselines: greedy agreement re-measured ({earlier['greedy']} before)")
         regreedy(bench, rows)
@@ -225,9 +226,11 @@ def reused_rows(path: Path, bench: Bench) -> tuple[list[dict], dict]:
         rows += [{**row, "method": "clada-earlier", "study": earlier["reconstruction"].get("study")}
                  for row in earlier["rows"] if row["method"] == "clada"]
     origin = earlier.get("baselines_from") or {}  # rows the earlier run reused themselves: where they were measured
+    greedy_there = any(row.get("greedy_remeasured") for row in earlier["rows"] if row["method"] in BASELINES)
     return rows, {"file": str(path), "command": origin.get("command", earlier["command"]),
                   "study": earlier["reconstruction"].get("study"),
-                  "greedy_remeasured": any(row.get("greedy_remeasured") for row in rows)}
+                  "greedy_remeasured": any(row.get("greedy_remeasured") for row in rows),
+                  "greedy_from": earlier["command"] if greedy_there else origin.get("greedy_from")}
 
 
 def missing_levels(rows: list[dict], levels: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -381,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"baselines: {len(earlier)} rows reused from {args.reuse_baselines}")
         missing = missing_levels(earlier, levels)
         if missing:
-            log("baselines: measuring the levels the earlier run lacks: " + ", ".join(
+            log("baselines: measuring what is not reused (missing there, or --measure-again): " + ", ".join(
                 f"{name} {', '.join(map(str, qs))}" for name, qs in missing.items()))
             earlier += run_baselines(bench, missing)
             reused["measured_here"] = [f"{name} {q}" for name, qs in missing.items() for q in qs]

@@ -134,7 +134,8 @@ def render_markdown(result: dict) -> str:
                                    "the earlier run's)" if earlier else "")
                + f" reused from `{src['file']}`, measured by `{src['command']}` on the same model, documents and "
                "settings" + ("; their greedy agreement re-measured by this run." if src.get("greedy_remeasured")
-                             else ".")
+                             else f"; their greedy agreement measured by `{src['greedy_from']}`."
+                             if src.get("greedy_from") else ".")
                + (" Measured by this run (missing there, or `--measure-again`): " + ", ".join(src["measured_here"])
                   + "." if src.get("measured_here") else ""), ""]
     md += [
