@@ -58,10 +58,17 @@ def _pip_download(requirement: str, flag: str, folder: Path, pattern: str, kind:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         files = list(Path(tmp).glob(pattern))
         if proc.returncode != 0 or not files:
-            raise FetchError(f"could not download {kind} {requirement}: {proc.stderr.strip()[-300:]}")
+            raise FetchError(f"could not download {kind} {requirement}: {pip_error(proc.stderr)}")
         target = folder / files[0].name
         os.replace(files[0], target)
     return target
+
+
+def pip_error(stderr: str) -> str:
+    """pip's last ``ERROR:`` line (without the prefix), else its last line: one line for a message."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")]
+    return (errors or lines or ["pip gave no reason"])[-1][:300]
 
 
 def download_sdist(requirement: str) -> Path:

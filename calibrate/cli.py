@@ -168,11 +168,11 @@ def eval_cmd(model_spec, artifact, method, sparsity, mc_specs, greedy_prompts, d
         calibrated = recipe_of(art)
         prompt = prompt_tokens or calibrated.prompt_tokens
         scored = scored_tokens or calibrated.scored_tokens
+        # questions and documents are read before the model loads: a bad or unobtainable one fails in seconds
+        questions = {spec: load_questions(spec) for spec in mc_specs} if mc_specs else None
+        documents = None if mc_specs else load_documents(data)
         model, tokenizer, _ = load_model(model_spec, dtype, device)
-        if mc_specs:
-            questions = {spec: load_questions(spec) for spec in mc_specs}
-        else:
-            documents = load_documents(data)
+        if not mc_specs:
             texts = documents.documents
             split_of = art.data if art is not None else {"spec": calibrated.data}
             if split == "heldout" and (documents.identity.get("sha256") == split_of.get("sha256")

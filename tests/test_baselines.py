@@ -475,3 +475,16 @@ def test_eval_cli_multiple_choice_and_errors(job, tmp_path):
                           (["--method", "teal"], "needs a sparsity"), ([], "needs an artifact")]:
         result = CliRunner().invoke(main, base + args)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_eval_cli_reads_questions_and_documents_before_the_model(job, tmp_path, monkeypatch):
+    from clada.calibrate import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr(models, "load_model", no_model)
+    base = ["eval", "--model", str(job / "ckpt"), "--method", "dense", "--quiet"]
+    for args, message in [(["--mc", str(tmp_path / "none.jsonl")], "none.jsonl: cannot read"),
+                          (["--data", str(tmp_path / "none.txt")], "none.txt")]:
+        result = CliRunner().invoke(main, base + args)
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -35,3 +35,13 @@ def test_index_download_refuses_a_wrong_hash_and_leaves_nothing(tmp_path):
     with pytest.raises(FetchError, match="sha256 differs"):
         index_download("my-pkg", "1.0", ".tar.gz", out, index=index)
     assert not any(out.iterdir())
+
+
+def test_a_failed_pip_download_is_one_line():
+    from clada.calibrate.cache import pip_error
+    stderr = ("WARNING: Location 'file:///x/simple/pkg/' is ignored: it is neither a file nor a directory.\n"
+              "ERROR: Could not find a version that satisfies the requirement pkg==1.0 (from versions: 0.1)\n"
+              "ERROR: No matching distribution found for pkg==1.0\n")
+    assert pip_error(stderr) == "No matching distribution found for pkg==1.0"
+    assert pip_error("something odd\nhappened\n") == "happened"
+    assert pip_error("") == "pip gave no reason"
