@@ -55,6 +55,7 @@ from clada.calibrate.search import SearchSettings, ThresholdSearch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frontier_report import render  # noqa: E402  (benchmarks/ is not a package)
+from script_io import command_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = {name: list(spec.levels) for name, spec in METHODS.items() if spec.levels}  # sparsity levels per baseline
@@ -206,9 +207,10 @@ def regreedy(bench: Bench, rows: list[dict]) -> None:
 BASELINES = ("dense", *LEVELS)
 
 
-def reused_rows(path: Path, bench: Bench) -> tuple[list[dict], dict]:
-    """Baseline rows of an earlier run (checked to share recipe, data and greedy settings), plus its CLADA rows
-    renamed 'clada-earlier' if that run's study differs from this recipe's; and where they came from."""
+def reused_rows(path: Path, bench: Bench, measure_again: list[str]) -> tuple[list[dict], dict]:
+    """Baseline rows of an earlier run (checked to share recipe, data and greedy settings) but those of the methods
+    in ``measure_again``, plus its CLADA rows renamed 'clada-earlier' if that run's study differs from this
+    recipe's; and where they came from."""
     earlier = json.loads(path.read_text())
     r = bench.recipe
     same = {"recipe model/data/lengths/split": all(earlier["recipe"][k] == r.to_dict()[k] for k in
@@ -218,7 +220,7 @@ def reused_rows(path: Path, bench: Bench) -> tuple[list[dict], dict]:
     if not all(same.values()):
         raise SystemExit(f"{path}: cannot reuse its baselines, it differs in " + ", ".join(k for k, v in same.items() if not v))
     rows = [{k: v for k, v in row.items() if k != "greedy_remeasured"}  # that flag says what this run re-measured
-            for row in earlier["rows"] if row["method"] in BASELINES]
+            for row in earlier["rows"] if row["method"] in BASELINES and row["method"] not in measure_again]
     if earlier["greedy"] != {"prompts": int(bench.prompts.shape[0]), "tokens": bench.args.greedy_tokens}:
         log(f"baselines: greedy agreement re-measured ({earlier['greedy']} before)")
         regreedy(bench, rows)
@@ -379,8 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     rows += clada_rows
     default_figures = run_default(bench, default, clada_rows, questions)
     if args.reuse_baselines:
-        earlier, reused = reused_rows(Path(args.reuse_baselines), bench)
-        earlier = [row for row in earlier if row["method"] not in args.measure_again]
+        earlier, reused = reused_rows(Path(args.reuse_baselines), bench, args.measure_again)
         log(f"baselines: {len(earlier)} rows reused from {args.reuse_baselines}")
         missing = missing_levels(earlier, levels)
         if missing:
@@ -390,8 +391,7 @@ def main(argv: list[str] | None = None) -> None:
             reused["measured_here"] = [f"{name} {q}" for name, qs in missing.items() for q in qs]
         rows = earlier + rows
     result = {
-        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + "python benchmarks/bench_quality.py"
-                   + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + command_line("bench_quality.py", argv),
         "quick": args.quick, "minutes": round((time.time() - t0) / 60, 1), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "recipe": recipe.to_dict(), "study_dir": str(study_dir),
         "data": {k: int(v.shape[0]) for k, v in bench.tokens.items()}, "dense_ppl": bench.dense_ppl,

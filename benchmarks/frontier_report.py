@@ -112,6 +112,15 @@ def _met_17(d: dict) -> bool:
             and d["enwiki"]["ppl_increase"] <= TARGET_17["enwiki"])
 
 
+def _greedy_origin(src: dict) -> str:
+    """Where the reused baseline rows' greedy agreement was measured, as the end of a sentence."""
+    if src.get("greedy_remeasured"):
+        return "; their greedy agreement re-measured by this run."
+    if src.get("greedy_from"):
+        return f"; their greedy agreement measured by `{src['greedy_from']}`."
+    return "."
+
+
 def render_markdown(result: dict) -> str:
     by_method = lines(result["rows"])
     default = {r["method"]: r for r in result["ablations"]}
@@ -133,9 +142,7 @@ def render_markdown(result: dict) -> str:
         md += [f"Baseline rows" + (f" (and `clada-earlier`: the CLADA points of study `{src['study']}`, whose greedy agreement is "
                                    "the earlier run's)" if earlier else "")
                + f" reused from `{src['file']}`, measured by `{src['command']}` on the same model, documents and "
-               "settings" + ("; their greedy agreement re-measured by this run." if src.get("greedy_remeasured")
-                             else f"; their greedy agreement measured by `{src['greedy_from']}`."
-                             if src.get("greedy_from") else ".")
+               "settings" + _greedy_origin(src)
                + (" Measured by this run (missing there, or `--measure-again`): " + ", ".join(src["measured_here"])
                   + "." if src.get("measured_here") else ""), ""]
     md += [

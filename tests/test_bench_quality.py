@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -48,7 +52,6 @@ def test_a_reused_frontier_measures_only_the_levels_it_lacks(bq):
 
 
 def test_multiple_choice_tasks_are_read_before_any_model_loads(bq, tmp_path, capsys):
-    import argparse
     parser = argparse.ArgumentParser(prog="bench_quality.py")
     task = tmp_path / "q.jsonl"
     task.write_text('{"context": "Sky?", "choices": ["blue", "green"], "label": 0}\n' * 3)
@@ -59,3 +62,18 @@ def test_multiple_choice_tasks_are_read_before_any_model_loads(bq, tmp_path, cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("bench_quality.py: error: --mc: multiple-choice spec 'nosuchtask'")
+
+
+def test_baselines_measured_again_are_not_reused(bq, tmp_path):
+    recipe = parse_recipe({})
+    bench = SimpleNamespace(recipe=recipe, tokens={"lee": torch.zeros(2, 3)}, prompts=torch.zeros(2, 1),
+                            args=SimpleNamespace(greedy_tokens=4))
+    row = lambda method, level, **extra: {"method": method, "level": level, **extra}
+    earlier = {"recipe": recipe.to_dict(), "data": {"lee": 2}, "greedy": {"prompts": 2, "tokens": 4},
+               "command": "python benchmarks/bench_quality.py", "reconstruction": {"study": bq.study_name(recipe)},
+               "rows": [row("teal", 0.1, greedy_remeasured=True), row("teal-greedy", 0.1), row("clada", 0.1)]}
+    path = tmp_path / "frontier.json"
+    path.write_text(json.dumps(earlier))
+    rows, origin = bq.reused_rows(path, bench, ["teal-greedy"])
+    assert rows == [row("teal", 0.1)]  # no teal-greedy row; the earlier run's greedy flag is not this run's
+    assert origin["greedy_remeasured"] is False and origin["greedy_from"] == earlier["command"]

@@ -35,4 +35,3 @@ def test_levels_must_be_numbers(script):
     assert script.number_list("0.15, 0.2") == [0.15, 0.2]
     with pytest.raises(argparse.ArgumentTypeError, match="comma-separated"):
         script.number_list("0.15,x")
-

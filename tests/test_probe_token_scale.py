@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clada import runtime
-from clada.calibrate.measure import channel_weights, output_gradients
+from clada.calibrate.measure import channel_weights, collect_mlp_inputs, output_gradients
 
 from .conftest import load_script, tiny_model
 
@@ -54,7 +54,6 @@ def test_signals_follow_the_rows_of_the_mlp_inputs(probe, model):
 def test_a_signal_that_scales_every_token_alike_changes_nothing(probe, model):
     adapter = runtime.adapter_for(model)
     tokens = torch.randint(3, model.config.vocab_size, (4, 14), generator=torch.Generator().manual_seed(2))
-    from clada.calibrate.measure import collect_mlp_inputs
     x = collect_mlp_inputs(model, adapter, tokens, 6, 32)[0]
     grads = output_gradients(model, adapter, tokens, 6, 32, 2, progress=False)[0]
     w_in, w_mid = channel_weights(model, adapter, "wina")
