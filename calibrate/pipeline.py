@@ -30,6 +30,11 @@ from .storage import is_shared, open_storage, redact
 
 ARTIFACT_NAME = "clada.safetensors"
 MEASUREMENTS_NAME = "measurements.safetensors"  # beside the study: a rerun with the same model and settings reuses it
+# Bump when a code change alters what the calibration stores for the same model, data and recipe (an error table, a
+# trial's value): stored measurements and studies of another format are then measured again instead of reused (the
+# package version, in the measurements' key, is not bumped with such changes). Format 1, the code from before this
+# constant, adds nothing to either identity, so what it stored stays valid.
+CALIBRATION_FORMAT = 1
 REGIME = "dense prefill of {p} prompt tokens, then {s} tokens fed one at a time with KV cache and adaptive sparse MLPs"
 
 
@@ -45,7 +50,13 @@ def study_name(recipe: Recipe) -> str:
     d["search"] = {k: v for k, v in d["search"].items() if k not in ("storage", "trials", "validation_docs", "candidates",
                                                                         "fill_steps")}
     d.pop("eval")
+    d.update(_format_identity())
     return "clada-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _format_identity() -> dict:
+    """``CALIBRATION_FORMAT`` as an identity entry (none for format 1)."""
+    return {} if CALIBRATION_FORMAT == 1 else {"format": CALIBRATION_FORMAT}
 
 
 def _error_identity(calibration: dict) -> dict:
@@ -103,7 +114,8 @@ def measurement_key(recipe: Recipe, identity: dict, fingerprint: torch.Tensor, d
                 "calibration": {k: v for k, v in _error_identity(dataclasses.asdict(recipe.calibration)).items()
                                 if k != "attention_sparsity"},  # the attention thresholds are not measurements
                 "device": torch.device(recipe.device).type,
-                **{k: getattr(recipe, k) for k in ("dtype", "seed", "prompt_tokens", "scored_tokens", "heldout_fraction")}}
+                **{k: getattr(recipe, k) for k in ("dtype", "seed", "prompt_tokens", "scored_tokens", "heldout_fraction")},
+                **_format_identity()}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

@@ -243,3 +243,15 @@ def test_inspect_corrupt_artifact(tmp_path):
     bad.write_bytes(b"garbage!" * 4)
     result = CliRunner().invoke(main, ["inspect", str(bad)])
     assert result.exit_code == 2 and "error" in result.output
+
+
+def test_a_new_calibration_format_measures_and_searches_again(monkeypatch):
+    from clada.calibrate import pipeline
+    from clada.calibrate.recipe import parse_recipe
+
+    model, recipe = tiny_model("llama"), parse_recipe({})
+    identity, fingerprint = runtime.model_identity(model), runtime.mlp_fingerprint(model)
+    key, name = pipeline.measurement_key(recipe, identity, fingerprint, "abc"), pipeline.study_name(recipe)
+    monkeypatch.setattr(pipeline, "CALIBRATION_FORMAT", pipeline.CALIBRATION_FORMAT + 1)
+    assert pipeline.measurement_key(recipe, identity, fingerprint, "abc") != key
+    assert pipeline.study_name(recipe) != name
