@@ -5,7 +5,8 @@ wrapper (``sparse.GatedProjection``) looks up its backend, its weight rows and i
 call. On a 2-core CPU that Python work cost about as much as the kernels: SmolLM2-135M, float32, batch 1, 2
 threads, AMD EPYC Zen 3, ~0.3 ms of each MLP call outside its two kernel calls (py-spy: 12% of a decode step, the
 kernels 25%). ``apply`` therefore gives each gated MLP whose gate and up share one row buffer an instance
-``forward`` (``MLPSteps``; ``remove`` pops it): a decode call whose row group and output projection both gather
+``forward`` (``MLPSteps``; ``remove`` pops it, and so does ``runtime.routing`` while it runs the MLP's input or
+output side in its original modules): a decode call whose row group and output projection both gather
 runs as the two gathers and the activation between them -- ``ChannelGate.gather`` on the group's buffer, the
 adapter's ``act(gate) * up``, ``ChannelGate.gather`` on down's rows: the operations of the wrappers' own path, in
 the same order, so the outputs are bitwise the same. Every other call (prefill, ``runtime.dense``, the masked
@@ -27,7 +28,7 @@ class MLPSteps:
 
     def __init__(self, adapter: MLPAdapter, state: SparsityState, parts: list[MLPParts]):
         self.state, self.act_name, self.weight_of = state, adapter.act_name, adapter.weight_of
-        self.owners = []
+        self.steps: dict[nn.Module, object] = {}  # MLP -> its step forward
         if not adapter.gated:
             return
         for part in (p for p in parts if len(p.in_names) == 2):
@@ -35,13 +36,23 @@ class MLPSteps:
             if (all(isinstance(w, GatedProjection) for w in wrappers)
                     and gate.group is not None and gate.group is up.group and down.group is None
                     and "forward" not in part.owner.__dict__):
-                part.owner.forward = self._forward_of(part)  # an instance attribute shadowing the class's forward
-                self.owners.append(part.owner)
+                self.steps[part.owner] = self._forward_of(part)
+        self.follow(frozenset())
+
+    def follow(self, dense_sides: frozenset[str]) -> None:
+        """Put the steps in place (instance attributes shadowing the MLPs' class forward), or take them out while
+        ``runtime.routing`` runs an MLP side in its original modules: a step could then only hand each call on to
+        the MLP's own forward, a Python call and its checks per layer and decode step for nothing."""
+        wanted = not dense_sides & {"in", "mid"}
+        for owner, step in self.steps.items():
+            if wanted:
+                owner.forward = step
+            elif owner.__dict__.get("forward") is step:
+                del owner.__dict__["forward"]
 
     def restore(self) -> None:
         """Give every MLP its own forward back."""
-        for owner in self.owners:
-            owner.__dict__.pop("forward", None)
+        self.follow(frozenset({"in", "mid"}))
 
     def _forward_of(self, part: MLPParts):
         owner, state, act_name, weight_of = part.owner, self.state, self.act_name, self.weight_of

@@ -110,6 +110,8 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
         for side, names in zip(ATTENTION_SIDES, (part.in_names, (part.out_name,))):
             _gate(adapter, part.owner, names, ChannelGate(state, layer, side), rows_of, layout, routing)
     steps = MLPSteps(adapter, state, parts if gathering else [])
+    if routing is not None:
+        routing.followers.append(steps.follow)
     if layout is not None:
         chooser.selector = layout.select
         state.density_wanted = True

@@ -7,12 +7,14 @@ A gated projection costs a few microseconds of Python per call even when it only
 the wrappers of that side step out of the module tree and the original modules take their place; if every side
 runs dense, the load signals are not computed either (nothing would use them). Decode steps are still counted,
 as dense (``SparsityState.record_dense_step``). The routing is re-checked whenever the model's (device, dtype)
-changes, and ``remove`` puts the wrappers back before undoing the patch.
+changes, and ``remove`` puts the wrappers back before undoing the patch. Its ``followers`` (the gated MLPs' decode
+steps, ``runtime.mlp_step``) are told the dense sides after each routing.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from torch import nn
 
@@ -30,6 +32,7 @@ class Routing:
         self.state, self.chooser, self.probe = state, chooser, probe
         self.sites: dict[str, dict[Shape, list[tuple[nn.Module, str, nn.Module]]]] = {}
         self.routed_for: tuple | None = None  # the (device, dtype) key whose decisions the tree follows
+        self.followers: list[Callable[[frozenset[str]], None]] = []  # told the dense sides after every routing
         self._lock = threading.Lock()
 
     def add(self, side: str, shape: Shape, owner: nn.Module, name: str, wrapper: nn.Module) -> None:
@@ -58,6 +61,8 @@ class Routing:
                 for owner, name, wrapper in sites:
                     setattr(owner, name, wrapper.inner if side in dense_sides else wrapper)
         self.state.dense_sides = frozenset(dense_sides)
+        for follow in self.followers:
+            follow(self.state.dense_sides)
 
     def restore(self) -> None:
         """Put every wrapper back in the tree (before ``remove``)."""

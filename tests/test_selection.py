@@ -294,6 +294,11 @@ def mlp_modules(model):
     return [part.projections() for part in adapter.mlp_parts(model)]
 
 
+def stepped(model) -> list[bool]:
+    """Per MLP: whether its decode step (``runtime.mlp_step``) is in place."""
+    return ["forward" in part.owner.__dict__ for part in runtime.adapter_for(model).mlp_parts(model)]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_where_dense_wins_the_original_modules_run_and_no_signals_are_computed(family, monkeypatch):
     """After the deciding decode step the module tree holds the original projections (no wrapper in the call
@@ -307,10 +312,12 @@ def test_where_dense_wins_the_original_modules_run_and_no_signals_are_computed(f
     monkeypatch.setattr(runtime.signals, "load_signals", lambda *a: signals.append(1) or real(*a))
     runtime.apply(model, make_artifact(model, tau_in=0.05, tau_mid=0.05))
     assert all(type(m).__name__ == "GatedProjection" for ms in mlp_modules(model) for m in ms)
+    assert all(stepped(model)) == (family == "llama")  # gated MLPs get decode steps
     got = greedy(model, 6)
     st = runtime.stats(model)
     assert torch.equal(got, want)
     assert [[m for m in ms] for ms in mlp_modules(model)] == originals  # the very modules, unwrapped
+    assert not any(stepped(model))  # and the MLPs' own forward, without a step in front
     assert len(signals) <= 1  # at most the deciding step's (its predecessor had no distribution)
     assert st["tokens"] == PROMPT.shape[0] * 5 and st["decode_steps"]["calls"] == 5
     assert st["mlp_reads_saved"] == 0.0 and st["path_calls"]["dense"] > 0
@@ -329,8 +336,10 @@ def test_one_side_gathers_while_the_other_runs_its_original_modules(monkeypatch)
     greedy(model, 5)
     st = runtime.stats(model)
     kinds = [[type(m).__name__ for m in ms] for ms in mlp_modules(model)]
+    steps = stepped(model)
     runtime.remove(model)
     assert kinds == [["GatedProjection", "GatedProjection", "Linear"]] * len(kinds)
+    assert not any(steps)  # a step needs both sides gathering
     assert st["input_sparsity"] > 0 and st["mlp_sparsity"] == 0.0
     assert st["path_calls"][GATHER] > 0 and st["path_calls"]["dense"] > 0
     assert st["tokens"] == PROMPT.shape[0] * 4
@@ -349,8 +358,9 @@ def test_a_new_dtype_is_measured_again_with_the_wrappers_back(monkeypatch):
     model.to(torch.bfloat16)
     with torch.no_grad():
         model(input_ids=PROMPT)  # a prefill: not yet measured for bfloat16, the wrappers are back
-    assert type(mlp_modules(model)[0][0]).__name__ == "GatedProjection"
+    assert type(mlp_modules(model)[0][0]).__name__ == "GatedProjection" and all(stepped(model))
     greedy(model, 3)
+    assert not any(stepped(model))
     st = runtime.stats(model)
     runtime.remove(model)
     assert set(measured) == {torch.float32, torch.bfloat16}
