@@ -1,0 +1,65 @@
+"""benchmarks/probe_predictor.py: the low-bit copy, its byte share, the predictor's table and its method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clada import runtime
+from clada.calibrate.measure import channel_weights, collect_mlp_inputs, output_gradients
+
+from .conftest import load_script, tiny_model
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return load_script("probe_predictor")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def test_quantised_copy_is_within_half_a_step_and_counts_its_scales(probe):
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 4, 8):
+        q, size = probe.quantised(w, bits, 32)
+        step = w.reshape(6, 2, 32).abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
+        assert ((q - w).reshape(6, 2, 32).abs() <= step / 2 + 1e-6).all()
+        assert size == pytest.approx((bits + 0.5) / 8)
+    assert len(set(probe.quantised(w, 2, 32)[0].reshape(6, 2, 32)[0, 0].tolist())) <= 4
+    with pytest.raises(ValueError, match="group 48"):
+        probe.quantised(w, 4, 48)
+
+
+def test_copy_share_of_a_gated_mlp(probe, model):
+    adapter = runtime.adapter_for(model)
+    predictor = probe.Predictor(model, adapter, channel_weights(model, adapter, "wina")[1], 4, 16)
+    copy = (4 + 1) / 8  # bytes per weight: 4 bits, a float16 scale per 16
+    assert predictor.share["model"] == pytest.approx(2 / 3 * copy / 4)  # float32 weights, gate + up = 2/3
+    assert predictor.share["bfloat16"] == pytest.approx(2 / 3 * copy / 2)
+
+
+def test_table_and_method_agree_and_leave_the_model_dense(probe, model):
+    adapter = runtime.adapter_for(model)
+    prompt, ids = 4, torch.randint(3, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    x = collect_mlp_inputs(model, adapter, ids, prompt, 48)
+    grads = output_gradients(model, adapter, ids, prompt, 48, 2, progress=False)
+    predictor = probe.Predictor(model, adapter, channel_weights(model, adapter, "wina")[1], 4, 16)
+    tables = [predictor.table(layer, x[layer], grads[layer]) for layer in range(len(x))]
+    t = tables[0]
+    assert t.error[0, 0] == 0 and t.saved[0, 0] == 0  # keeps everything, reads no copy
+    assert t.saved[0, 1:].diff().ge(-1e-6).all() and t.error[0, -1] > 0
+    column = 16  # ~40% of the neurons skipped
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        method = probe.PredictorMethod(predictor, [float(tb.tau_mid[0, column]) for tb in tables])
+        assert torch.equal(model(input_ids=ids).logits, dense)  # outside teacher_forced: dense
+        with method.teacher_forced():
+            sparse = model(input_ids=ids[:, prompt:]).logits  # the calibration tokens' own positions (no cache)
+        reads = method.stats()["mlp_reads_saved"]
+        method.remove()
+        assert torch.equal(model(input_ids=ids).logits, dense)
+    assert not torch.equal(sparse, dense[:, prompt:])
+    assert reads > 0.2 and reads < 0.6
