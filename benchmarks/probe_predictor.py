@@ -1,6 +1,6 @@
 """Neurons chosen from a low-bit copy of gate and up: fewer errors than the threshold rule at equal bytes? (probe)
 
-    python benchmarks/probe_predictor.py      # ~25 min on 2 CPU cores
+    python benchmarks/probe_predictor.py      # ~20 min on 2 CPU cores
 
 The threshold rule skips MLP input channels (rows of gate and up, by |x|·w) and intermediate neurons (columns of
 down, by |h|·c); a neuron it skips still costs its gate and up rows, since its h had to be computed. The
@@ -8,11 +8,13 @@ predictor rule computes an estimate ``h~ = act(Q(W_gate) x) * Q(W_up) x`` from a
 ``--bits`` per weight (symmetric, one float16 scale per ``--group`` weights of a row: :func:`quantised`), keeps
 neuron j iff |h~_j|·c_j > tau_l (c: the calibration's channel weights of down's input), and reads the gate row, up
 row and down column of each kept neuron only, in full precision. Its reads saved are the neurons skipped minus the
-copy, read in full every step (:func:`copy_share`; it depends on the model's dtype, so each level is also
-allocated as if the weights were bfloat16: twice the copy's share).
+copy's bytes read every step (:func:`copy_share`; they depend on the model's dtype, so each level is also allocated
+and counted as if the weights were bfloat16: twice the copy's share). Variant ``input mask``: the copy, stored as
+input-channel rows, is read under the threshold rule's input mask (``Q_IN``), and the estimate comes from the masked
+input; the kept neurons' exact rows still see the whole input.
 
 Both rules: per-layer KL tables on the default recipe's activation documents (the threshold rule: the calibration's
-own tables, with compensation; the predictor: :func:`predictor_table`, the same tokens and gradient draws), one
+own tables, with compensation; the predictor: :meth:`Predictor.measure`, the same tokens and gradient draws), one
 price for every layer at each level (``ThresholdSearch.point_at_saved``, depth_slope 0), no adaptation, MLP only;
 teacher forced on 32 held-out lee and 32 enwiki documents (bench_quality's references). Writes
 results/quality/predictor_probe.json and .md.
@@ -46,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (0.15, 0.20, 0.25, 0.30, 0.35)
 SHAPE = {"price": 1.0, "depth_slope": 0.0, "mix": 1.0}  # one price for every layer
 Q_PREDICTOR = torch.linspace(0.0, 0.8, 33)  # shares of neurons skipped in the predictor's table
+Q_IN = (0.0, 0.1, 0.2, 0.3)  # shares of input channels whose rows of the copy are not read (0: the copy in full)
 BFLOAT16_BYTES = 2
 
 
@@ -70,14 +73,14 @@ def copy_share(bytes_in: float, bytes_mid: float, weight_bytes: float, copy_byte
 
 
 class Predictor:
-    """The predictor rule on one model's gated MLPs: per layer the dequantised copies of gate and up, the channel
-    weights of down's input, and (once allocated) the thresholds; ``forward`` replaces an MLP's output."""
+    """The predictor rule on one model's gated MLPs: per layer the dequantised copies of gate and up, and the channel
+    weights of the MLP input (``weight_in``, the input mask's scores) and of down's input (``weight_mid``)."""
 
-    def __init__(self, model, adapter, weight_mid: torch.Tensor, bits: int, group: int):
+    def __init__(self, model, adapter, weight_in: torch.Tensor, weight_mid: torch.Tensor, bits: int, group: int):
         if not adapter.gated:
             raise ValueError("the predictor rule needs a gated MLP (gate and up)")
         self.parts = adapter.mlp_parts(model)
-        self.adapter, self.weight_mid = adapter, weight_mid.float()
+        self.adapter, self.weight_in, self.weight_mid = adapter, weight_in.float(), weight_mid.float()
         self.copies, self.copy_bytes = [], 0.0
         for part in self.parts:
             pair = [quantised(adapter.weight(getattr(part.owner, n)), bits, group) for n in part.in_names]
@@ -95,34 +98,61 @@ class Predictor:
         x = x.float()
         return act(x @ gate.T) * (x @ up.T)
 
-    def table(self, layer: int, x: torch.Tensor, grads: torch.Tensor) -> LayerTable:
-        """One-row ``LayerTable`` of the layer on calibration inputs x (N, D): per share of ``Q_PREDICTOR`` the
-        threshold, the KL estimate (``second_order_kl`` with ``grads``) and the bytes saved net of the copy's."""
+    def input_keep(self, layer: int, x: torch.Tensor, tau_in: float) -> torch.Tensor:
+        """The input mask the copy is read under (rows of skipped input channels not read; tau_in < 0: none)."""
+        if tau_in < 0:
+            return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+        return threshold_keep(x, self.weight_in[layer], tau_in)
+
+    def measure(self, layer: int, x: torch.Tensor, grads: torch.Tensor, q_in: list[float]) -> dict[str, torch.Tensor]:
+        """The layer on calibration inputs x (N, D): per input quantile ``q_in`` (0: the copy read in full) and share
+        of neurons ``Q_PREDICTOR`` skipped, the thresholds, the KL estimate (``second_order_kl`` with ``grads``) and
+        the skipped shares: tau_in, skip_in (Qi,); tau_mid, error, skip_mid (Qi, Qm). Column 0 skips nothing and reads
+        no copy (tau_mid -1)."""
         part = self.parts[layer]
         out = getattr(part.owner, part.out_name)
+        shape = (len(q_in), len(Q_PREDICTOR))
+        r = {"tau_in": torch.zeros(len(q_in)), "skip_in": torch.zeros(len(q_in)), "tau_mid": torch.zeros(shape),
+             "error": torch.zeros(shape), "skip_mid": torch.zeros(shape)}
         with torch.no_grad():
             h = self.adapter.intermediate(part, x).float()
             y = out(h.to(x.dtype)).float()
-            scores = channel_scores(self.estimate(layer, x), self.weight_mid[layer])
-            taus = score_quantiles(scores, Q_PREDICTOR)
-            error, saved = torch.zeros(1, len(taus)), torch.zeros(1, len(taus))
-            for j, tau in enumerate(taus.tolist()):
-                keep = scores > tau if j else torch.ones_like(scores, dtype=torch.bool)
-                error[0, j] = second_order_kl(grads, out((h * keep).to(x.dtype)).float() - y)
-                saved[0, j] = 1 - keep.float().mean() - (self.share["model"] if j else 0.0)
-        taus[0] = -1.0  # the first column keeps everything and reads no copy
-        return LayerTable(torch.zeros(1), taus[None], error, saved)
+            scores_in = channel_scores(x, self.weight_in[layer])
+            for i, q in enumerate(q_in):
+                r["tau_in"][i] = float(score_quantiles(scores_in, [q])[0]) if q > 0 else -1.0
+                keep_in = self.input_keep(layer, x, float(r["tau_in"][i]))
+                r["skip_in"][i] = 1 - keep_in.float().mean()
+                scores = channel_scores(self.estimate(layer, x * keep_in), self.weight_mid[layer])
+                taus = score_quantiles(scores, Q_PREDICTOR)
+                taus[0] = -1.0
+                r["tau_mid"][i] = taus
+                for j, tau in enumerate(taus.tolist()[1:], 1):
+                    keep = scores > tau
+                    r["error"][i, j] = second_order_kl(grads, out((h * keep).to(x.dtype)).float() - y)
+                    r["skip_mid"][i, j] = 1 - keep.float().mean()
+        return r
+
+    @staticmethod
+    def table(measured: dict[str, torch.Tensor], share: float, rows: int | None = None) -> LayerTable:
+        """``LayerTable`` of ``measure``'s figures (its first ``rows`` input rows; default all) with the copy at
+        ``share`` of the MLP bytes: saved = neurons skipped - share x the copy's rows read (0 where nothing is
+        skipped)."""
+        m = {k: v[:rows] for k, v in measured.items()}
+        saved = m["skip_mid"] - share * (1 - m["skip_in"])[:, None]
+        saved[:, 0] = 0.0
+        return LayerTable(m["tau_in"], m["tau_mid"], m["error"], saved)
 
 
 class PredictorMethod:
-    """The predictor rule at thresholds ``tau`` (L,) on the model, duck-typed as an evaluation method
-    (``evaluate.Sparsifier``): calls inside ``teacher_forced`` are sparse, every other call dense."""
+    """The predictor rule at thresholds ``tau_in``, ``tau_mid`` (L,) on the model with the copy counted at ``share``
+    of the MLP bytes, duck-typed as an evaluation method (``evaluate.Sparsifier``): calls inside
+    ``teacher_forced`` are sparse, every other call dense."""
 
     adaptive, needs_prompt = False, False
 
-    def __init__(self, predictor: Predictor, tau: list[float]):
-        self.predictor, self.tau, self.sparse = predictor, tau, False
-        self.skipped = [[0.0, 0] for _ in tau]  # per layer: sum of skipped shares, calls
+    def __init__(self, predictor: Predictor, tau_in: list[float], tau_mid: list[float], share: float):
+        self.predictor, self.tau_in, self.tau_mid, self.share, self.sparse = predictor, tau_in, tau_mid, share, False
+        self.reset_stats()
         for layer, part in enumerate(predictor.parts):
             part.owner.forward = partial(self._forward, layer)
 
@@ -130,11 +160,13 @@ class PredictorMethod:
         p = self.predictor
         part = p.parts[layer]
         h = p.adapter.intermediate(part, x)
-        if self.sparse and self.tau[layer] >= 0:
-            keep = threshold_keep(p.estimate(layer, x), p.weight_mid[layer], self.tau[layer])
+        if self.sparse and self.tau_mid[layer] >= 0:
+            keep_in = p.input_keep(layer, x, self.tau_in[layer])
+            keep = threshold_keep(p.estimate(layer, x * keep_in), p.weight_mid[layer], self.tau_mid[layer])
             h = h * keep.to(h.dtype)
-            self.skipped[layer][0] += 1 - keep.float().mean().item()
-            self.skipped[layer][1] += 1
+            seen = self.seen[layer]
+            seen[0] += 1 - keep.float().mean().item() - self.share * keep_in.float().mean().item()
+            seen[1] += 1
         return getattr(part.owner, part.out_name)(h)
 
     @contextmanager
@@ -150,12 +182,11 @@ class PredictorMethod:
             self.sparse = False
 
     def reset_stats(self) -> None:
-        self.skipped = [[0.0, 0] for _ in self.tau]
+        self.seen = [[0.0, 0] for _ in self.tau_mid]  # per layer: sum of per-call reads saved, calls
 
     def stats(self) -> dict:
-        """``runtime.stats``-like figures: reads saved net of the copy (layers whose threshold reads it)."""
-        share = self.predictor.share["model"]
-        per_layer = [s / n - share if n else 0.0 for s, n in self.skipped]
+        """``runtime.stats``-like figures: reads saved net of the copy's rows read (0 in a layer skipping nothing)."""
+        per_layer = [s / n if n else 0.0 for s, n in self.seen]
         return {"rule": "predictor", "mlp_reads_saved": sum(per_layer) / len(per_layer), "per_layer": per_layer}
 
     def remove(self) -> None:
@@ -188,10 +219,12 @@ def render(result: dict) -> str:
           f"at the model's dtype, {result['share']['bfloat16']:.4f} for bfloat16 weights. Per-layer KL tables, one "
           "price for every layer (depth_slope 0), no adaptation, MLP only; teacher forced on "
           f"{result['docs']} held-out lee and {result['docs']} enwiki documents (64-token dense prefill, 128 scored "
-          "tokens). `threshold`: the calibration's own tables (compensation where it pays); `predictor`: reads "
-          "saved net of the copy; `predictor, bfloat16 bytes`: allocated at the level plus the difference of the "
-          "copy's shares, so that its reads saved, were the weights bfloat16, would be the level (the figures "
-          "shown are the float32 run's, reads net of the bfloat16 copy).", ""]
+          "tokens). `threshold`: the calibration's own tables (compensation where it pays); `predictor`: the copy "
+          "read in full; `predictor, input mask`: the copy's rows of the input channels that the threshold rule's "
+          "input mask skips are not read, and the estimate is computed from the masked input (per layer the "
+          f"allocation picks the input share from {', '.join(map(str, Q_IN))}); the exact rows of kept neurons read "
+          "in full. Reads saved net of the copy's bytes read; `bfloat16 bytes`: allocated and counted with the copy's "
+          "share for 2-byte weights (the figures are the float32 model's).", ""]
     for name in DATASETS:
         md += [f"`{name}`: reads saved / ppl_increase / KL", "",
                "| level | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
@@ -230,23 +263,24 @@ def main(argv: list[str] | None = None) -> int:
     inputs = collect_mlp_inputs(model, adapter, bench.splits.act, r.prompt_tokens, c.activation_tokens)
     grads = output_gradients(model, adapter, bench.splits.act, r.prompt_tokens, c.activation_tokens,
                              c.gradient_samples, seed=r.seed, progress=False)
-    predictor = Predictor(model, adapter, m.weight_mid, args.bits, args.group)
-    tables = [predictor.table(layer, x, g) for layer, (x, g) in enumerate(zip(inputs, grads))]
+    predictor = Predictor(model, adapter, m.weight_in, m.weight_mid, args.bits, args.group)
+    measured = [predictor.measure(layer, x, g, list(Q_IN)) for layer, (x, g) in enumerate(zip(inputs, grads))]
     del inputs, grads
-    by_price = ThresholdSearch(tables, m.ratios, _NoSignals(), settings, artifact_of)
-    extra_share = predictor.share["bfloat16"] - predictor.share["model"]
+    searches = {}  # rule label -> (its tables' search, the copy's share)
+    for dtype, share in predictor.share.items():
+        suffix = "" if dtype == "model" else ", bfloat16 bytes"
+        for rows, name in ((1, "predictor"), (None, "predictor, input mask")):
+            tables = [Predictor.table(mm, share, rows) for mm in measured]
+            searches[name + suffix] = (ThresholdSearch(tables, m.ratios, _NoSignals(), settings, artifact_of), share)
     rows = []
     for level in LEVELS:
         point = threshold.point_at_saved(SHAPE, level)
         rows.append(evaluate(bench, build_method("clada-noadapt", model, artifact=artifact_of(point)), "threshold",
                              level, {"compensated_layers": sum(point.centred)}))
-        rows.append(evaluate(bench, PredictorMethod(predictor, by_price.point_at_saved(SHAPE, level).tau_mid),
-                             "predictor", level))
-        method = PredictorMethod(predictor, by_price.point_at_saved(SHAPE, level + extra_share).tau_mid)
-        row = evaluate(bench, method, "predictor, bfloat16 bytes", level)
-        for name in DATASETS:
-            row[name]["mlp_reads_saved"] -= extra_share
-        rows.append(row)
+        for label, (search, share) in searches.items():
+            point = search.point_at_saved(SHAPE, level)
+            rows.append(evaluate(bench, PredictorMethod(predictor, point.tau_in, point.tau_mid, share), label, level,
+                                 {"input_masked_layers": sum(t >= 0 for t in point.tau_in)}))
     result = {"command": command_line("probe_predictor.py", argv), "minutes": round((time.time() - t0) / 60, 1),
               "torch": torch.__version__, "model": r.model, "dtype": r.dtype, "docs": args.docs, "bits": args.bits,
               "group": args.group, "copy_bytes": predictor.copy_bytes, "share": predictor.share, "rows": rows}
