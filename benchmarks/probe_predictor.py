@@ -57,8 +57,8 @@ def quantised(weight: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor
     of a row (absmax / (2**(bits-1) - 1)), returned dequantised in float32, and the copy's bytes per weight (its
     codes and float16 scales)."""
     out_features, in_features = weight.shape
-    if in_features % group:
-        raise ValueError(f"group {group} does not divide the {in_features} input features")
+    if group < 1 or in_features % group:
+        raise ValueError(f"--group {group} does not divide the {in_features} input features")
     w = weight.float().reshape(out_features, in_features // group, group)
     top = 2 ** (bits - 1) - 1
     scale = (w.abs().amax(-1, keepdim=True) / top).clamp_min(torch.finfo(torch.float32).tiny)
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m.yaml"))
     parser.add_argument("--docs", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group", type=int, default=32)
+    parser.add_argument("--bits", type=int, default=4, choices=range(2, 9), metavar="2..8")
+    parser.add_argument("--group", type=int, default=32, help="weights per float16 scale (divides the hidden size)")
     parser.add_argument("--out", default=str(ROOT / "results" / "quality"))
     args = parser.parse_args(argv)
     args.greedy_prompts, args.greedy_tokens = 0, 1  # no greedy agreement here
@@ -258,12 +258,15 @@ def main(argv: list[str] | None = None) -> int:
                           fingerprint=runtime.mlp_fingerprint(model, adapter))
     settings = SearchSettings(layer_error="kl")
     threshold = ThresholdSearch(m.tables, m.ratios, _NoSignals(), settings, artifact_of)
+    try:  # the copy first: a group that does not divide the hidden size is one error line, before the tables
+        predictor = Predictor(model, adapter, m.weight_in, m.weight_mid, args.bits, args.group)
+    except ValueError as exc:
+        parser.error(str(exc))
     c = r.calibration
     log("predictor tables")
     inputs = collect_mlp_inputs(model, adapter, bench.splits.act, r.prompt_tokens, c.activation_tokens)
     grads = output_gradients(model, adapter, bench.splits.act, r.prompt_tokens, c.activation_tokens,
                              c.gradient_samples, seed=r.seed, progress=False)
-    predictor = Predictor(model, adapter, m.weight_in, m.weight_mid, args.bits, args.group)
     measured = [predictor.measure(layer, x, g, list(Q_IN)) for layer, (x, g) in enumerate(zip(inputs, grads))]
     del inputs, grads
     searches = {}  # rule label -> (its tables' search, the copy's share)

@@ -29,8 +29,15 @@ def test_quantised_copy_is_within_half_a_step_and_counts_its_scales(probe):
         assert ((q - w).reshape(6, 2, 32).abs() <= step / 2 + 1e-6).all()
         assert size == pytest.approx((bits + 0.5) / 8)
     assert len(set(probe.quantised(w, 2, 32)[0].reshape(6, 2, 32)[0, 0].tolist())) <= 4
-    with pytest.raises(ValueError, match="group 48"):
-        probe.quantised(w, 4, 48)
+    for group in (48, 0):
+        with pytest.raises(ValueError, match=f"group {group} does not divide"):
+            probe.quantised(w, 4, group)
+
+
+def test_bits_outside_2_to_8_are_refused_before_any_model_loads(probe, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        probe.main(["--bits", "1"])
+    assert exit_.value.code == 2 and "--bits" in capsys.readouterr().err
 
 
 def test_copy_share_of_a_gated_mlp(probe, model):
