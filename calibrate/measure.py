@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..runtime.adapters import MLPAdapter, MLPParts
+from ..runtime.predictor import BITS, GROUP, LowBitCopy
 from ..runtime.rules import centred, channel_scores, compensated
 
 SCORE_RULES = ("magnitude", "wina")
@@ -317,14 +318,19 @@ class LayerErrorModel:
         """(error, saved byte share) with the input quantile ``q_in`` and intermediate threshold ``tau_mid``."""
         _, skip_in, h, score_mid = self._input_side(q_in)
         keep_mid = score_mid > tau_mid
-        change = self._output(h * keep_mid) - self.y
-        if self.grads is None:
-            error = change.pow(2).sum() / self.y_norm
-        else:
-            error = second_order_kl(self.grads, change)
         skip_mid = 1.0 - keep_mid.float().mean()
-        saved = (skip_in * self.bytes_in + skip_mid * self.bytes_mid) / (self.bytes_in + self.bytes_mid)
-        return float(error), float(saved)
+        return float(self._error(self._output(h * keep_mid) - self.y)), float(self._saved(skip_in, skip_mid))
+
+    def _error(self, change: torch.Tensor) -> torch.Tensor:
+        """The error of a change (N, D) of the MLP output: relative, or the KL estimate given gradients."""
+        if self.grads is None:
+            return change.pow(2).sum() / self.y_norm
+        return second_order_kl(self.grads, change)
+
+    def _saved(self, skip_in: torch.Tensor | float, skip_mid: torch.Tensor | float) -> torch.Tensor | float:
+        """Share of the layer's MLP bytes skipped with shares ``skip_in`` of the input channels and ``skip_mid`` of
+        the neurons skipped."""
+        return (skip_in * self.bytes_in + skip_mid * self.bytes_mid) / (self.bytes_in + self.bytes_mid)
 
     def error(self, q_in: float, q_mid: float) -> float:
         return self.measure(q_in, self.thresholds(q_in, q_mid)[1])[0]
@@ -342,6 +348,54 @@ class LayerErrorModel:
                 error[i, j], saved[i, j] = self.measure(qi, tj)
         centred = torch.full((len(q_in),), self.center_in is not None)
         return LayerTable(tau_in, tau_mid, error, saved, centred)
+
+
+class PredictorErrorModel(LayerErrorModel):
+    """``LayerErrorModel`` of the predictor rule (``runtime.predictor``): tau_in is the q_in quantile of the input
+    scores |x|·w_in (the copy's rows it skips), tau_mid the q_mid quantile of the scores |h~|·w_mid of the estimate
+    from the copy on the masked input; the error is that of the exact h with the skipped neurons zeroed, and
+    ``saved`` counts a skipped neuron's gate row, up row and down column less the copy's rows read. Column q_mid = 0
+    skips nothing and reads no copy (tau_mid -1)."""
+
+    def __init__(self, adapter: MLPAdapter, part: MLPParts, layer: int, copy: LowBitCopy, x: torch.Tensor,
+                 weight_in: torch.Tensor, weight_mid: torch.Tensor, quantiles: str = "sampled",
+                 grads: torch.Tensor | None = None):
+        self.layer, self.copy = layer, copy
+        super().__init__(adapter, part, x, weight_in, weight_mid, quantiles, None, grads)
+        self.h = self._intermediate(self.x)
+        self.copy_share = copy.share_of_input_bytes(self.dtype.itemsize)
+
+    @torch.no_grad()
+    def _input_side(self, q_in: float) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+        key = round(float(q_in), 9)
+        if key not in self._by_q_in:
+            tau_in = float(score_quantiles(self.score_in, [key], self.quantiles)[0])
+            keep_in = self.score_in > tau_in
+            estimate = self.copy.estimate(self.layer, (self.x * keep_in).to(self.dtype))
+            self._by_q_in[key] = (tau_in, 1.0 - keep_in.float().mean(), self.h, channel_scores(estimate,
+                                                                                              self.weight_mid))
+        return self._by_q_in[key]
+
+    def _saved(self, skip_in, skip_mid):
+        full = self.bytes_in + self.bytes_mid
+        return skip_mid - self.copy_share * self.bytes_in * (1.0 - skip_in) / full
+
+    def table(self, q_in: torch.Tensor, q_mid: torch.Tensor) -> LayerTable:
+        table = super().table(q_in, q_mid)
+        table.tau_mid[:, 0], table.error[:, 0], table.saved[:, 0] = -1.0, 0.0, 0.0
+        return table
+
+
+def predictor_tables(model: nn.Module, adapter: MLPAdapter, inputs: list[torch.Tensor], weight_in: torch.Tensor,
+                     weight_mid: torch.Tensor, q_in: torch.Tensor, q_mid: torch.Tensor, progress: bool = True,
+                     grads: list[torch.Tensor] | None = None, bits: int = BITS, group: int = GROUP) -> list[LayerTable]:
+    """``PredictorErrorModel.table`` of every layer, with the low-bit copy the runtime's predictor rule makes."""
+    parts = adapter.mlp_parts(model)
+    copy = LowBitCopy(adapter, parts, bits, group)
+    return [PredictorErrorModel(adapter, part, l, copy, inputs[l], weight_in[l], weight_mid[l],
+                                grads=None if grads is None else grads[l]).table(q_in, q_mid)
+            for l, part in enumerate(tqdm(parts, desc="per-layer predictor tables", unit="layer",
+                                          disable=not progress))]
 
 
 def input_centers(inputs: list[torch.Tensor]) -> torch.Tensor:

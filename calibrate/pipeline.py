@@ -19,7 +19,7 @@ from ..artifacts import Artifact, save_artifact, write_atomic
 from .data import load_documents
 from .evaluate import QUALITY_BACKEND, ProxyEvaluator, generation_eval
 from .measure import (LayerTable, attention_thresholds, build_tables, channel_weights, collect_mlp_inputs, input_centers,
-                      output_gradients, residual_ratios)
+                      output_gradients, predictor_tables, residual_ratios)
 from .models import load_model
 from .recipe import Recipe
 from .report import HEADLINE_KEYS, write_reports
@@ -60,11 +60,13 @@ def _format_identity() -> dict:
 
 
 def _error_identity(calibration: dict) -> dict:
-    """The calibration settings without the layer-error keys when the error is relative: the identity (study,
-    measurements) of a recipe from before those keys existed."""
-    if calibration["layer_error"] != "relative":
-        return calibration
-    return {k: v for k, v in calibration.items() if k not in ("layer_error", "gradient_samples")}
+    """The calibration settings without the keys a recipe from before they existed did not have: the layer-error
+    keys when the error is relative, the rule when it is the threshold rule (the identity of studies and
+    measurements made before)."""
+    left = ("rule",) if calibration.get("rule", "threshold") == "threshold" else ()
+    if calibration["layer_error"] == "relative":
+        left += ("layer_error", "gradient_samples")
+    return {k: v for k, v in calibration.items() if k not in left}
 
 
 def _log(msg: str) -> None:
@@ -124,25 +126,39 @@ def measure(recipe: Recipe, model, adapter, act_tokens: torch.Tensor, progress: 
     weight_in, weight_mid = channel_weights(model, adapter, recipe.calibration.score)
     c = recipe.calibration
     inputs = collect_mlp_inputs(model, adapter, act_tokens, recipe.prompt_tokens, c.activation_tokens)
-    centers = input_centers(inputs) if c.compensation else None
+    predictor = c.rule == "predictor"
+    centers = input_centers(inputs) if c.compensation and not predictor else None
     grads = None
     if c.layer_error == "kl":
         grads = output_gradients(model, adapter, act_tokens, recipe.prompt_tokens, c.activation_tokens,
                                  c.gradient_samples, seed=recipe.seed, progress=progress)
-    tables = build_tables(model, adapter, inputs, weight_in, weight_mid, torch.tensor(c.q_in), torch.tensor(c.q_mid),
-                          progress=progress, centers=centers, grads=grads)
+    grid = torch.tensor(c.q_in), torch.tensor(c.q_mid)
+    if predictor:
+        tables = predictor_tables(model, adapter, inputs, weight_in, weight_mid, *grid, progress=progress,
+                                  grads=grads)
+    else:
+        tables = build_tables(model, adapter, inputs, weight_in, weight_mid, *grid, progress=progress,
+                              centers=centers, grads=grads)
     del inputs, grads
     ratios = residual_ratios(model, adapter, act_tokens[:8], recipe.prompt_tokens)
     return Measurements(weight_in, weight_mid, tables, ratios, centers)
 
 
+def rule_of(recipe: Recipe) -> dict:
+    """The artifact's ``rule`` metadata of a recipe's ``calibration.rule``."""
+    if recipe.calibration.rule == "predictor":
+        return {"name": "predictor", "bits": runtime.PREDICTOR_BITS, "group": runtime.PREDICTOR_GROUP}
+    return {"name": "threshold"}
+
+
 def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tensor, fingerprint: torch.Tensor,
                    centers: torch.Tensor | None = None, attention: dict[str, torch.Tensor] | None = None,
-                   **metadata) -> Artifact:
+                   rule: dict | None = None, **metadata) -> Artifact:
     """The artifact of a search point (``metadata``: Artifact's model, recipe, data, signals dicts; the point's prompt
     prior exponent, if any, on both MLP sides of every layer); ``centers``
     (L, D): the input centers of the layers the point compensates (``point.centred``); ``attention``: the
-    attention tensors (``measure.attention_thresholds``), the same for every point, or None (attention dense)."""
+    attention tensors (``measure.attention_thresholds``), the same for every point, or None (attention dense);
+    ``rule``: the artifact's rule metadata (``rule_of``; default the threshold rule)."""
     centred = torch.tensor(point.centred, dtype=torch.bool) if point.centred else None
     L = len(point.tau_in)
     prefix = {f"prefix_{side}": torch.full((L,), float(point.prefix)) for side in ("in", "mid")} if point.prefix else {}
@@ -152,7 +168,7 @@ def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tens
     return Artifact(center_in=center_in,
         tau_base_in=torch.tensor(point.tau_in, dtype=torch.float32),
         tau_base_mid=torch.tensor(point.tau_mid, dtype=torch.float32),
-        channel_weight_in=weight_in, channel_weight_mid=weight_mid, fingerprint=fingerprint, rule={"name": "threshold"},
+        channel_weight_in=weight_in, channel_weight_mid=weight_mid, fingerprint=fingerprint, rule=rule or {"name": "threshold"},
         lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H, **(attention or {}), **prefix, **metadata)
 
 
@@ -207,7 +223,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
                                          recipe.calibration.activation_tokens, recipe.calibration.attention_sparsity,
                                          recipe.calibration.score)
     artifact_of = partial(point_artifact, weight_in=weight_in, weight_mid=weight_mid, fingerprint=fingerprint,
-                          centers=measured.centers, attention=attention)
+                          centers=measured.centers, attention=attention, rule=rule_of(recipe))
 
     t = time.time()
     _log(f"[3/6] dense reference on {search_tokens.shape[0]} search documents")

@@ -22,10 +22,12 @@ from .checkpoint import declare_in_checkpoint, from_pretrained
 from .identity import mlp_fingerprint, model_identity
 from .patch import (applied_artifact, apply, dense, fixed_multiplier, is_patched, multiplier, remove, reset_stats,
                     set_thresholds, stats)
+from .predictor import BITS as PREDICTOR_BITS
+from .predictor import GROUP as PREDICTOR_GROUP
 from .rules import RULES, SPARSITY_FIGURES, observes_prefill
 
 __all__ = [
-    "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "RULES", "SPARSITY_FIGURES", "UnsupportedModelError",
+    "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "PREDICTOR_BITS", "PREDICTOR_GROUP", "RULES", "SPARSITY_FIGURES", "UnsupportedModelError",
     "adapter_for",
     "applied_artifact", "apply", "declare_in_checkpoint", "dense", "first_gathering", "fixed_multiplier",
     "from_pretrained",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..artifacts import Artifact, load_artifact
+from ..artifacts import Artifact, ArtifactError, load_artifact
 from .adapters import MLPParts, adapter_for
 from .backends import BackendChooser
 from .checkpoint import CONFIG_KEY, declaration, find_declared_artifact, save_with_artifact
@@ -85,6 +86,10 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     rule = build_rule(artifact, device)
 
     parts = adapter.mlp_parts(model)
+    try:
+        rule.bind(adapter, parts)
+    except ValueError as exc:
+        raise ArtifactError(f"{artifact.source}: {exc}") from None
     mlp_modules = [m for p in parts for m in p.projections()]  # before any wrapping
     attention = adapter.attention_parts(model) if set(ATTENTION_SIDES) & set(rule.sides) else []
     side_bytes = {side: [] for side in MLP_SIDES + (ATTENTION_SIDES if attention else ())}
@@ -98,7 +103,12 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     # auto re-lays a shape's weights only where measurement shows that gathering pays (runtime.selection)
     layout = MeasuredLayout(adapter, state, artifact, cuda_graphs) if gathering and backend == "auto" else None
     routing = Routing(state, chooser, param) if layout is not None else None
-    for layer, part in enumerate(parts):
+    dense_decoding = backend == "auto" and rule.dense_under_auto
+    if dense_decoding:  # nothing computes this rule faster than the dense product: decode dense, say so once
+        warnings.warn(f"clada: the {rule.name} rule has no kernel faster than the dense product yet; backend='auto' "
+                      "decodes dense (backend='masked' computes the rule, reading every weight)", stacklevel=2)
+        state.dense_sides = frozenset(rule.sides)
+    for layer, part in enumerate(parts if not dense_decoding else []):
         if "in" in rule.sides:
             _gate(adapter, part.owner, part.in_names, ChannelGate(state, layer, "in"), rows_of, layout, routing)
         if "mid" in rule.sides and rule.mid_at == "down_input":

@@ -31,6 +31,8 @@ from typing import ClassVar
 
 import torch
 
+from .predictor import BITS, GROUP, LowBitCopy
+
 MLP_SIDES = ("in", "mid")
 ATTENTION_SIDES = ("attn_in", "attn_out")  # the attention input (columns of q/k/v) and output (columns of o)
 SIDES = MLP_SIDES + ATTENTION_SIDES
@@ -107,12 +109,17 @@ class SparsityRule:
     up's half of a gated MLP; GRIFFIN: all of gate and up, whose output rows it never computes).
     ``threshold_form``: ``keep`` is exactly ``threshold_keep(centred(x, center(l, side)), channel_weight(l, side),
     step_tau(l, side, m))``, so the kernel backends can compute it inside their kernels.
+    ``masks_input``: the ``in`` side's mask zeroes the MLP input of gate/up (False: the predictor's, which masks only
+    what its low-bit copy reads). ``dense_under_auto``: no backend computes the rule faster than the dense product
+    (the predictor: nothing reads its low-bit copy yet), so ``backend="auto"`` decodes dense.
     """
 
     name: ClassVar[str] = ""
     sides: tuple[str, ...] = MLP_SIDES  # per instance: a threshold-form rule adds the artifact's attention sides
     mid_at: ClassVar[str] = "down_input"
     threshold_form: ClassVar[bool] = False
+    masks_input: ClassVar[bool] = True
+    dense_under_auto: ClassVar[bool] = False
     observes_prefill: bool = False  # per instance: a threshold-form rule with prompt-prior exponents watches too
 
     def __init__(self, artifact, device: torch.device | str = "cpu"):
@@ -155,6 +162,17 @@ class SparsityRule:
 
     def in_bytes_saved_by_mid(self, gated: bool) -> float:
         return 0.0
+
+    def bind(self, adapter, parts: list) -> None:
+        """Called by ``runtime.apply`` with the model's adapter and MLP parts before anything is wrapped (rules that
+        keep something of the model: the predictor's low-bit copy)."""
+
+    def mlp_bytes_saved(self, share_in: torch.Tensor, share_mid: torch.Tensor, ran_in: torch.Tensor,
+                        bytes_in: torch.Tensor, bytes_mid: torch.Tensor, gated: bool) -> torch.Tensor:
+        """(L,) MLP weight bytes a decode step does not read, per layer, from the skipped shares (L,) of each side
+        (over every decode row), the share ``ran_in`` (L,) of decode rows the rule ran on (the others dense), and the
+        bytes (L,) of the input projections (together) and of the output projection."""
+        return share_in * bytes_in + share_mid * (bytes_mid + self.in_bytes_saved_by_mid(gated) * bytes_in)
 
     def to(self, device: torch.device) -> None:
         self.tau = {k: v.to(device) for k, v in self.tau.items()}
@@ -299,7 +317,70 @@ class GriffinRule(SparsityRule):
         return keep
 
 
-RULES: dict[str, type[SparsityRule]] = {cls.name: cls for cls in (ThresholdRule, DenseRule, CatsRule, GriffinRule)}
+class PredictorRule(SparsityRule):
+    """Neurons chosen from a low-bit copy of gate and up (``runtime.predictor``; params: bits, group): neuron j of
+    layer l is kept iff |h~_j|·c_j > tau_base_mid[l]·m, h~ estimated from the copy on the MLP input whose channels
+    |x_i|·w_i <= tau_base_in[l]·m are skipped (the copy's rows the step does not read). The ``in`` side's mask is
+    therefore the copy's: gate and up see the whole input, for the kept neurons only. A layer with tau_base_mid < 0
+    skips nothing and reads no copy. Bytes saved: a skipped neuron's gate row, up row and down column, less the
+    copy's rows read."""
+
+    name = "predictor"
+    masks_input = False
+    dense_under_auto = True
+
+    def __init__(self, artifact, device="cpu"):
+        super().__init__(artifact, device)
+        self.bits, self.group = int(self.params.get("bits", BITS)), int(self.params.get("group", GROUP))
+        if not 2 <= self.bits <= 8 or self.group < 1:
+            raise ValueError(f"predictor rule: bits {self.bits} (2..8) or group {self.group} (>= 1) out of range")
+        self.copy = None  # runtime.predictor.LowBitCopy, made by bind
+        self.copy_share = 0.0  # the copy's bytes over those of gate and up (bind: the model's weight size)
+        self._reads_copy: tuple[int, list[bool]] = (-1, [])  # (tau_version, per layer: tau_mid >= 0)
+        self._masks = threading.local()  # the calling thread's intermediate masks, by layer
+
+    def bind(self, adapter, parts):
+        self.copy = LowBitCopy(adapter, parts, self.bits, self.group)
+        element = adapter.weight(getattr(parts[0].owner, parts[0].in_names[0])).element_size()
+        self.copy_share = self.copy.share_of_input_bytes(element)
+
+    def in_bytes_saved_by_mid(self, gated: bool) -> float:
+        return 1.0
+
+    def reads_copy(self) -> list[bool]:
+        """Per layer whether a decode step reads the copy (tau_base_mid >= 0)."""
+        version, reads = self._reads_copy
+        if version != self.tau_version:
+            reads = [t >= 0 for t in self.tau["mid"].tolist()]
+            self._reads_copy = (self.tau_version, reads)
+        return reads
+
+    def mlp_bytes_saved(self, share_in, share_mid, ran_in, bytes_in, bytes_mid, gated):
+        reads = torch.tensor(self.reads_copy(), dtype=share_in.dtype, device=share_in.device)
+        return share_mid * (bytes_mid + bytes_in) - reads * self.copy_share * (ran_in - share_in) * bytes_in
+
+    def keep(self, layer, side, x, multiplier):
+        masks = self._masks.__dict__
+        if side == "mid":
+            keep = masks.get(layer)
+            if keep is None or keep.shape != x.shape:
+                raise RuntimeError("predictor: an intermediate without the MLP input it was estimated from")
+            return keep
+        if self.copy is None:
+            raise RuntimeError("predictor: the rule was not bound to a model (runtime.apply binds it)")
+        if not self.reads_copy()[layer]:
+            keep_in = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+            masks[layer] = torch.ones((*x.shape[:-1], self.weight["mid"][layer].numel()), dtype=torch.bool,
+                                      device=x.device)
+            return keep_in
+        keep_in = threshold_keep(x, self.weight["in"][layer], self.step_tau(layer, "in", multiplier))
+        estimate = self.copy.estimate(layer, x * keep_in.to(x.dtype))
+        masks[layer] = threshold_keep(estimate, self.weight["mid"][layer], self.step_tau(layer, "mid", multiplier))
+        return keep_in
+
+
+RULES: dict[str, type[SparsityRule]] = {cls.name: cls for cls in (ThresholdRule, DenseRule, CatsRule, GriffinRule,
+                                                                  PredictorRule)}
 
 
 def observes_prefill(artifact) -> bool:

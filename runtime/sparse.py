@@ -66,7 +66,7 @@ class SparsityState:
         self.decode_bytes = decode_bytes
         self.num_layers = len(side_bytes["in"])
         self.bytes = {side: torch.tensor(b, dtype=torch.float64) for side, b in side_bytes.items()}
-        self.in_share_of_mid = rule.in_bytes_saved_by_mid(gated)
+        self.gated = gated
         self.call = CallState()  # per thread: multiplier, batch, observing, signals (runtime.calls)
         self.density_wanted = False  # dense calls estimate each side's density for the measured backend choice
         self.density = {side: [0.0, 0] for side in SIDES}  # side -> [sum of per-layer keep shares, layers seen]
@@ -182,17 +182,20 @@ class SparsityState:
     def summary(self) -> dict:
         """Realised figures since the last reset (floats; synchronises once). Under concurrent callers the counts
         are approximate (unlocked increments)."""
-        share, tokens = {}, 0.0
+        share, ran, tokens = {}, {}, 0.0  # per side and layer: skipped share, share of rows the rule ran on
         for side in SIDES:
             acc = self.skipped[side].cpu() + torch.tensor(self.skipped_host[side], dtype=torch.float64).view(-1, 2)
             counted = torch.tensor(self.counted[side], dtype=torch.float64).view(-1, 2)
             acc[:, 0] += counted[:, 0]
             acc[:, 1] += counted[:, 0] - self.kept_counts[side].cpu().double() / counted[:, 1]
+            ruled = acc[:, 0].clone()
             acc[:, 0] += self.dense_rows[side]
             share[side] = torch.where(acc[:, 0] > 0, acc[:, 1] / acc[:, 0].clamp_min(1), torch.zeros(()))
+            ran[side] = torch.where(acc[:, 0] > 0, ruled / acc[:, 0].clamp_min(1), torch.zeros(()))
             tokens = max(tokens, float(acc[:, 0].max())) if self.num_layers else 0.0
         total = self.bytes["in"] + self.bytes["mid"]
-        saved = share["in"] * self.bytes["in"] + share["mid"] * (self.bytes["mid"] + self.in_share_of_mid * self.bytes["in"])
+        saved = self.rule.mlp_bytes_saved(share["in"], share["mid"], ran["in"], self.bytes["in"], self.bytes["mid"],
+                                          self.gated)
         reads = saved / total
         attn = {side: share[side] * self.bytes[side] for side in ATTENTION_SIDES if side in self.bytes}
         attn_saved = float(sum(float(v.sum()) for v in attn.values()))
@@ -267,7 +270,10 @@ class ChannelGate(nn.Module):
         keep = st.rule.keep(self.layer, self.side, x, row_multipliers(st.multiplier, x))
         st.record_mask(self.side, self.layer, keep)
         st.path_calls["masked"] += 1
-        out = compensated(x, keep, st.rule.center(self.layer, self.side))
+        if self.side == "in" and not st.rule.masks_input:  # the mask is of what the rule reads besides (predictor)
+            out = x
+        else:
+            out = compensated(x, keep, st.rule.center(self.layer, self.side))
         self.__dict__["_last"] = (x, out)  # nn.Module.__setattr__ costs ~7 us
         return out
 
