@@ -5,8 +5,8 @@
 The threshold rule skips MLP input channels (rows of gate and up, by |x|·w) and intermediate neurons (columns of
 down, by |h|·c); a neuron it skips still costs its gate and up rows, since its h had to be computed. The
 predictor rule computes an estimate ``h~ = act(Q(W_gate) x) * Q(W_up) x`` from a copy of gate and up quantised to
-``--bits`` per weight (symmetric, one float16 scale per ``--group`` weights of a row: :func:`quantised`), keeps
-neuron j iff |h~_j|·c_j > tau_l (c: the calibration's channel weights of down's input), and reads the gate row, up
+``--bits`` per weight (symmetric, one float16 scale per ``--group`` weights of a row: ``runtime.predictor``'s
+``quantised``), keeps neuron j iff |h~_j|·c_j > tau_l (c: the calibration's channel weights of down's input), and reads the gate row, up
 row and down column of each kept neuron only, in full precision. Its reads saved are the neurons skipped minus the
 copy's bytes read every step (:func:`copy_share`; they depend on the model's dtype, so each level is also allocated
 and counted as if the weights were bfloat16: twice the copy's share). Variant ``input mask``: the copy, stored as
@@ -42,6 +42,7 @@ from clada.calibrate.measure import (LayerTable, collect_mlp_inputs, output_grad
 from clada.calibrate.methods import build_method  # noqa: E402
 from clada.calibrate.pipeline import point_artifact  # noqa: E402
 from clada.calibrate.search import SearchSettings, ThresholdSearch  # noqa: E402
+from clada.runtime.predictor import bytes_per_weight, quantised  # noqa: E402
 from clada.runtime.rules import channel_scores, threshold_keep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,20 +51,6 @@ SHAPE = {"price": 1.0, "depth_slope": 0.0, "mix": 1.0}  # one price for every la
 Q_PREDICTOR = torch.linspace(0.0, 0.8, 33)  # shares of neurons skipped in the predictor's table
 Q_IN = (0.0, 0.1, 0.2, 0.3)  # shares of input channels whose rows of the copy are not read (0: the copy in full)
 BFLOAT16_BYTES = 2
-
-
-def quantised(weight: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, float]:
-    """``weight`` (O, I) quantised symmetrically to ``bits`` per weight, one scale per ``group`` consecutive weights
-    of a row (absmax / (2**(bits-1) - 1)), returned dequantised in float32, and the copy's bytes per weight (its
-    codes and float16 scales)."""
-    out_features, in_features = weight.shape
-    if group < 1 or in_features % group:
-        raise ValueError(f"--group {group} does not divide the {in_features} input features")
-    w = weight.float().reshape(out_features, in_features // group, group)
-    top = 2 ** (bits - 1) - 1
-    scale = (w.abs().amax(-1, keepdim=True) / top).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = (w / scale).round().clamp(-top - 1, top)
-    return (codes * scale).reshape(out_features, in_features), (bits + 16 / group) / 8
 
 
 def copy_share(bytes_in: float, bytes_mid: float, weight_bytes: float, copy_bytes: float) -> float:
@@ -81,11 +68,9 @@ class Predictor:
             raise ValueError("the predictor rule needs a gated MLP (gate and up)")
         self.parts = adapter.mlp_parts(model)
         self.adapter, self.weight_in, self.weight_mid = adapter, weight_in.float(), weight_mid.float()
-        self.copies, self.copy_bytes = [], 0.0
-        for part in self.parts:
-            pair = [quantised(adapter.weight(getattr(part.owner, n)), bits, group) for n in part.in_names]
-            self.copies.append([w for w, _ in pair])
-            self.copy_bytes = pair[0][1]
+        self.copies = [[quantised(adapter.weight(getattr(part.owner, n)), bits, group) for n in part.in_names]
+                       for part in self.parts]
+        self.copy_bytes = bytes_per_weight(bits, group)
         bytes_in, bytes_mid = adapter.projection_bytes(self.parts[0])
         element = adapter.weight(getattr(self.parts[0].owner, self.parts[0].out_name)).element_size()
         self.share = {dtype: copy_share(bytes_in, bytes_mid, size, self.copy_bytes)

@@ -42,6 +42,9 @@ MAX_ROWS = 64  # token rows per call the kernel accepts (one bit each in a 64-bi
 SYMBOLS = {torch.float32: "clada_gather_f32", torch.bfloat16: "clada_gather_bf16", torch.float16: "clada_gather_f16"}
 GEMV_SYMBOLS = {torch.float32: "clada_gemv_f32", torch.bfloat16: "clada_gemv_bf16", torch.float16: "clada_gemv_f16"}
 GEMV_MAX_ROWS = 8  # token rows per call the dense product accepts
+STEP_SYMBOLS = {torch.float32: "clada_predictor_step_f32", torch.bfloat16: "clada_predictor_step_bf16",
+                torch.float16: "clada_predictor_step_f16"}
+ACTIVATIONS = ("silu", "gelu_tanh")  # the predictor step's activation codes, in order (native_gather.c)
 _log = logging.getLogger("clada.runtime")
 _UNSET = object()
 _kernel = _UNSET
@@ -65,6 +68,17 @@ class GatherKernel:
             if fn is not None:
                 fn.restype, fn.argtypes = ctypes.c_int64, [p, i, i, p, i, i, p, i]
                 self._gemv[dtype] = fn
+        self._steps = {}
+        f = ctypes.c_float
+        for dtype, symbol in STEP_SYMBOLS.items():
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn.restype = ctypes.c_int64
+                fn.argtypes = [p, i, p, f, p, p, i, p, f, i, p, p, i, p, i, i, p, p, i]
+                self._steps[dtype] = fn
+        self._q4 = getattr(lib, "clada_q4_estimate", None)
+        if self._q4 is not None:
+            self._q4.restype, self._q4.argtypes = ctypes.c_int64, [p, i, p, ctypes.c_float, p, p, i, p, i]
 
     @property
     def dtypes(self) -> tuple[torch.dtype, ...]:
@@ -116,6 +130,45 @@ class GatherKernel:
         if code < 0:
             raise RuntimeError(f"clada native gemv failed (code {code}: rows={n}, in={nin})")
         return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+    def predictor_accepts(self, dtype: torch.dtype) -> bool:
+        """Whether this build has the predictor's step (``predictor_step``) for weights of ``dtype``."""
+        return dtype in self._steps
+
+    def predictor_step(self, x: torch.Tensor, weight_in: torch.Tensor, tau_in: float, codes: torch.Tensor,
+                       scales: torch.Tensor, weight_mid: torch.Tensor, tau_mid: float, activation: str,
+                       gate: torch.Tensor, up: torch.Tensor, down_rows: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """One gated MLP's decode step of one token row ``x`` (D,) under the predictor rule (native_gather.c,
+        ``clada_predictor_step_*``): the 4-bit estimate from the packed copy (``codes``, ``scales``:
+        ``runtime.predictor.packed``) over the input channels |x|·weight_in > tau_in, the neurons
+        |act(gate~)·up~|·weight_mid > tau_mid (``activation``: one of ``ACTIVATIONS``), their rows of ``gate`` and
+        ``up`` ((I, D), unit column stride), and down's rows ``down_rows`` (I, out) of them. Returns the output (out,)
+        in x's dtype and the kept input channels and neurons."""
+        counts = torch.zeros(2, dtype=torch.int64)
+        out = torch.empty(down_rows.shape[1], dtype=torch.float32)
+        code = self._steps[x.dtype](x.data_ptr(), x.numel(), weight_in.data_ptr(), tau_in, codes.data_ptr(),
+                                    scales.data_ptr(), codes.shape[0] * 64, weight_mid.data_ptr(), tau_mid,
+                                    ACTIVATIONS.index(activation), gate.data_ptr(), up.data_ptr(), gate.stride(0),
+                                    down_rows.data_ptr(), down_rows.stride(0), down_rows.shape[1], out.data_ptr(),
+                                    counts.data_ptr(), torch.get_num_threads())
+        if code < 0:
+            raise RuntimeError(f"clada native predictor step failed (code {code})")
+        kept_in, kept_mid = counts.tolist()
+        return (out if x.dtype == torch.float32 else out.to(x.dtype)), kept_in, kept_mid
+
+    def q4_estimate(self, x: torch.Tensor, scale: torch.Tensor, threshold: float, codes: torch.Tensor,
+                    scales: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(width,) float32 estimate of one token row ``x`` (C,) float32 from a blocked 4-bit copy (``codes``
+        (width / 64, C, 32) uint8, ``scales`` (width / 64, C / 32, 64) float16: ``runtime.predictor.PackedCopy``)
+        over the channels with |x| * scale > threshold, and their number."""
+        width = codes.shape[0] * 64
+        out = torch.empty(width, dtype=torch.float32)
+        kept = self._q4(x.data_ptr(), x.numel(), scale.data_ptr(), threshold, codes.data_ptr(), scales.data_ptr(),
+                        width, out.data_ptr(), torch.get_num_threads())
+        if kept < 0:
+            raise RuntimeError(f"clada native q4_estimate failed (code {kept})")
+        return out, kept
 
 
 def cache_dir() -> Path:

@@ -483,6 +483,7 @@ int64_t clada_gather_f16(const uint16_t *x, int64_t rows, int64_t channels, cons
  * weight rows at a time (four sequential streams) are dotted with up to four token rows, two with up to eight.
  * Each output is a float32 sum: per vector lane in ascending channel order, then the lanes added in
  * order, then the tail channels: it depends on nothing but its own inputs (not on thread count or other rows).
+ * With ``idx`` (the predictor's step) output j is weight row idx[j]: only the rows named are read.
  * Returns 0, -1 if rows > 8, -2 if scratch memory is unavailable. */
 #define GEMV_ROWS 8
 #define GEMV_ITEM 64
@@ -494,6 +495,7 @@ struct gemv {
     int64_t rows, nin, nout, ld;
     const void *w;
     float *out;
+    const int32_t *idx;  /* output j is weight row idx[j] (clada_gemv_rows_*), or row j where NULL */
 };
 
 INLINE float hsum(vf v) {
@@ -508,7 +510,7 @@ INLINE void dot_group(enum kind kind, const struct gemv *c, int64_t j, const int
     const int64_t nin = c->nin, vend = nin - nin % VW;
     const size_t stride = (size_t)c->ld * c->elem;
     const void *r[4];
-    for (int g = 0; g < G; g++) r[g] = (const char *)c->w + (size_t)(j + g) * stride;
+    for (int g = 0; g < G; g++) r[g] = (const char *)c->w + (size_t)(c->idx ? c->idx[j + g] : j + g) * stride;
     vf a[4][GEMV_ROWS];
     for (int g = 0; g < G; g++)
         for (int t = 0; t < T; t++) a[g][t] = (vf){};
@@ -554,13 +556,13 @@ static void gemv_bf16(void *c, int64_t i) { gemv_item(BF16, c, i); }
 static void gemv_f16(void *c, int64_t i) { gemv_item(F16, c, i); }
 
 static int64_t gemv(enum kind kind, size_t elem, const void *x, int64_t rows, int64_t nin, const void *w,
-                    int64_t nout, int64_t ld, float *out, int64_t nthreads) {
+                    int64_t nout, int64_t ld, float *out, int64_t nthreads, const int32_t *idx) {
     if (rows > GEMV_ROWS) return -1;
     void *mem = scratch((size_t)rows * nin * sizeof(float) + 64);
     if (!mem) return -2;
     float *xf = (float *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
     for (int64_t i = 0; i < rows * nin; i++) xf[i] = load(kind, x, i);
-    struct gemv c = {kind, elem, xf, rows, nin, nout, ld, w, out};
+    struct gemv c = {kind, elem, xf, rows, nin, nout, ld, w, out, idx};
     static const item_fn items[] = {[F32] = gemv_f32, [BF16] = gemv_bf16, [F16] = gemv_f16};
     run(items[kind], &c, (nout + GEMV_ITEM - 1) / GEMV_ITEM, nthreads < 1 ? 1 : nthreads);
     return 0;
@@ -568,17 +570,268 @@ static int64_t gemv(enum kind kind, size_t elem, const void *x, int64_t rows, in
 
 int64_t clada_gemv_f32(const float *x, int64_t rows, int64_t nin, const float *w, int64_t nout, int64_t ld,
                        float *out, int64_t nthreads) {
-    return gemv(F32, sizeof(float), x, rows, nin, w, nout, ld, out, nthreads);
+    return gemv(F32, sizeof(float), x, rows, nin, w, nout, ld, out, nthreads, NULL);
 }
 
 int64_t clada_gemv_bf16(const uint16_t *x, int64_t rows, int64_t nin, const uint16_t *w, int64_t nout, int64_t ld,
                         float *out, int64_t nthreads) {
-    return gemv(BF16, sizeof(uint16_t), x, rows, nin, w, nout, ld, out, nthreads);
+    return gemv(BF16, sizeof(uint16_t), x, rows, nin, w, nout, ld, out, nthreads, NULL);
 }
 
 #ifdef HAVE_F16
 int64_t clada_gemv_f16(const uint16_t *x, int64_t rows, int64_t nin, const uint16_t *w, int64_t nout, int64_t ld,
                        float *out, int64_t nthreads) {
-    return gemv(F16, sizeof(uint16_t), x, rows, nin, w, nout, ld, out, nthreads);
+    return gemv(F16, sizeof(uint16_t), x, rows, nin, w, nout, ld, out, nthreads, NULL);
+}
+#endif
+
+/* --- the predictor's step (clada_q4_estimate, clada_predictor_step_*) --------------------------------------------
+ * The 4-bit copy of gate and up (runtime/predictor.py), blocked by 64 outputs so that each work item streams one
+ * contiguous run of memory: codes (width / 64, channels, 32) bytes, a channel's 32 bytes eight little-endian 32-bit
+ * words, nibble k of word l holding code + 8 of output 8k + l of the block (codes in [-8, 7]); scales (width / 64,
+ * channels / 32, 64) float16, one per 32 input channels and output. channels: a multiple of 32; width: of 64.
+ *
+ * estimate (width,) float32: est[j] = sum over channels c with |x[c]| * w_in[c] > thr_in of x[c] * (code[c, j] - 8) * s[c / 32, j]:
+ * the copy's rows of the kept input channels read, the rest never. Per block, groups of 32 channels in order: the kept
+ * channels' x * (1 + n / 16) summed in ascending order (n, the nibble, becomes a float by its bits alone), then
+ * (16 * partial - 24 * sum of x) * scale added: a fixed order (no dependence on threads). */
+#define Q4_BLOCK 64
+#define Q4_GROUP 32
+
+struct q4 {
+    const float *x;
+    const int32_t *idx;        /* kept channels, ascending */
+    const int64_t *gstart;     /* gstart[g]: first entry of group g in idx; gstart[ngroups] = kept */
+    int64_t channels, ngroups;
+    const uint8_t *codes;
+    const uint16_t *scales;
+    float *out;
+};
+
+INLINE float f16_to_f32(uint16_t h) {
+#ifdef HAVE_F16
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    float f;
+    if (exp == 0) {
+        f = ldexpf((float)man, -24);
+    } else if (exp == 31) {
+        uint32_t bits = sign | 0x7F800000u | (man << 13);
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    } else {
+        uint32_t bits = ((exp + 112) << 23) | (man << 13);
+        memcpy(&f, &bits, sizeof f);
+    }
+    return sign ? -f : f;
+#endif
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* nibble k of every 32-bit lane of v, as the float 1 + n / 16 (its bits: exponent of 1, n in the top mantissa bits) */
+#define Q4_NIBBLE(v, k) _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256( \
+    (k) <= 4 ? _mm256_slli_epi32((v), 19 - 4 * (k)) : _mm256_srli_epi32((v), 4 * (k) - 19), nib), one))
+#endif
+
+static void q4_block(void *arg, int64_t b) {
+    const struct q4 *c = arg;
+    const uint8_t *codes = c->codes + (size_t)b * c->channels * (Q4_BLOCK / 2);
+    const uint16_t *scales = c->scales + (size_t)b * c->ngroups * Q4_BLOCK;
+    float *out = c->out + b * Q4_BLOCK;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    __m256 t[8];
+    for (int i = 0; i < 8; i++) t[i] = _mm256_setzero_ps();
+    const __m256i nib = _mm256_set1_epi32(0x0F << 19), one = _mm256_set1_epi32(0x3F800000);
+    for (int64_t g = 0; g < c->ngroups; g++) {
+        const int64_t k0 = c->gstart[g], k1 = c->gstart[g + 1];
+        if (k0 == k1) continue;
+        __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0, p4 = p0, p5 = p0, p6 = p0, p7 = p0;
+        float sx = 0.0f;
+        for (int64_t k = k0; k < k1; k++) {
+            const int32_t ch = c->idx[k];
+            const float xv = c->x[ch];
+            sx += xv;
+            const __m256 a = _mm256_set1_ps(xv);
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(codes + (size_t)ch * (Q4_BLOCK / 2)));
+            p0 = _mm256_fmadd_ps(a, Q4_NIBBLE(v, 0), p0);
+            p1 = _mm256_fmadd_ps(a, Q4_NIBBLE(v, 1), p1);
+            p2 = _mm256_fmadd_ps(a, Q4_NIBBLE(v, 2), p2);
+            p3 = _mm256_fmadd_ps(a, Q4_NIBBLE(v, 3), p3);
+            p4 = _mm256_fmadd_ps(a, Q4_NIBBLE(v, 4), p4);
+            p5 = _mm256_fmadd_ps(a, Q4_NIBBLE(v, 5), p5);
+            p6 = _mm256_fmadd_ps(a, Q4_NIBBLE(v, 6), p6);
+            p7 = _mm256_fmadd_ps(a, Q4_NIBBLE(v, 7), p7);
+        }
+        const __m256 p[8] = {p0, p1, p2, p3, p4, p5, p6, p7};
+        const __m256 sixteen = _mm256_set1_ps(16.0f), offset = _mm256_set1_ps(24.0f * sx);
+        for (int i = 0; i < 8; i++) {
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + g * Q4_BLOCK + 8 * i)));
+            t[i] = _mm256_fmadd_ps(_mm256_fmsub_ps(p[i], sixteen, offset), s, t[i]);
+        }
+    }
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + 8 * i, t[i]);
+#else
+    float t[Q4_BLOCK] = {0};
+    for (int64_t g = 0; g < c->ngroups; g++) {
+        const int64_t k0 = c->gstart[g], k1 = c->gstart[g + 1];
+        if (k0 == k1) continue;
+        float p[Q4_BLOCK] = {0}, sx = 0.0f;
+        for (int64_t k = k0; k < k1; k++) {
+            const int32_t ch = c->idx[k];
+            const float xv = c->x[ch];
+            const uint8_t *row = codes + (size_t)ch * (Q4_BLOCK / 2);
+            sx += xv;
+            for (int j = 0; j < Q4_BLOCK; j++) {
+                uint32_t word;
+                memcpy(&word, row + 4 * (j % 8), sizeof word);
+                p[j] += xv * (1.0f + (float)((word >> (4 * (j / 8))) & 0x0F) / 16.0f);
+            }
+        }
+        for (int j = 0; j < Q4_BLOCK; j++) t[j] += (16.0f * p[j] - 24.0f * sx) * f16_to_f32(scales[g * Q4_BLOCK + j]);
+    }
+    memcpy(out, t, sizeof t);
+#endif
+}
+
+/* The kept input channels of x (float32) by group of 32 into idx / gstart (scratch of the caller); returns their number */
+static int64_t q4_select(const float *x, int64_t channels, const float *scale, float thr, int32_t *idx, int64_t *gstart) {
+    const int64_t ngroups = channels / Q4_GROUP;
+    int64_t n = 0;
+    for (int64_t g = 0; g < ngroups; g++) {
+        gstart[g] = n;
+        for (int64_t ch = g * Q4_GROUP; ch < (g + 1) * Q4_GROUP; ch++)
+            if (fabsf(x[ch]) * scale[ch] > thr) idx[n++] = (int32_t)ch;
+    }
+    gstart[ngroups] = n;
+    return n;
+}
+
+/* Scratch of the predictor's step, apart from ``scratch`` (which the gather and the dot products it calls use). */
+static _Thread_local void *step_mem;
+static _Thread_local size_t step_size;
+
+static void *step_scratch(size_t bytes) {
+    if (bytes > step_size) {
+        free(step_mem);
+        step_mem = malloc(bytes);
+        step_size = step_mem ? bytes : 0;
+    }
+    return step_mem;
+}
+
+int64_t clada_q4_estimate(const float *x, int64_t channels, const float *scale, float thr, const uint8_t *codes,
+                          const uint16_t *scales, int64_t width, float *out, int64_t nthreads) {
+    const int64_t ngroups = channels / Q4_GROUP;
+    char *mem = step_scratch((size_t)(ngroups + 1) * sizeof(int64_t) + (size_t)channels * sizeof(int32_t));
+    if (!mem) return -2;
+    int64_t *gstart = (int64_t *)mem;
+    int32_t *idx = (int32_t *)(gstart + ngroups + 1);
+    const int64_t n = q4_select(x, channels, scale, thr, idx, gstart);
+    struct q4 c = {x, idx, gstart, channels, ngroups, codes, scales, out};
+    run(q4_block, &c, width / Q4_BLOCK, nthreads < 1 ? 1 : nthreads);
+    return n;
+}
+
+enum act { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+
+INLINE float activation(int act, float v) {
+    if (act == ACT_GELU_TANH) return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    return v / (1.0f + expf(-v));
+}
+
+INLINE void store(enum kind kind, void *p, int64_t i, float v) {
+    if (kind == BF16) {  /* round to nearest even */
+        uint32_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        ((uint16_t *)p)[i] = (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    }
+#ifdef HAVE_F16
+    else if (kind == F16) ((uint16_t *)p)[i] = _cvtss_sh(v, 0);
+#endif
+    else ((float *)p)[i] = v;
+}
+
+/* v rounded to the element type (float32: v) */
+INLINE float rounded(enum kind kind, float v) {
+    if (kind == F32) return v;
+    uint16_t t;
+    store(kind, &t, 0, v);
+    return load(kind, &t, 0);
+}
+
+/* One decode step of a gated MLP under the predictor rule, one token row (runtime/predictor_step.py):
+ * 1. est = the 4-bit estimate of gate(x) | up(x) (width = 2 I) over the input channels |x| * w_in > thr_in;
+ * 2. the kept neurons j: |act(est[j]) * est[I + j]| * w_mid[j] > thr_mid, ascending;
+ * 3. their gate and up rows (wg, wu: (I, channels), row stride ld_in, x's element type) dotted with x (as clada_gemv_*),
+ *    h_j = act(gate_j) * up_j, each product rounded to x's type as the masked reference's are;
+ * 4. out (out_width,) float32 = sum over kept j of h_j * wd[j, :] (wd: down stored as (I, out_width) rows of stride
+ *    ld_out), by the gather kernel (which keeps h's nonzero entries).
+ * act: 0 SiLU, 1 GELU (tanh approximation). counts[0], counts[1]: the kept input channels and neurons. Returns 0, or
+ * -2 if scratch memory is unavailable. */
+static int64_t predictor_step(enum kind kind, size_t elem, const void *x, int64_t channels, const float *w_in,
+                              float thr_in, const uint8_t *codes, const uint16_t *scales, int64_t width,
+                              const float *w_mid, float thr_mid, int64_t act, const void *wg, const void *wu,
+                              int64_t ld_in, const void *wd, int64_t ld_out, int64_t out_width, float *out,
+                              int64_t *counts, int64_t nthreads) {
+    const int64_t ngroups = channels / Q4_GROUP, neurons = width / 2, threads = nthreads < 1 ? 1 : nthreads;
+    char *mem = step_scratch((size_t)channels * (sizeof(float) + sizeof(int32_t))
+                             + (size_t)(ngroups + 1) * sizeof(int64_t) + (size_t)width * sizeof(float)
+                             + (size_t)neurons * (sizeof(int32_t) + 4 * sizeof(float)));
+    if (!mem) return -2;
+    float *xf = (float *)mem, *est = xf + channels, *g = est + width, *u = g + neurons, *unit = u + neurons;
+    float *h = unit + neurons;  /* x's element type, all I neurons */
+    int64_t *gstart = (int64_t *)(h + neurons);
+    int32_t *idx_in = (int32_t *)(gstart + ngroups + 1), *idx_mid = idx_in + channels;
+    for (int64_t i = 0; i < channels; i++) xf[i] = load(kind, x, i);
+    counts[0] = q4_select(xf, channels, w_in, thr_in, idx_in, gstart);
+    struct q4 c = {xf, idx_in, gstart, channels, ngroups, codes, scales, est};
+    run(q4_block, &c, width / Q4_BLOCK, threads);
+    int64_t kept = 0;
+    for (int64_t j = 0; j < neurons; j++)
+        if (fabsf(activation((int)act, est[j]) * est[neurons + j]) * w_mid[j] > thr_mid) idx_mid[kept++] = (int32_t)j;
+    counts[1] = kept;
+    if (kept) {
+        int64_t code = gemv(kind, elem, x, 1, channels, wg, kept, ld_in, g, threads, idx_mid);
+        if (code == 0) code = gemv(kind, elem, x, 1, channels, wu, kept, ld_in, u, threads, idx_mid);
+        if (code < 0) return code;
+    }
+    memset(h, 0, (size_t)neurons * elem);
+    for (int64_t k = 0; k < kept; k++) {
+        const float a = rounded(kind, activation((int)act, rounded(kind, g[k])));
+        store(kind, h, idx_mid[k], a * rounded(kind, u[k]));
+    }
+    for (int64_t j = 0; j < neurons; j++) unit[j] = 1.0f;
+    const float zero = 0.0f;
+    const int64_t code = gather(kind, elem, h, 1, neurons, unit, 0, &zero, wd, out_width, ld_out, out, threads);
+    return code < 0 ? code : 0;
+}
+
+int64_t clada_predictor_step_f32(const float *x, int64_t channels, const float *w_in, float thr_in,
+                                 const uint8_t *codes, const uint16_t *scales, int64_t width, const float *w_mid,
+                                 float thr_mid, int64_t act, const float *wg, const float *wu, int64_t ld_in,
+                                 const float *wd, int64_t ld_out, int64_t out_width, float *out, int64_t *counts,
+                                 int64_t nthreads) {
+    return predictor_step(F32, sizeof(float), x, channels, w_in, thr_in, codes, scales, width, w_mid, thr_mid, act,
+                          wg, wu, ld_in, wd, ld_out, out_width, out, counts, nthreads);
+}
+
+int64_t clada_predictor_step_bf16(const uint16_t *x, int64_t channels, const float *w_in, float thr_in,
+                                  const uint8_t *codes, const uint16_t *scales, int64_t width, const float *w_mid,
+                                  float thr_mid, int64_t act, const uint16_t *wg, const uint16_t *wu, int64_t ld_in,
+                                  const uint16_t *wd, int64_t ld_out, int64_t out_width, float *out, int64_t *counts,
+                                  int64_t nthreads) {
+    return predictor_step(BF16, sizeof(uint16_t), x, channels, w_in, thr_in, codes, scales, width, w_mid, thr_mid,
+                          act, wg, wu, ld_in, wd, ld_out, out_width, out, counts, nthreads);
+}
+
+#ifdef HAVE_F16
+int64_t clada_predictor_step_f16(const uint16_t *x, int64_t channels, const float *w_in, float thr_in,
+                                 const uint8_t *codes, const uint16_t *scales, int64_t width, const float *w_mid,
+                                 float thr_mid, int64_t act, const uint16_t *wg, const uint16_t *wu, int64_t ld_in,
+                                 const uint16_t *wd, int64_t ld_out, int64_t out_width, float *out, int64_t *counts,
+                                 int64_t nthreads) {
+    return predictor_step(F16, sizeof(uint16_t), x, channels, w_in, thr_in, codes, scales, width, w_mid, thr_mid,
+                          act, wg, wu, ld_in, wd, ld_out, out_width, out, counts, nthreads);
 }
 #endif

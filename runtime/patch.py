@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from .identity import check_compatible
 from .layout import can_share_rows, restore_layout, rows_view, store_rows
 from .mlp_step import MLPSteps
 from .routing import Routing
-from .rules import ATTENTION_SIDES, MLP_SIDES, build_rule
+from .predictor_step import PredictorSteps
+from .rules import ATTENTION_SIDES, MLP_SIDES, PredictorRule, build_rule
 from .selection import MeasuredLayout, Shape
 from .signals import SignalTracker
 from .sparse import ChannelGate, GatedActivation, GatedProjection, RowGroup, SparsityState
@@ -46,7 +46,9 @@ class Patch:
     artifact: Artifact
     routing: Routing | None  # backend="auto": the original modules run where the dense product wins
     dense_products: DenseProducts | None  # the projections left dense, on the compiled CPU product where faster
-    mlp_steps: MLPSteps  # gated MLPs whose gathered decode calls skip their wrappers' per-call work
+    # gated MLPs whose decode calls run as one step: gathered (MLPSteps), or the predictor's (PredictorSteps); None:
+    # the predictor on the masked reference
+    mlp_steps: MLPSteps | PredictorSteps | None
     disable_compile: tuple | None = None  # (generation_config.disable_compile before apply,); None: no such setting
 
 
@@ -103,12 +105,7 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     # auto re-lays a shape's weights only where measurement shows that gathering pays (runtime.selection)
     layout = MeasuredLayout(adapter, state, artifact, cuda_graphs) if gathering and backend == "auto" else None
     routing = Routing(state, chooser, param) if layout is not None else None
-    dense_decoding = backend == "auto" and rule.dense_under_auto
-    if dense_decoding:  # nothing computes this rule faster than the dense product: decode dense, say so once
-        warnings.warn(f"clada: the {rule.name} rule has no kernel faster than the dense product yet; backend='auto' "
-                      "decodes dense (backend='masked' computes the rule, reading every weight)", stacklevel=2)
-        state.dense_sides = frozenset(rule.sides)
-    for layer, part in enumerate(parts if not dense_decoding else []):
+    for layer, part in enumerate(parts):
         if "in" in rule.sides:
             _gate(adapter, part.owner, part.in_names, ChannelGate(state, layer, "in"), rows_of, layout, routing)
         if "mid" in rule.sides and rule.mid_at == "down_input":
@@ -119,7 +116,10 @@ def apply(model: nn.Module, artifact: Artifact | str | os.PathLike | None = None
     for layer, part in enumerate(attention):
         for side, names in zip(ATTENTION_SIDES, (part.in_names, (part.out_name,))):
             _gate(adapter, part.owner, names, ChannelGate(state, layer, side), rows_of, layout, routing)
-    steps = MLPSteps(adapter, state, parts if gathering else [])
+    if isinstance(rule, PredictorRule):
+        steps = PredictorSteps(adapter, state, parts, backend, device, param.dtype) if backend != "masked" else None
+    else:
+        steps = MLPSteps(adapter, state, parts if gathering else [])
     if routing is not None:
         routing.followers.append(steps.follow)
     if layout is not None:
@@ -210,7 +210,8 @@ def remove(model: nn.Module) -> None:
         patch.routing.restore()
     if patch.dense_products is not None:
         patch.dense_products.restore()
-    patch.mlp_steps.restore()
+    if patch.mlp_steps is not None:
+        patch.mlp_steps.restore()
     for part in patch.parts:
         for name in part.names:
             wrapped = getattr(part.owner, name)
@@ -245,6 +246,8 @@ def stats(model: nn.Module, reset: bool = False) -> dict:
     patch = _patch_of(model)
     out = patch.state.summary()
     out["dense_products"] = patch.dense_products.summary() if patch.dense_products is not None else None
+    if isinstance(patch.mlp_steps, PredictorSteps):
+        out["predictor_path"] = patch.mlp_steps.summary()
     if reset:
         reset_stats(model)
     return out

@@ -22,9 +22,10 @@ BITS = 4  # the copy's bits per weight
 GROUP = 32  # weights of a row per float16 scale
 
 
-def quantised(weight: torch.Tensor, bits: int = BITS, group: int = GROUP) -> torch.Tensor:
-    """``weight`` (O, I) quantised symmetrically to ``bits`` per weight with one float16 scale (absmax / (2**(bits-1)
-    - 1)) per ``group`` consecutive weights of a row, returned dequantised, float32, (O, I)."""
+def quantise(weight: torch.Tensor, bits: int = BITS, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (O, I) quantised symmetrically to ``bits`` per weight: int8 codes (O, I) in [-2**(bits-1),
+    2**(bits-1) - 1] and float16 scales (O, I / group), one per ``group`` consecutive weights of a row (absmax /
+    (2**(bits-1) - 1))."""
     out_features, in_features = weight.shape
     if not 2 <= bits <= 8:
         raise ValueError(f"predictor copy: bits {bits} is outside 2..8")
@@ -32,9 +33,20 @@ def quantised(weight: torch.Tensor, bits: int = BITS, group: int = GROUP) -> tor
         raise ValueError(f"predictor copy: group {group} does not divide the {in_features} input features")
     w = weight.detach().float().reshape(out_features, in_features // group, group)
     top = 2 ** (bits - 1) - 1
-    scale = (w.abs().amax(-1, keepdim=True) / top).half().float()  # stored as float16
-    codes = (w / scale.clamp_min(torch.finfo(torch.float32).tiny)).round().clamp(-top - 1, top)
-    return (codes * scale).reshape(out_features, in_features)
+    scale = (w.abs().amax(-1, keepdim=True) / top).half()
+    codes = (w / scale.float().clamp_min(torch.finfo(torch.float32).tiny)).round().clamp(-top - 1, top)
+    return codes.to(torch.int8).reshape(out_features, in_features), scale.squeeze(-1)
+
+
+def dequantised(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(O, I) float32 values of ``quantise``'s codes (O, I) and scales (O, I / group)."""
+    group = codes.shape[1] // scales.shape[1]
+    return (codes.float().reshape(*scales.shape, group) * scales.float()[..., None]).reshape(codes.shape)
+
+
+def quantised(weight: torch.Tensor, bits: int = BITS, group: int = GROUP) -> torch.Tensor:
+    """``weight`` (O, I) through ``quantise`` and back: the copy's values, float32 (O, I)."""
+    return dequantised(*quantise(weight, bits, group))
 
 
 def bytes_per_weight(bits: int = BITS, group: int = GROUP) -> float:
@@ -42,9 +54,31 @@ def bytes_per_weight(bits: int = BITS, group: int = GROUP) -> float:
     return (bits + 16 / group) / 8
 
 
+PACK_BLOCK = 64  # outputs per block of the packed copy (native_gather.c's Q4_BLOCK)
+
+
+def packed(pairs: list[tuple[torch.Tensor, torch.Tensor]], bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The copy of several projections reading one input (gate and up: ``quantise``'s (codes, scales) of each) in the
+    native kernel's blocked layout (native_gather.c, ``clada_q4_estimate``), their outputs one after the other:
+    codes (W / 64, I, 32) uint8 (per channel and block eight little-endian 32-bit words, nibble k of word l the code
+    + 8 of output 8k + l), scales (W / 64, I / 32, 64) float16; on the CPU. None where the kernel cannot read it (not 4 bits in groups of 32, W not a
+    multiple of 64)."""
+    codes = torch.cat([c for c, _ in pairs]).cpu()
+    scales = torch.cat([s for _, s in pairs]).cpu()
+    width, channels = codes.shape
+    if bits != 4 or group != 32 or width % PACK_BLOCK:
+        return None
+    nibbles = (codes.T.to(torch.int64) + 8).reshape(channels, width // PACK_BLOCK, 8, 8).permute(1, 0, 2, 3)
+    words = (nibbles << (4 * torch.arange(8)).view(8, 1)).sum(2)  # word l: nibble k = output 8k + l of the block
+    code_bytes = words.to(torch.int32).contiguous().view(torch.uint8)  # little-endian, as the kernel reads them
+    scale_blocks = scales.T.reshape(channels // group, width // PACK_BLOCK, PACK_BLOCK).permute(1, 0, 2).contiguous()
+    return code_bytes, scale_blocks
+
+
 class LowBitCopy:
-    """The dequantised copies of gate and up of every layer of a gated MLP model (kept in the weights' dtype and
-    device, followed lazily when the model moves), and the estimate h~ computed from them."""
+    """The copies of gate and up of every layer of a gated MLP model: dequantised (``copies``, in the weights' dtype
+    and device, followed lazily when the model moves: the masked reference's estimate h~, ``estimate``) and packed
+    for the native kernel (``packed``: per layer (codes, scales) or None, ``packed``)."""
 
     def __init__(self, adapter: MLPAdapter, parts: list[MLPParts], bits: int = BITS, group: int = GROUP):
         if not adapter.gated or any(len(p.in_names) != 2 for p in parts):
@@ -52,10 +86,12 @@ class LowBitCopy:
                              f"({type(adapter).__name__} has none)")
         self.adapter, self.parts, self.bits, self.group = adapter, parts, bits, group
         self.bytes_per_weight = bytes_per_weight(bits, group)
-        self.copies = []
+        self.copies, self.packed = [], []
         for part in parts:
             weights = [adapter.weight(getattr(part.owner, n)) for n in part.in_names]
-            self.copies.append(tuple(quantised(w, bits, group).to(w.dtype) for w in weights))
+            quantised_pair = [quantise(w, bits, group) for w in weights]
+            self.copies.append(tuple(dequantised(*q).to(w.dtype) for q, w in zip(quantised_pair, weights)))
+            self.packed.append(packed(quantised_pair, bits, group))
 
     def share_of_input_bytes(self, element_size: int) -> float:
         """The copy's bytes over the bytes of the gate and up it copies, for weights of ``element_size`` bytes."""

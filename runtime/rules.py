@@ -20,7 +20,9 @@ Prefix-driven sparsity (an artifact's ``prefix_in``/``prefix_mid`` exponents alp
 each sequence gives every channel of an MLP side its prompt norm ``p`` (:func:`prompt_norms`), and while that
 sequence decodes its channel weights are ``w * p**alpha / mean(p**alpha)`` (:meth:`SparsityRule.keep_weight`, one row
 per batch row; a long prompt costs one pass over activations the prefill computes anyway). Rules that need the dense
-prefill (GRIFFIN, a prefix-driven threshold rule) observe it through ``observe_prefill``. Rules are named in the
+prefill (GRIFFIN, a prefix-driven threshold rule) observe it through ``observe_prefill``. The predictor rule
+(:class:`PredictorRule`, ``runtime.predictor``) decides the ``mid`` side from the MLP input, through a low-bit copy
+of gate and up: its ``in`` mask is the copy's rows read, and gate and up see the whole input. Rules are named in the
 artifact (metadata ``rule``) and built by :func:`build_rule`.
 """
 
@@ -110,8 +112,7 @@ class SparsityRule:
     ``threshold_form``: ``keep`` is exactly ``threshold_keep(centred(x, center(l, side)), channel_weight(l, side),
     step_tau(l, side, m))``, so the kernel backends can compute it inside their kernels.
     ``masks_input``: the ``in`` side's mask zeroes the MLP input of gate/up (False: the predictor's, which masks only
-    what its low-bit copy reads). ``dense_under_auto``: no backend computes the rule faster than the dense product
-    (the predictor: nothing reads its low-bit copy yet), so ``backend="auto"`` decodes dense.
+    what its low-bit copy reads).
     """
 
     name: ClassVar[str] = ""
@@ -119,7 +120,6 @@ class SparsityRule:
     mid_at: ClassVar[str] = "down_input"
     threshold_form: ClassVar[bool] = False
     masks_input: ClassVar[bool] = True
-    dense_under_auto: ClassVar[bool] = False
     observes_prefill: bool = False  # per instance: a threshold-form rule with prompt-prior exponents watches too
 
     def __init__(self, artifact, device: torch.device | str = "cpu"):
@@ -327,7 +327,6 @@ class PredictorRule(SparsityRule):
 
     name = "predictor"
     masks_input = False
-    dense_under_auto = True
 
     def __init__(self, artifact, device="cpu"):
         super().__init__(artifact, device)

@@ -14,6 +14,7 @@ from clada import runtime
 from clada.artifacts import ArtifactError, load_artifact
 from clada.calibrate.measure import PredictorErrorModel, channel_weights, predictor_tables
 from clada.calibrate.recipe import RecipeError, parse_recipe
+from clada.runtime import native
 from clada.runtime.predictor import LowBitCopy, bytes_per_weight, quantised
 
 from .conftest import make_artifact, run_recipe, tiny_job, tiny_model
@@ -25,15 +26,17 @@ def predictor_artifact(model, tau_in=0.05, tau_mid=0.02, **rule):
     return dataclasses.replace(make_artifact(model, tau_in, tau_mid), rule={**PREDICTOR, **rule})
 
 
-def test_quantised_copy_has_at_most_2_to_the_bits_levels_per_group_and_a_small_error():
-    w = torch.randn(8, 64)
-    q = quantised(w, 4, 32)
-    for row in q.reshape(8, 2, 32).reshape(16, 32):
-        assert row.unique().numel() <= 16
-    assert (q - w).abs().max() <= w.abs().max() / 7 / 2 * 1.01  # at most half a step of absmax / 7
-    assert bytes_per_weight(4, 32) == pytest.approx(0.5625)
-    with pytest.raises(ValueError, match="does not divide"):
-        quantised(w, 4, 48)
+def test_quantised_copy_is_within_half_a_step_and_counts_its_scales():
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 4, 8):
+        q = quantised(w, bits, 32)
+        step = w.reshape(6, 2, 32).abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
+        assert ((q - w).reshape(6, 2, 32).abs() <= step / 2 * 1.001 + 1e-6).all()  # (scales rounded to float16)
+        assert bytes_per_weight(bits, 32) == pytest.approx((bits + 0.5) / 8)
+    assert len(set(quantised(w, 2, 32).reshape(6, 2, 32)[0, 0].tolist())) <= 4
+    for group in (48, 0):
+        with pytest.raises(ValueError, match=f"group {group} does not divide"):
+            quantised(w, 4, group)
     with pytest.raises(ValueError, match="bits 1"):
         quantised(w, 1, 32)
 
@@ -92,22 +95,6 @@ def test_a_layer_with_a_negative_tau_mid_skips_nothing_and_reads_no_copy():
     assert per_layer["mlp_sparsity"][0] == 0 and per_layer["input_sparsity"][0] == 0
     assert per_layer["mlp_reads_saved"][0] == 0
     assert per_layer["mlp_sparsity"][1] > 0
-
-
-def test_auto_decodes_dense_says_so_and_counts_nothing_saved():
-    model = tiny_model("llama")
-    ids = torch.randint(3, 100, (1, 8))
-    dense = model.generate(ids, max_new_tokens=6, do_sample=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        runtime.apply(model, predictor_artifact(model))
-    assert any("predictor rule has no kernel" in str(w.message) for w in caught)
-    out = model.generate(ids, max_new_tokens=6, do_sample=False)
-    stats = runtime.stats(model)
-    runtime.remove(model)
-    assert torch.equal(out, dense)
-    assert stats["mlp_reads_saved"] == 0 and stats["decode_steps"]["calls"] > 0
-    assert stats["path_calls"]["masked"] == 0 and stats["path_calls"]["dense"] > 0
 
 
 def test_predictor_needs_separate_gate_and_up():
@@ -173,3 +160,121 @@ def test_calibrating_with_the_predictor_rule_writes_a_predictor_artifact(tmp_pat
     assert artifact.rule == PREDICTOR
     assert report["heldout"]["rule"] == "predictor"
     assert report["mlp_reads_saved"] > 0  # the tiny search budget allows skipping
+
+
+# --- the native decode step (runtime.predictor_step) ---------------------------------------------------------------
+
+def kernel_or_skip():
+    kernel = native.gather_kernel()
+    if kernel is None or not kernel.predictor_accepts(torch.float32):
+        pytest.skip("no native kernel on this machine")  # CI machines have a C compiler: the kernel tests run there
+    return kernel
+
+
+def test_the_4_bit_estimate_reads_the_packed_copy_of_the_kept_input_channels():
+    from clada.runtime.predictor import dequantised, packed, quantise
+
+    kernel = kernel_or_skip()
+    torch.manual_seed(0)
+    gate, up = torch.randn(128, 64), torch.randn(128, 64)
+    pairs = [quantise(gate), quantise(up)]
+    codes, scales = packed(pairs, 4, 32)
+    assert codes.shape == (4, 64, 32) and codes.dtype == torch.uint8 and scales.shape == (4, 2, 64)
+    x, weight = torch.randn(64), torch.rand(64)
+    for threshold in (-1.0, 0.3, 10.0):
+        keep = x.abs() * weight > threshold
+        expected = torch.cat([dequantised(*p) @ (x * keep) for p in pairs])
+        estimate, kept = kernel.q4_estimate(x, weight, threshold, codes, scales)
+        assert kept == int(keep.sum())
+        torch.testing.assert_close(estimate, expected, rtol=1e-5, atol=1e-4)
+    assert packed(pairs, 3, 32) is None and packed([quantise(gate[:32])], 4, 32) is None
+
+
+def predictor_model(intermediate: int = 128):
+    """A tiny llama whose predictor artifact skips ~20% of the copy's input rows and ~40% of the neurons."""
+    model = tiny_model("llama", intermediate_size=intermediate)
+    adapter = runtime.adapter_for(model)
+    copy = LowBitCopy(adapter, adapter.mlp_parts(model))
+    seen = {}
+    hooks = [p.owner.register_forward_pre_hook(lambda m, a, l=l: seen.__setitem__(l, a[0]))
+             for l, p in enumerate(adapter.mlp_parts(model))]
+    with torch.no_grad():
+        model(torch.randint(3, 100, (2, 12)))
+    for h in hooks:
+        h.remove()
+    weight_in, weight_mid = channel_weights(model, adapter, "wina")
+    tau_in = torch.stack([(seen[l].abs() * weight_in[l]).quantile(0.2) for l in range(2)])
+    tau_mid = torch.stack([(copy.estimate(l, seen[l]).abs() * weight_mid[l]).quantile(0.4) for l in range(2)])
+    return model, predictor_artifact(model, tau_in, tau_mid)
+
+
+def generate(model, artifact, backend, ids, new_tokens=8):
+    runtime.apply(model, artifact, backend=backend)
+    try:
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        return torch.stack(out.scores), runtime.stats(model)
+    finally:
+        runtime.remove(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_steps_compute_the_rule_and_count_what_the_masked_reference_counts(dtype):
+    if not kernel_or_skip().predictor_accepts(dtype):
+        pytest.skip(f"no native predictor step for {dtype} on this machine")
+    model, artifact = predictor_model()
+    model.to(dtype)
+    ids = torch.randint(3, 100, (1, 12))
+    reference, masked = generate(model, artifact, "masked", ids)
+    scores, stats = generate(model, artifact, "native", ids)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(scores.float(), reference.float(), rtol=tolerance, atol=tolerance)
+    assert stats["path_calls"]["native"] == 2 * 7 and stats["path_calls"]["masked"] == 0  # 7 decode steps
+    for key in ("mlp_reads_saved", "mlp_sparsity", "input_sparsity"):
+        assert 0 < stats[key] == pytest.approx(masked[key], abs=0.02)
+    # a weight that moved back to its original layout is restored by remove
+    assert all(p.owner.down_proj.weight.is_contiguous() for p in runtime.adapter_for(model).mlp_parts(model))
+
+
+def test_auto_times_its_first_decode_steps_and_keeps_the_faster_path(monkeypatch):
+    from clada.runtime import predictor_step
+
+    kernel_or_skip()
+    model, artifact = predictor_model()
+    ids = torch.randint(3, 100, (1, 12))
+    reference, masked = generate(model, artifact, "masked", ids, new_tokens=16)
+    trial = 1 + 2 * predictor_step.TRIAL_STEPS  # decode steps before the decision (the first untimed)
+    for step_ms, path in ((0.5, "native"), (2.0, "dense")):
+        monkeypatch.setattr(predictor_step, "timed",
+                            lambda p, run, ms=step_ms: (run(), 1e-3 * (ms if p == "native" else 1.0)))
+        scores, stats = generate(model, artifact, "auto", ids, new_tokens=16)
+        # two layers per decode step, each timed
+        assert stats["predictor_path"] == {"float32": {"path": path, "step_ms": 2 * step_ms, "dense_ms": 2.0,
+                                                       "steps": predictor_step.TRIAL_STEPS}}
+        native_steps = (trial + 1) // 2 + (15 - trial if path == "native" else 0)  # 15 decode steps
+        assert stats["path_calls"]["native"] == 2 * native_steps
+        assert stats["path_calls"]["dense"] == 2 * (15 - native_steps)
+        assert 0 < stats["mlp_reads_saved"] < masked["mlp_reads_saved"]  # the dense steps skipped nothing
+        # the prefill's token and the untimed first decode step (the rule's) are the masked reference's; the second
+        # decode step, the trial's first dense one, is not
+        torch.testing.assert_close(scores[:2], reference[:2], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(scores[2], reference[2], rtol=1e-4, atol=1e-4)
+
+
+def test_auto_without_a_kernel_decodes_dense_and_says_so(monkeypatch):
+    from clada.runtime import predictor_step
+
+    monkeypatch.setattr(predictor_step, "gather_kernel", lambda: None)
+    model, artifact = predictor_model()
+    ids = torch.randint(3, 100, (1, 12))
+    dense = model.generate(ids, max_new_tokens=6, do_sample=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runtime.apply(model, artifact)
+    assert any("no kernel computes the predictor rule" in str(w.message) for w in caught)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    stats = runtime.stats(model)
+    runtime.remove(model)
+    assert torch.equal(out, dense)
+    assert stats["mlp_reads_saved"] == 0 and stats["decode_steps"]["calls"] == 5
+    assert stats["path_calls"]["masked"] == 0 and stats["path_calls"]["dense"] == 2 * 5

@@ -21,19 +21,6 @@ def model():
     return tiny_model("llama")
 
 
-def test_quantised_copy_is_within_half_a_step_and_counts_its_scales(probe):
-    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
-    for bits in (2, 4, 8):
-        q, size = probe.quantised(w, bits, 32)
-        step = w.reshape(6, 2, 32).abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
-        assert ((q - w).reshape(6, 2, 32).abs() <= step / 2 + 1e-6).all()
-        assert size == pytest.approx((bits + 0.5) / 8)
-    assert len(set(probe.quantised(w, 2, 32)[0].reshape(6, 2, 32)[0, 0].tolist())) <= 4
-    for group in (48, 0):
-        with pytest.raises(ValueError, match=f"group {group} does not divide"):
-            probe.quantised(w, 4, group)
-
-
 def test_bits_outside_2_to_8_are_refused_before_any_model_loads(probe, capsys):
     with pytest.raises(SystemExit) as exit_:
         probe.main(["--bits", "1"])

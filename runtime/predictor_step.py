@@ -1,0 +1,169 @@
+"""The predictor rule's decode step: one gated MLP's call of one token row on the native CPU kernels.
+
+With the predictor rule (``rules.PredictorRule``) and a backend other than ``masked``, ``apply`` gives each gated MLP
+an instance ``forward`` (``PredictorSteps``; ``remove`` pops it). A sparse decode call of one token row on a CPU
+whose native kernel (``runtime.native``) has the predictor's functions runs as:
+
+1. ``q4_estimate``: the 4-bit copy of gate and up (``runtime.predictor``, packed) read for the input channels
+   |x|·w_in > tau_in·m only: the estimates of gate(x) and up(x);
+2. h~ = act(gate~) * up~ and the kept neurons |h~|·w_mid > tau_mid·m (``threshold_keep``, as the rule);
+3. ``gemv_rows``: the kept neurons' gate and up rows (the weights as the model holds them), h = act(gate) * up;
+4. the gather kernel over down's rows of the kept neurons (down stored as input-channel rows, ``runtime.layout``).
+
+Only the copy's rows of kept input channels and the kept neurons' rows are read. The keep decisions are the
+rule's up to the float32 summation order of the estimate (the masked reference sums the dequantised copy with a
+matrix product): a neuron within rounding of its threshold may go the other way.
+
+``backend="native"`` takes this step wherever it can, and the masked reference elsewhere (several token rows, a GPU).
+``backend="auto"`` decides per dtype on the model's own first decode steps: after one untimed step they alternate
+between this step and the MLPs' dense products, each decode step's MLP calls timed together (weights streaming from
+memory as decoding reads them, not a loop over one layer's cached weights), and after ``TRIAL_STEPS`` of each the
+path with the lower median stays (``summary``). Calls the step cannot take run dense, and so does everything where
+no kernel exists (a GPU, no C compiler: a warning at ``apply``). Dense calls count as nothing skipped and nothing of
+the copy read.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from .adapters import MLPAdapter, MLPParts
+from .layout import store_rows_contiguous
+from .native import gather_kernel
+from .sparse import GatedProjection, SparsityState, hooked, row_multipliers
+
+TRIAL_STEPS = 4  # decode steps of each path auto times before it decides (after one untimed step)
+NATIVE = "native"
+
+
+class PredictorSteps:
+    """The predictor rule's step forwards of one patched model's gated MLPs, and auto's measured choice per dtype."""
+
+    def __init__(self, adapter: MLPAdapter, state: SparsityState, parts: list[MLPParts], backend: str,
+                 device: torch.device, dtype: torch.dtype):
+        self.state, self.rule, self.backend = state, state.rule, backend
+        self.act_name, self.weight_of = adapter.act_name, adapter.weight_of
+        self.kernel = gather_kernel() if device.type == "cpu" else None
+        self.decisions: dict[torch.dtype, dict] = {}  # dtype -> {"path", "step_ms", "dense_ms", "steps"}
+        self.trials: dict[torch.dtype, dict] = {}  # dtype -> {"steps": n, path: [seconds of each timed step]}
+        self.owners = [part.owner for part in parts]
+        self.activation = activation_kind(getattr(parts[0].owner, adapter.act_name)) if parts else None
+        usable = self.kernel is not None and self.kernel.predictor_accepts(dtype) and self.activation is not None
+        if backend == "auto" and not usable:
+            where = "a GPU" if device.type != "cpu" else f"{dtype} weights on this CPU"
+            warnings.warn(f"clada: no kernel computes the predictor rule for {where}; backend='auto' decodes dense "
+                          "(backend='masked' computes the rule, reading every weight)", stacklevel=3)
+        for layer, part in enumerate(parts):
+            if usable:  # down's rows of the kept neurons, contiguous (the gather kernel's layout)
+                store_rows_contiguous(adapter, getattr(part.owner, part.out_name).inner)
+            part.owner.forward = self._forward_of(layer, part)
+
+    def restore(self) -> None:
+        """Give every MLP its own forward back."""
+        for owner in self.owners:
+            owner.__dict__.pop("forward", None)
+
+    def summary(self) -> dict:
+        """auto's choice per dtype (``{"path": "native" | "dense", "step_ms", "dense_ms"}``), or, for a named
+        backend, that name."""
+        if self.backend != "auto":
+            return {"backend": self.backend}
+        return {str(dtype).replace("torch.", ""): dict(d) for dtype, d in self.decisions.items()}
+
+    def _usable(self, layer: int, x: torch.Tensor, rows: int) -> bool:
+        kernel = self.kernel
+        return (kernel is not None and rows == 1 and x.device.type == "cpu" and kernel.predictor_accepts(x.dtype)
+                and self.activation is not None and self.rule.copy.packed[layer] is not None)
+
+    def _forward_of(self, layer: int, part: MLPParts):
+        owner, state, rule, act_name = part.owner, self.state, self.rule, self.act_name
+        own = type(owner).forward.__get__(owner)
+        modules = owner._modules
+        gate_name, up_name = part.in_names
+        def dense(x, gate, up, act, down):
+            return down.inner(act(gate.inner(x)) * up.inner(x))
+
+        def step(x, gate, up, act, down):
+            rows_x = x.reshape(1, -1)
+            m = row_multipliers(state.multiplier, rows_x)
+            neurons = rule.weight["mid"][layer].numel()
+            if not rule.reads_copy()[layer]:  # the layer skips nothing
+                state.record_kept("in", layer, 1, rows_x.shape[1], rows_x.shape[1])
+                state.record_kept("mid", layer, 1, neurons, neurons)
+                return dense(x, gate, up, act, down)
+            codes, scales = rule.copy.packed[layer]
+            out, kept_in, kept_mid = self.kernel.predictor_step(
+                rows_x.reshape(-1).contiguous(), rule.weight["in"][layer], float(rule.step_tau(layer, "in", m)),
+                codes, scales, rule.weight["mid"][layer], float(rule.step_tau(layer, "mid", m)), self.activation,
+                self.weight_of(gate.inner), self.weight_of(up.inner), self.weight_of(down.inner).t())
+            state.record_kept("in", layer, 1, kept_in, rows_x.shape[1])
+            state.record_kept("mid", layer, 1, kept_mid, neurons)
+            state.path_calls[NATIVE] += 1
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+
+        def forward(x, *args, **kwargs):
+            gate, up, down = modules.get(gate_name), modules.get(up_name), modules.get(part.out_name)
+            act = modules.get(act_name)
+            if (args or kwargs or state.multiplier is None or type(gate) is not GatedProjection
+                    or type(up) is not GatedProjection or type(down) is not GatedProjection
+                    or hooked(gate, up, act, down)):
+                return own(x, *args, **kwargs)
+            rows = x.numel() // x.shape[-1]
+            usable = self._usable(layer, x, rows) and self.weight_of(down.inner).t().is_contiguous()
+            if self.backend != "auto":
+                return step(x, gate, up, act, down) if usable else own(x)
+            path, trial = self._path(layer, x.dtype) if usable else ("dense", None)
+            run = (lambda: step(x, gate, up, act, down)) if path == NATIVE else (lambda: dense(x, gate, up, act, down))
+            if trial is None:
+                out = run()
+            else:
+                out, seconds = timed(path, run)
+                trial[path][-1] += seconds
+            if path != NATIVE:
+                state.record_dense_layer(layer, rows)
+            return out
+        return forward
+
+    def _path(self, layer: int, dtype: torch.dtype) -> tuple[str, dict | None]:
+        """auto's path for a call of ``layer`` that the step can take, and the trial to time it into (None: decided,
+        or the untimed first step). Until decided, decode steps alternate between the two paths, each timed over all
+        its MLP calls; after ``TRIAL_STEPS`` of each the faster median stays."""
+        decision = self.decisions.get(dtype)
+        if decision is not None:
+            return decision["path"], None
+        trial = self.trials.setdefault(dtype, {"steps": 0, NATIVE: [], "dense": []})
+        if layer == 0:  # a new decode step
+            trial["steps"] += 1
+            n = trial["steps"]
+            if len(trial[NATIVE]) >= TRIAL_STEPS + 1 and len(trial["dense"]) >= TRIAL_STEPS:
+                ms = {p: 1e3 * statistics.median(trial[p][-TRIAL_STEPS:]) for p in (NATIVE, "dense")}
+                decision = self.decisions[dtype] = {
+                    "path": NATIVE if ms[NATIVE] < ms["dense"] else "dense", "step_ms": round(ms[NATIVE], 3),
+                    "dense_ms": round(ms["dense"], 3), "steps": TRIAL_STEPS}
+                return decision["path"], None
+            trial[NATIVE if n % 2 else "dense"].append(0.0)
+        path = NATIVE if trial["steps"] % 2 else "dense"
+        return path, (trial if trial["steps"] > 1 else None)
+
+
+def timed(path: str, run) -> tuple[torch.Tensor, float]:
+    """``run()`` and its wall-clock seconds (``path``: the path it runs, for tests that fix the timings)."""
+    t0 = time.perf_counter()
+    out = run()
+    return out, time.perf_counter() - t0
+
+
+def activation_kind(module) -> str | None:
+    """The native step's name (``native.ACTIVATIONS``) of an MLP's activation module, or None if it has none."""
+    name = type(module).__name__
+    if isinstance(module, nn.SiLU) or name == "SiLUActivation":
+        return "silu"
+    if (name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUPytorchTanh")
+            or (isinstance(module, nn.GELU) and module.approximate == "tanh")):
+        return "gelu_tanh"
+    return None
