@@ -363,6 +363,7 @@ def _run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: 
         "backends": stats[-1]["backends"] if stats else {},
         "selection": stats[-1]["selection"] if stats else [],
         "dense_products": stats[-1].get("dense_products") if stats else None,
+        "predictor_path": stats[-1].get("predictor_path") if stats else None,
         "paired_ratio": paired(times["dense"], times["clada"]),
         "paired_sparsity_ratio": paired(times["layout"], times["clada"]) if layout else float("nan"),
         "clada_faster": sum(d > c for d, c in zip(times["dense"], times["clada"])),

@@ -313,6 +313,10 @@ def _print_bench(r: dict) -> None:
                + ")")
     for decision in r["selection"]:
         click.echo(f"  selection        {decision['dtype']} {decision['shape']}: {decision['reason']}")
+    for dtype, decision in (r.get("predictor_path") or {}).items():
+        if isinstance(decision, dict):  # backend auto: the path its first decode steps timed faster
+            click.echo(f"  predictor path   {dtype}: {decision['path']} (step {decision['step_ms']:.2f} / dense "
+                       f"{decision['dense_ms']:.2f} ms over the MLPs of a decode step, median of {decision['steps']})")
     for choice in (r.get("dense_products") or {}).get("choices", []):
         click.echo(f"  dense product    {choice['dtype']} {choice['shape']} at {choice['rows']} rows: {choice['choice']} "
                    f"({choice['reason']})")

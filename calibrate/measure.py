@@ -301,9 +301,14 @@ class LayerErrorModel:
         if key not in self._by_q_in:
             tau_in = float(score_quantiles(self.score_in, [key], self.quantiles)[0])
             keep_in = self.score_in > tau_in
-            h = self._intermediate(compensated(self.x, keep_in, self.center_in))
-            self._by_q_in[key] = (tau_in, 1.0 - keep_in.float().mean(), h, channel_scores(h, self.weight_mid))
+            self._by_q_in[key] = (tau_in, 1.0 - keep_in.float().mean(), *self._kept_input(keep_in))
         return self._by_q_in[key]
+
+    def _kept_input(self, keep_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h', intermediate scores) with the input channels ``keep_in`` (N, D) kept: h' from x with the others set
+        to c_in, scored as it is."""
+        h = self._intermediate(compensated(self.x, keep_in, self.center_in))
+        return h, channel_scores(h, self.weight_mid)
 
     def mid_taus(self, q_in: float, q_mid: torch.Tensor | list[float]) -> torch.Tensor:
         """(Qm,) intermediate thresholds of the quantiles ``q_mid`` at input quantile ``q_in``."""
@@ -365,16 +370,10 @@ class PredictorErrorModel(LayerErrorModel):
         self.h = self._intermediate(self.x)
         self.copy_share = copy.share_of_input_bytes(self.dtype.itemsize)
 
-    @torch.no_grad()
-    def _input_side(self, q_in: float) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-        key = round(float(q_in), 9)
-        if key not in self._by_q_in:
-            tau_in = float(score_quantiles(self.score_in, [key], self.quantiles)[0])
-            keep_in = self.score_in > tau_in
-            estimate = self.copy.estimate(self.layer, (self.x * keep_in).to(self.dtype))
-            self._by_q_in[key] = (tau_in, 1.0 - keep_in.float().mean(), self.h, channel_scores(estimate,
-                                                                                              self.weight_mid))
-        return self._by_q_in[key]
+    def _kept_input(self, keep_in):
+        """(the exact h from the whole input, the scores of the estimate from the copy on the kept input channels)"""
+        estimate = self.copy.estimate(self.layer, (self.x * keep_in).to(self.dtype))
+        return self.h, channel_scores(estimate, self.weight_mid)
 
     def _saved(self, skip_in, skip_mid):
         full = self.bytes_in + self.bytes_mid

@@ -23,6 +23,18 @@ from .adapters import MLPAdapter, MLPParts
 from .sparse import GatedProjection, SparsityState, hooked
 
 
+def step_modules(modules: dict, part: MLPParts, act_name: str, state: SparsityState, extra: bool):
+    """(gate, up, act, down) of a gated MLP's module dict (what the tree holds now) if a sparse decode step can take
+    its call: thresholds on, no ``extra`` arguments, every projection wrapped, no hook watching one; else None."""
+    gate_name, up_name = part.in_names
+    gate, up, down = modules.get(gate_name), modules.get(up_name), modules.get(part.out_name)
+    act = modules.get(act_name)
+    if (extra or state.multiplier is None or type(gate) is not GatedProjection or type(up) is not GatedProjection
+            or type(down) is not GatedProjection or hooked(gate, up, act, down)):
+        return None
+    return gate, up, act, down
+
+
 class MLPSteps:
     """The gated MLPs of one patched model whose decode calls run as one step (their instance ``forward``)."""
 
@@ -57,17 +69,14 @@ class MLPSteps:
     def _forward_of(self, part: MLPParts):
         owner, state, act_name, weight_of = part.owner, self.state, self.act_name, self.weight_of
         own = type(owner).forward.__get__(owner)
-        gate_name, up_name = part.in_names
         modules = owner._modules  # the projections the tree holds now (routing may have put an original back)
         plan = [None]  # (key, rows of gate and up, their bounds, down's rows); one list item: replaced whole
 
         def forward(x, *args, **kwargs):
-            gate, up, down = modules.get(gate_name), modules.get(up_name), modules.get(part.out_name)
-            act = modules.get(act_name)
-            if (args or kwargs or state.multiplier is None or type(gate) is not GatedProjection
-                    or type(up) is not GatedProjection or type(down) is not GatedProjection
-                    or hooked(gate, up, act, down)):
+            found = step_modules(modules, part, act_name, state, args or kwargs)
+            if found is None:
                 return own(x, *args, **kwargs)
+            gate, up, act, down = found
             rows = x.numel() // x.shape[-1]
             chooser = state.chooser
             into = chooser.choose(x.device, x.dtype, rows, gate.shape)

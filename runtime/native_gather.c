@@ -202,18 +202,22 @@ INLINE void axpy(enum kind kind, const int g, float *restrict acc, int64_t rows,
     }
 }
 
-/* Scratch memory per calling thread, grown as needed (calls from several threads stay apart). */
-static _Thread_local void *scratch_mem;
-static _Thread_local size_t scratch_size;
+/* Scratch memory per calling thread, grown as needed (calls from several threads stay apart): ``scratch`` for the
+ * gather and the dense product, ``step_scratch`` for the predictor's step, which calls both. */
+static _Thread_local void *scratch_mem, *step_mem;
+static _Thread_local size_t scratch_size, step_size;
 
-static void *scratch(size_t bytes) {
-    if (bytes > scratch_size) {
-        free(scratch_mem);
-        scratch_mem = malloc(bytes);
-        scratch_size = scratch_mem ? bytes : 0;
+static void *grown(void **mem, size_t *size, size_t bytes) {
+    if (bytes > *size) {
+        free(*mem);
+        *mem = malloc(bytes);
+        *size = *mem ? bytes : 0;
     }
-    return scratch_mem;
+    return *mem;
 }
+
+static void *scratch(size_t bytes) { return grown(&scratch_mem, &scratch_size, bytes); }
+static void *step_scratch(size_t bytes) { return grown(&step_mem, &step_size, bytes); }
 
 /* --- the thread pool -------------------------------------------------------------------------------------------
  * One job at a time: ``word`` packs the job's generation (24 bits), item count (20) and next unclaimed item (20);
@@ -705,19 +709,6 @@ static int64_t q4_select(const float *x, int64_t channels, const float *scale, f
     }
     gstart[ngroups] = n;
     return n;
-}
-
-/* Scratch of the predictor's step, apart from ``scratch`` (which the gather and the dot products it calls use). */
-static _Thread_local void *step_mem;
-static _Thread_local size_t step_size;
-
-static void *step_scratch(size_t bytes) {
-    if (bytes > step_size) {
-        free(step_mem);
-        step_mem = malloc(bytes);
-        step_size = step_mem ? bytes : 0;
-    }
-    return step_mem;
 }
 
 int64_t clada_q4_estimate(const float *x, int64_t channels, const float *scale, float thr, const uint8_t *codes,

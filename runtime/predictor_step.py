@@ -18,7 +18,8 @@ matrix product): a neuron within rounding of its threshold may go the other way.
 ``backend="auto"`` decides per dtype on the model's own first decode steps: after one untimed step they alternate
 between this step and the MLPs' dense products, each decode step's MLP calls timed together (weights streaming from
 memory as decoding reads them, not a loop over one layer's cached weights), and after ``TRIAL_STEPS`` of each the
-path with the lower median stays (``summary``). Calls the step cannot take run dense, and so does everything where
+path with the lower median stays (``summary``; kept for the process, so that applying the same artifact again does not
+time again). Calls the step cannot take run dense, and so does everything where
 no kernel exists (a GPU, no C compiler: a warning at ``apply``). Dense calls count as nothing skipped and nothing of
 the copy read.
 """
@@ -35,7 +36,8 @@ from torch import nn
 from .adapters import MLPAdapter, MLPParts
 from .layout import store_rows_contiguous
 from .native import gather_kernel
-from .sparse import GatedProjection, SparsityState, hooked, row_multipliers
+from .mlp_step import step_modules
+from .sparse import SparsityState, row_multipliers
 
 TRIAL_STEPS = 4  # decode steps of each path auto times before it decides (after one untimed step)
 NATIVE = "native"
@@ -49,7 +51,9 @@ class PredictorSteps:
         self.state, self.rule, self.backend = state, state.rule, backend
         self.act_name, self.weight_of = adapter.act_name, adapter.weight_of
         self.kernel = gather_kernel() if device.type == "cpu" else None
-        self.decisions: dict[torch.dtype, dict] = {}  # dtype -> {"path", "step_ms", "dense_ms", "steps"}
+        # dtype -> {"path", "step_ms", "dense_ms", "steps"}: shared by every apply in this process of an artifact
+        # with the same thresholds on a model of the same shape, at the same thread count (what the timing depends on)
+        self.decisions = DECISIONS.setdefault(decision_key(self.rule, torch.get_num_threads()), {})
         self.trials: dict[torch.dtype, dict] = {}  # dtype -> {"steps": n, path: [seconds of each timed step]}
         self.owners = [part.owner for part in parts]
         self.activation = activation_kind(getattr(parts[0].owner, adapter.act_name)) if parts else None
@@ -84,7 +88,6 @@ class PredictorSteps:
         owner, state, rule, act_name = part.owner, self.state, self.rule, self.act_name
         own = type(owner).forward.__get__(owner)
         modules = owner._modules
-        gate_name, up_name = part.in_names
         def dense(x, gate, up, act, down):
             return down.inner(act(gate.inner(x)) * up.inner(x))
 
@@ -107,12 +110,10 @@ class PredictorSteps:
             return out.reshape(*x.shape[:-1], out.shape[-1])
 
         def forward(x, *args, **kwargs):
-            gate, up, down = modules.get(gate_name), modules.get(up_name), modules.get(part.out_name)
-            act = modules.get(act_name)
-            if (args or kwargs or state.multiplier is None or type(gate) is not GatedProjection
-                    or type(up) is not GatedProjection or type(down) is not GatedProjection
-                    or hooked(gate, up, act, down)):
+            found = step_modules(modules, part, act_name, state, args or kwargs)
+            if found is None:
                 return own(x, *args, **kwargs)
+            gate, up, act, down = found
             rows = x.numel() // x.shape[-1]
             usable = self._usable(layer, x, rows) and self.weight_of(down.inner).t().is_contiguous()
             if self.backend != "auto":
@@ -149,6 +150,16 @@ class PredictorSteps:
             trial[NATIVE if n % 2 else "dense"].append(0.0)
         path = NATIVE if trial["steps"] % 2 else "dense"
         return path, (trial if trial["steps"] > 1 else None)
+
+
+DECISIONS: dict[tuple, dict[torch.dtype, dict]] = {}  # decision_key -> dtype -> auto's decision
+
+
+def decision_key(rule, threads: int) -> tuple:
+    """What auto's decision depends on besides the dtype: the thresholds (the densities), the layers' sizes and the
+    thread count."""
+    return (tuple(rule.tau["in"].tolist()), tuple(rule.tau["mid"].tolist()), tuple(rule.weight["in"].shape),
+            tuple(rule.weight["mid"].shape), threads)
 
 
 def timed(path: str, run) -> tuple[torch.Tensor, float]:

@@ -245,6 +245,7 @@ def test_auto_times_its_first_decode_steps_and_keeps_the_faster_path(monkeypatch
     reference, masked = generate(model, artifact, "masked", ids, new_tokens=16)
     trial = 1 + 2 * predictor_step.TRIAL_STEPS  # decode steps before the decision (the first untimed)
     for step_ms, path in ((0.5, "native"), (2.0, "dense")):
+        monkeypatch.setattr(predictor_step, "DECISIONS", {})
         monkeypatch.setattr(predictor_step, "timed",
                             lambda p, run, ms=step_ms: (run(), 1e-3 * (ms if p == "native" else 1.0)))
         scores, stats = generate(model, artifact, "auto", ids, new_tokens=16)
@@ -259,6 +260,9 @@ def test_auto_times_its_first_decode_steps_and_keeps_the_faster_path(monkeypatch
         # decode step, the trial's first dense one, is not
         torch.testing.assert_close(scores[:2], reference[:2], rtol=1e-4, atol=1e-4)
         assert not torch.allclose(scores[2], reference[2], rtol=1e-4, atol=1e-4)
+        # applied again, the same artifact keeps the decision: every decode step takes the path at once
+        _, again = generate(model, artifact, "auto", ids, new_tokens=16)
+        assert again["path_calls"]["native" if path == "native" else "dense"] == 2 * 15
 
 
 def test_auto_without_a_kernel_decodes_dense_and_says_so(monkeypatch):
