@@ -5,7 +5,7 @@
 Writes results/quality/frontier.json (every figure), frontier.md (tables, the command at the top) and
 frontier.png (ppl_increase vs mlp_reads_saved, one line per method, one panel per data set).
 
-What is measured (recipe recipes/smollm2-135m.yaml: prompt 64, scored 128 tokens per document):
+What is measured (recipe recipes/smollm2-135m-threshold.yaml: prompt 64, scored 128 tokens per document):
 - data: the recipe's held-out lee documents (never seen by the calibration) and the first enwiki documents;
 - baselines (clada.calibrate.baselines): uniform, teal, teal-greedy and cats are calibrated on the recipe's
   activation documents (the calibration's); griffin needs no calibration; each at several sparsity levels;
@@ -335,7 +335,7 @@ def run_default(bench: Bench, default: Artifact, rows: list[dict], questions: di
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m.yaml"))
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m-threshold.yaml"))
     parser.add_argument("--study-dir", default=None, help="Calibration output folder (default: the recipe's output).")
     parser.add_argument("--out", default=str(ROOT / "results" / "quality"))
     parser.add_argument("--docs", type=int, default=32, help="Documents per data set.")

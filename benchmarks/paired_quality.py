@@ -101,7 +101,7 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default=str(bq.ROOT / "recipes" / "smollm2-135m.yaml"))
+    parser.add_argument("--recipe", default=str(bq.ROOT / "recipes" / "smollm2-135m-threshold.yaml"))
     parser.add_argument("--study-dir", default=None, help="Calibration output folder (default: the recipe's output).")
     parser.add_argument("--peer", default="teal-greedy", choices=sorted(bq.THRESHOLD_BASELINES))
     parser.add_argument("--levels", type=number_list, default=[0.10, 0.15, 0.20, 0.25, 0.30, 0.35],

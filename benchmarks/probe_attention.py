@@ -81,7 +81,7 @@ def attention_top_k(model, share: float):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m.yaml"))
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m-threshold.yaml"))
     parser.add_argument("--docs", type=int, default=32)
     parser.add_argument("--out", default=str(ROOT / "results" / "quality"))
     args = parser.parse_args(argv)

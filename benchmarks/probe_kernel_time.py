@@ -1,6 +1,6 @@
 """Where do the skipped bytes go? Time inside the native gather kernel vs the whole decode, skipping vs not.
 
-    python benchmarks/probe_kernel_time.py --artifact out/smollm2-135m/clada.safetensors      # ~2 min on 2 cores
+    python benchmarks/probe_kernel_time.py --artifact out/smollm2-135m-threshold/clada.safetensors      # ~2 min on 2 cores
 
 SmolLM2-135M fp32 on CPU, batch 1, a 128-token prompt of held-out lee, ``--new-tokens`` greedy tokens, backend
 ``native`` everywhere (no measured selection), alternating two modes per repetition: ``skipping`` (the artifact's
@@ -65,7 +65,7 @@ class KernelClock:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifact", default="out/smollm2-135m/clada.safetensors")
+    parser.add_argument("--artifact", default="out/smollm2-135m-threshold/clada.safetensors")
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)

@@ -88,7 +88,7 @@ def render(rows: list[dict], command: str, docs: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m.yaml"))
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m-threshold.yaml"))
     parser.add_argument("--docs", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "results" / "quality" / "layer_error_probe"))

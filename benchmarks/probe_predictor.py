@@ -226,7 +226,7 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m.yaml"))
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-135m-threshold.yaml"))
     parser.add_argument("--docs", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--bits", type=int, default=4, choices=range(2, 9), metavar="2..8")

@@ -1,6 +1,6 @@
 """Does the prompt prior (prefix-driven sparsity) pay? Equal-reads curves with and without it, on held-out text.
 
-    python benchmarks/probe_prefix.py --artifact out/smollm2-135m/clada.safetensors     # ~12 min on 2 CPU cores
+    python benchmarks/probe_prefix.py --artifact out/smollm2-135m-threshold/clada.safetensors     # ~12 min on 2 CPU cores
 
 On the artifact's model and the first 32 held-out documents of each text (the default recipe's split: 64-token dense
 prefill, 128 scored tokens, teacher forced, which is exact without adaptation), the artifact's MLP thresholds
@@ -64,12 +64,12 @@ def render(rows: list[dict], docs: int, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifact", default="out/smollm2-135m/clada.safetensors")
+    parser.add_argument("--artifact", default="out/smollm2-135m-threshold/clada.safetensors")
     parser.add_argument("--data", default="lee,enwiki")
     parser.add_argument("--docs", type=int, default=32)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m-threshold.yaml")
     base = load_artifact(args.artifact)
     base = dataclasses.replace(base, lam=0.0, gam=0.0, **dict.fromkeys(ATTENTION_KEYS))
     model, tokenizer, _ = load_model(base.model.get("spec", recipe.model), "float32", "cpu")

@@ -255,3 +255,14 @@ def test_a_new_calibration_format_measures_and_searches_again(monkeypatch):
     monkeypatch.setattr(pipeline, "CALIBRATION_FORMAT", pipeline.CALIBRATION_FORMAT + 1)
     assert pipeline.measurement_key(recipe, identity, fingerprint, "abc") != key
     assert pipeline.study_name(recipe) != name
+
+
+def test_every_committed_recipe_parses():
+    from pathlib import Path
+
+    from clada.calibrate.recipe import load_recipe
+
+    recipes = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 4
+    outputs = [load_recipe(path).output for path in recipes]
+    assert len(set(outputs)) == len(outputs)  # no two recipes write (and resume) the same study folder
