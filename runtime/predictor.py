@@ -76,9 +76,10 @@ def packed(pairs: list[tuple[torch.Tensor, torch.Tensor]], bits: int, group: int
 
 
 class LowBitCopy:
-    """The copies of gate and up of every layer of a gated MLP model: dequantised (``copies``, in the weights' dtype
-    and device, followed lazily when the model moves: the masked reference's estimate h~, ``estimate``) and packed
-    for the native kernel (``packed``: per layer (codes, scales) or None, ``packed``)."""
+    """The copies of gate and up of every layer of a gated MLP model: packed for the native kernel (``packed``: per
+    layer (codes, scales), or None where the kernel cannot read them, ``packed``), and dequantised where the masked
+    reference computes the estimate h~ (``estimate``; made then, per layer, in the dtype and on the device of the
+    call, so that a model decoding on the native step keeps only the packed copy)."""
 
     def __init__(self, adapter: MLPAdapter, parts: list[MLPParts], bits: int = BITS, group: int = GROUP):
         if not adapter.gated or any(len(p.in_names) != 2 for p in parts):
@@ -86,12 +87,13 @@ class LowBitCopy:
                              f"({type(adapter).__name__} has none)")
         self.adapter, self.parts, self.bits, self.group = adapter, parts, bits, group
         self.bytes_per_weight = bytes_per_weight(bits, group)
-        self.copies, self.packed = [], []
-        for part in parts:
-            weights = [adapter.weight(getattr(part.owner, n)) for n in part.in_names]
-            quantised_pair = [quantise(w, bits, group) for w in weights]
-            self.copies.append(tuple(dequantised(*q).to(w.dtype) for q, w in zip(quantised_pair, weights)))
-            self.packed.append(packed(quantised_pair, bits, group))
+        self.packed = [packed([quantise(w, bits, group) for w in self._weights(layer)], bits, group)
+                       for layer in range(len(parts))]
+        self.copies: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(parts)  # made by ``estimate``
+
+    def _weights(self, layer: int) -> list[torch.Tensor]:
+        part = self.parts[layer]
+        return [self.adapter.weight(getattr(part.owner, n)) for n in part.in_names]
 
     def share_of_input_bytes(self, element_size: int) -> float:
         """The copy's bytes over the bytes of the gate and up it copies, for weights of ``element_size`` bytes."""
@@ -99,8 +101,10 @@ class LowBitCopy:
 
     def estimate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """h~ (..., I) float32 of MLP inputs ``x`` (..., D) (the skipped input channels already zero)."""
-        gate, up = self.copies[layer]
-        if gate.device != x.device or gate.dtype != x.dtype:
-            gate, up = self.copies[layer] = (gate.to(x.device, x.dtype), up.to(x.device, x.dtype))
+        copies = self.copies[layer]
+        if copies is None or copies[0].device != x.device or copies[0].dtype != x.dtype:
+            copies = self.copies[layer] = tuple(quantised(w, self.bits, self.group).to(x.device, x.dtype)
+                                                for w in self._weights(layer))
+        gate, up = copies
         act = getattr(self.parts[layer].owner, self.adapter.act_name)
         return (act(x @ gate.T) * (x @ up.T)).float()

@@ -32,6 +32,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .adapters import MLPAdapter, MLPParts
 from .layout import store_rows_contiguous
@@ -62,10 +63,25 @@ class PredictorSteps:
             where = "a GPU" if device.type != "cpu" else f"{dtype} weights on this CPU"
             warnings.warn(f"clada: no kernel computes the predictor rule for {where}; backend='auto' decodes dense "
                           "(backend='masked' computes the rule, reading every weight)", stacklevel=3)
+        # down's rows of the kept neurons contiguous (the gather kernel's layout), unless auto already decided dense;
+        # until auto decides, its timed dense steps multiply by a copy of down in its original layout (the product the
+        # unpatched model runs), which the decision then keeps (dense) or drops (native)
+        self.downs = [getattr(part.owner, part.out_name).inner for part in parts]
+        self.down_copies: list[torch.Tensor | None] = [None] * len(parts)
+        relay = usable and (backend != "auto" or self.decisions.get(dtype, {}).get("path") != "dense")
         for layer, part in enumerate(parts):
-            if usable:  # down's rows of the kept neurons, contiguous (the gather kernel's layout)
-                store_rows_contiguous(adapter, getattr(part.owner, part.out_name).inner)
+            if relay:
+                store_rows_contiguous(adapter, self.downs[layer])
             part.owner.forward = self._forward_of(layer, part)
+
+    def _settle(self, path: str) -> None:
+        """After auto's decision: down back in its original layout (the trial's copies) if dense, the copies dropped
+        if native."""
+        for layer, copy in enumerate(self.down_copies):
+            if path == "dense":
+                param = self.downs[layer].weight
+                param.data = copy if copy is not None and copy.shape == param.shape else param.data.contiguous()
+            self.down_copies[layer] = None
 
     def restore(self) -> None:
         """Give every MLP its own forward back."""
@@ -89,7 +105,15 @@ class PredictorSteps:
         own = type(owner).forward.__get__(owner)
         modules = owner._modules
         def dense(x, gate, up, act, down):
-            return down.inner(act(gate.inner(x)) * up.inner(x))
+            h = act(gate.inner(x)) * up.inner(x)
+            inner = down.inner
+            weight = self.weight_of(inner)
+            if weight.is_contiguous() or type(inner) is not nn.Linear:
+                return inner(h)
+            copy = self.down_copies[layer]
+            if copy is None or copy.dtype != weight.dtype or copy.device != weight.device:
+                copy = self.down_copies[layer] = weight.contiguous()
+            return F.linear(h, copy, inner.bias)
 
         def step(x, gate, up, act, down):
             rows_x = x.reshape(1, -1)
@@ -146,6 +170,7 @@ class PredictorSteps:
                 decision = self.decisions[dtype] = {
                     "path": NATIVE if ms[NATIVE] < ms["dense"] else "dense", "step_ms": round(ms[NATIVE], 3),
                     "dense_ms": round(ms["dense"], 3), "steps": TRIAL_STEPS}
+                self._settle(decision["path"])
                 return decision["path"], None
             trial[NATIVE if n % 2 else "dense"].append(0.0)
         path = NATIVE if trial["steps"] % 2 else "dense"

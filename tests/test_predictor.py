@@ -210,11 +210,14 @@ def predictor_model(intermediate: int = 128):
     return model, predictor_artifact(model, tau_in, tau_mid)
 
 
-def generate(model, artifact, backend, ids, new_tokens=8):
+def generate(model, artifact, backend, ids, new_tokens=8, check=None):
+    """(scores, stats) of greedy decoding with ``artifact`` applied; ``check(model)`` runs while it is."""
     runtime.apply(model, artifact, backend=backend)
     try:
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)
+        if check is not None:
+            check(model)
         return torch.stack(out.scores), runtime.stats(model)
     finally:
         runtime.remove(model)
@@ -250,7 +253,12 @@ def test_auto_times_its_first_decode_steps_and_keeps_the_faster_path(monkeypatch
         monkeypatch.setattr(predictor_step, "DECISIONS", {})
         monkeypatch.setattr(predictor_step, "timed",
                             lambda p, run, ms=step_ms: (run(), 1e-3 * (ms if p == "native" else 1.0)))
-        scores, stats = generate(model, artifact, "auto", ids, new_tokens=16)
+        def layout(model, path=path):  # down re-laid for the step if it stays, in its own layout if dense stays
+            steps = model._clada_patch.mlp_steps
+            assert all(w.weight.is_contiguous() == (path == "dense") for w in steps.downs)
+            assert steps.down_copies == [None, None]  # the trial's copies of down are gone
+
+        scores, stats = generate(model, artifact, "auto", ids, new_tokens=16, check=layout)
         # two layers per decode step, each timed
         assert stats["predictor_path"] == {"float32": {"path": path, "step_ms": 2 * step_ms, "dense_ms": 2.0,
                                                        "steps": predictor_step.TRIAL_STEPS}}
@@ -263,7 +271,7 @@ def test_auto_times_its_first_decode_steps_and_keeps_the_faster_path(monkeypatch
         torch.testing.assert_close(scores[:2], reference[:2], rtol=1e-4, atol=1e-4)
         assert not torch.allclose(scores[2], reference[2], rtol=1e-4, atol=1e-4)
         # applied again, the same artifact keeps the decision: every decode step takes the path at once
-        _, again = generate(model, artifact, "auto", ids, new_tokens=16)
+        _, again = generate(model, artifact, "auto", ids, new_tokens=16, check=layout)
         assert again["path_calls"]["native" if path == "native" else "dense"] == 2 * 15
 
 
