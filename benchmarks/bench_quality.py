@@ -49,7 +49,7 @@ from clada.calibrate.evaluate import (QUALITY_BACKEND, ProxyEvaluator, Sparsifie
 from clada.calibrate.models import load_model
 from clada.calibrate.multiple_choice import load_questions, multiple_choice_eval
 from clada.calibrate.pipeline import (ARTIFACT_NAME, MEASUREMENTS_NAME, Measurements, measure, measurement_key,
-                                     point_artifact, study_name, token_splits)
+                                     point_artifact, rule_of, study_name, token_splits)
 from clada.calibrate.recipe import RecipeError, load_recipe
 from clada.calibrate.search import SearchSettings, ThresholdSearch
 
@@ -253,7 +253,7 @@ def study_search(bench: Bench, study_dir: Path, default: Artifact) -> tuple[Thre
     m = measurements(r, bench.model, bench.adapter, bench.splits.act, bench.data_sha256, study_dir)
     fingerprint = runtime.mlp_fingerprint(bench.model, bench.adapter)
     artifact_of = partial(point_artifact, weight_in=m.weight_in, weight_mid=m.weight_mid, fingerprint=fingerprint,
-                          centers=m.centers)
+                          centers=m.centers, rule=rule_of(r))
     search = ThresholdSearch(m.tables, m.ratios, ProxyEvaluator(bench.model, bench.splits.search, bench.prompt,
                                                                r.eval.batch_size),
                              SearchSettings(layer_error=r.calibration.layer_error), artifact_of)
@@ -278,8 +278,9 @@ def run_clada(bench: Bench, search: ThresholdSearch, default: Artifact, chosen: 
     the prompt prior, where the default has one) and "clada-nocomp" (allocated from the
     uncompensated rows, at the same level); then the default artifact file itself (level "default")."""
     rows = []
+    compensated = any(bool(t.centred.any()) for t in search.tables)  # the tables offer compensation (not the predictor)
     for level in levels:
-        for name, plain in (("clada", False), ("clada-nocomp", True)):
+        for name, plain in (("clada", False), ("clada-nocomp", True))[:2 if compensated else 1]:
             point = search.point_at_saved(chosen["params"], level, plain=plain)
             art = search.artifact_of(point)
             extra = {"target": level, "compensated_layers": sum(point.centred)}
