@@ -104,12 +104,13 @@ class PredictorSteps:
         owner, state, rule, act_name = part.owner, self.state, self.rule, self.act_name
         own = type(owner).forward.__get__(owner)
         modules = owner._modules
+
         def dense(x, gate, up, act, down):
             h = act(gate.inner(x)) * up.inner(x)
             inner = down.inner
             weight = self.weight_of(inner)
-            if weight.is_contiguous() or type(inner) is not nn.Linear:
-                return inner(h)
+            if weight.is_contiguous() or type(inner) is not nn.Linear or x.dtype in self.decisions:
+                return inner(h)  # (decided: the copy of the trial is gone, the layout is the decision's)
             copy = self.down_copies[layer]
             if copy is None or copy.dtype != weight.dtype or copy.device != weight.device:
                 copy = self.down_copies[layer] = weight.contiguous()
