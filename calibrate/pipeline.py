@@ -168,7 +168,8 @@ def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tens
     return Artifact(center_in=center_in,
         tau_base_in=torch.tensor(point.tau_in, dtype=torch.float32),
         tau_base_mid=torch.tensor(point.tau_mid, dtype=torch.float32),
-        channel_weight_in=weight_in, channel_weight_mid=weight_mid, fingerprint=fingerprint, rule=rule or {"name": "threshold"},
+        channel_weight_in=weight_in, channel_weight_mid=weight_mid, fingerprint=fingerprint,
+        rule=rule or {"name": "threshold"},
         lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H, **(attention or {}), **prefix, **metadata)
 
 

@@ -27,7 +27,8 @@ from .predictor import GROUP as PREDICTOR_GROUP
 from .rules import RULES, SPARSITY_FIGURES, observes_prefill
 
 __all__ = [
-    "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "PREDICTOR_BITS", "PREDICTOR_GROUP", "RULES", "SPARSITY_FIGURES", "UnsupportedModelError",
+    "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "PREDICTOR_BITS", "PREDICTOR_GROUP", "RULES",
+    "SPARSITY_FIGURES", "UnsupportedModelError",
     "adapter_for",
     "applied_artifact", "apply", "declare_in_checkpoint", "dense", "first_gathering", "fixed_multiplier",
     "from_pretrained",

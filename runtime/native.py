@@ -131,7 +131,6 @@ class GatherKernel:
             raise RuntimeError(f"clada native gemv failed (code {code}: rows={n}, in={nin})")
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
-
     def predictor_accepts(self, dtype: torch.dtype) -> bool:
         """Whether this build has the predictor's step (``predictor_step``) for weights of ``dtype``."""
         return dtype in self._steps
@@ -160,7 +159,7 @@ class GatherKernel:
     def q4_estimate(self, x: torch.Tensor, scale: torch.Tensor, threshold: float, codes: torch.Tensor,
                     scales: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(width,) float32 estimate of one token row ``x`` (C,) float32 from a blocked 4-bit copy (``codes``
-        (width / 64, C, 32) uint8, ``scales`` (width / 64, C / 32, 64) float16: ``runtime.predictor.PackedCopy``)
+        (width / 64, C, 32) uint8, ``scales`` (width / 64, C / 32, 64) float16: ``runtime.predictor.packed``)
         over the channels with |x| * scale > threshold, and their number."""
         width = codes.shape[0] * 64
         out = torch.empty(width, dtype=torch.float32)

@@ -499,7 +499,7 @@ struct gemv {
     int64_t rows, nin, nout, ld;
     const void *w;
     float *out;
-    const int32_t *idx;  /* output j is weight row idx[j] (clada_gemv_rows_*), or row j where NULL */
+    const int32_t *idx;  /* output j is weight row idx[j] (the predictor's step), or row j where NULL */
 };
 
 INLINE float hsum(vf v) {

@@ -57,12 +57,13 @@ def bytes_per_weight(bits: int = BITS, group: int = GROUP) -> float:
 PACK_BLOCK = 64  # outputs per block of the packed copy (native_gather.c's Q4_BLOCK)
 
 
-def packed(pairs: list[tuple[torch.Tensor, torch.Tensor]], bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def packed(pairs: list[tuple[torch.Tensor, torch.Tensor]], bits: int,
+           group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The copy of several projections reading one input (gate and up: ``quantise``'s (codes, scales) of each) in the
     native kernel's blocked layout (native_gather.c, ``clada_q4_estimate``), their outputs one after the other:
     codes (W / 64, I, 32) uint8 (per channel and block eight little-endian 32-bit words, nibble k of word l the code
-    + 8 of output 8k + l), scales (W / 64, I / 32, 64) float16; on the CPU. None where the kernel cannot read it (not 4 bits in groups of 32, W not a
-    multiple of 64)."""
+    + 8 of output 8k + l), scales (W / 64, I / 32, 64) float16; on the CPU. None where the kernel cannot read it (not
+    4 bits in groups of 32, W not a multiple of 64)."""
     codes = torch.cat([c for c, _ in pairs]).cpu()
     scales = torch.cat([s for _, s in pairs]).cpu()
     width, channels = codes.shape

@@ -2,12 +2,12 @@
 
 With the predictor rule (``rules.PredictorRule``) and a backend other than ``masked``, ``apply`` gives each gated MLP
 an instance ``forward`` (``PredictorSteps``; ``remove`` pops it). A sparse decode call of one token row on a CPU
-whose native kernel (``runtime.native``) has the predictor's functions runs as:
+whose native kernel (``runtime.native``) has the predictor's step runs as one call of it (``predictor_step``):
 
-1. ``q4_estimate``: the 4-bit copy of gate and up (``runtime.predictor``, packed) read for the input channels
-   |x|·w_in > tau_in·m only: the estimates of gate(x) and up(x);
-2. h~ = act(gate~) * up~ and the kept neurons |h~|·w_mid > tau_mid·m (``threshold_keep``, as the rule);
-3. ``gemv_rows``: the kept neurons' gate and up rows (the weights as the model holds them), h = act(gate) * up;
+1. the 4-bit copy of gate and up (``runtime.predictor``, packed) read for the input channels |x|·w_in > tau_in·m
+   only: the estimates of gate(x) and up(x);
+2. h~ = act(gate~) * up~ and the kept neurons |h~|·w_mid > tau_mid·m (the rule's comparison);
+3. the kept neurons' gate and up rows (the weights as the model holds them), h = act(gate) * up;
 4. the gather kernel over down's rows of the kept neurons (down stored as input-channel rows, ``runtime.layout``).
 
 Only the copy's rows of kept input channels and the kept neurons' rows are read. The keep decisions are the
