@@ -281,7 +281,8 @@ class LayerErrorModel:
         self.grads = None if grads is None else grads.to(device).float()
         self.bytes_in, self.bytes_mid = adapter.projection_bytes(part)
         with torch.no_grad():
-            self.y = self._output(self._intermediate(self.x))
+            self.h = self._intermediate(self.x)  # the dense intermediate (N, I)
+            self.y = self._output(self.h)
         self.y_norm = self.y.pow(2).sum()
         self.score_in = channel_scores(centred(self.x, self.center_in), self.weight_in)
         self._by_q_in: dict[float, tuple] = {}
@@ -367,7 +368,6 @@ class PredictorErrorModel(LayerErrorModel):
                  grads: torch.Tensor | None = None):
         self.layer, self.copy = layer, copy
         super().__init__(adapter, part, x, weight_in, weight_mid, quantiles, None, grads)
-        self.h = self._intermediate(self.x)
         self.copy_share = copy.share_of_input_bytes(self.dtype.itemsize)
 
     def _kept_input(self, keep_in):
