@@ -111,15 +111,13 @@ class SparsityRule:
     up's half of a gated MLP; GRIFFIN: all of gate and up, whose output rows it never computes).
     ``threshold_form``: ``keep`` is exactly ``threshold_keep(centred(x, center(l, side)), channel_weight(l, side),
     step_tau(l, side, m))``, so the kernel backends can compute it inside their kernels.
-    ``masks_input``: the ``in`` side's mask zeroes the MLP input of gate/up (False: the predictor's, which masks only
-    what its low-bit copy reads).
+    ``masked``: what a side's projections compute with under a keep mask (the masked reference).
     """
 
     name: ClassVar[str] = ""
     sides: tuple[str, ...] = MLP_SIDES  # per instance: a threshold-form rule adds the artifact's attention sides
     mid_at: ClassVar[str] = "down_input"
     threshold_form: ClassVar[bool] = False
-    masks_input: ClassVar[bool] = True
     observes_prefill: bool = False  # per instance: a threshold-form rule with prompt-prior exponents watches too
 
     def __init__(self, artifact, device: torch.device | str = "cpu"):
@@ -162,6 +160,11 @@ class SparsityRule:
 
     def in_bytes_saved_by_mid(self, gated: bool) -> float:
         return 0.0
+
+    def masked(self, layer: int, side: str, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """What ``layer``'s ``side`` projections compute with under the keep mask ``keep`` of ``x`` (..., C): ``x``
+        with the skipped entries set to their compensation (0 without)."""
+        return compensated(x, keep, self.center(layer, side))
 
     def bind(self, adapter, parts: list) -> None:
         """Called by ``runtime.apply`` with the model's adapter and MLP parts before anything is wrapped (rules that
@@ -326,7 +329,6 @@ class PredictorRule(SparsityRule):
     copy's rows read."""
 
     name = "predictor"
-    masks_input = False
 
     def __init__(self, artifact, device="cpu"):
         super().__init__(artifact, device)
@@ -343,9 +345,6 @@ class PredictorRule(SparsityRule):
         element = adapter.weight(getattr(parts[0].owner, parts[0].in_names[0])).element_size()
         self.copy_share = self.copy.share_of_input_bytes(element)
 
-    def in_bytes_saved_by_mid(self, gated: bool) -> float:
-        return 1.0
-
     def reads_copy(self) -> list[bool]:
         """Per layer whether a decode step reads the copy (tau_base_mid >= 0)."""
         version, reads = self._reads_copy
@@ -353,6 +352,10 @@ class PredictorRule(SparsityRule):
             reads = [t >= 0 for t in self.tau["mid"].tolist()]
             self._reads_copy = (self.tau_version, reads)
         return reads
+
+    def masked(self, layer, side, x, keep):
+        # the in side's mask is of the copy's rows: gate and up see the whole input (for the kept neurons only)
+        return x if side == "in" else super().masked(layer, side, x, keep)
 
     def mlp_bytes_saved(self, share_in, share_mid, ran_in, bytes_in, bytes_mid, gated):
         reads = torch.tensor(self.reads_copy(), dtype=share_in.dtype, device=share_in.device)

@@ -25,7 +25,7 @@ from torch.nn.modules import module as torch_module
 
 from .backends import DENSE, MASKED, PATH_NAMES, BackendChooser
 from .calls import CallState
-from .rules import ATTENTION_SIDES, SIDES, SPARSITY_KEYS, SparsityRule, centred, compensated, threshold_keep
+from .rules import ATTENTION_SIDES, SIDES, SPARSITY_KEYS, SparsityRule, centred, threshold_keep
 from .selection import choose_wide_product, wide_product
 
 DENSITY_ROWS = 16  # token rows at the end of a dense call whose keep shares estimate a side's density
@@ -278,10 +278,7 @@ class ChannelGate(nn.Module):
         keep = st.rule.keep(self.layer, self.side, x, row_multipliers(st.multiplier, x))
         st.record_mask(self.side, self.layer, keep)
         st.path_calls["masked"] += 1
-        if self.side == "in" and not st.rule.masks_input:  # the mask is of what the rule reads besides (predictor)
-            out = x
-        else:
-            out = compensated(x, keep, st.rule.center(self.layer, self.side))
+        out = st.rule.masked(self.layer, self.side, x, keep)
         self.__dict__["_last"] = (x, out)  # nn.Module.__setattr__ costs ~7 us
         return out
 
