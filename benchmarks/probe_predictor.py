@@ -6,7 +6,7 @@ The threshold rule skips MLP input channels (rows of gate and up, by |x|·w) and
 down, by |h|·c); a neuron it skips still costs its gate and up rows, since its h had to be computed. The
 predictor rule computes an estimate ``h~ = act(Q(W_gate) x) * Q(W_up) x`` from a copy of gate and up quantised to
 ``--bits`` per weight (symmetric, one float16 scale per ``--group`` weights of a row: ``runtime.predictor``'s
-``quantised``), keeps neuron j iff |h~_j|·c_j > tau_l (c: the calibration's channel weights of down's input), and reads the gate row, up
+``LowBitCopy``), keeps neuron j iff |h~_j|·c_j > tau_l (c: the calibration's channel weights of down's input), and reads the gate row, up
 row and down column of each kept neuron only, in full precision. Its reads saved are the neurons skipped minus the
 copy's bytes read every step (:func:`copy_share`; they depend on the model's dtype, so each level is also allocated
 and counted as if the weights were bfloat16: twice the copy's share). Variant ``input mask``: the copy, stored as
@@ -42,7 +42,7 @@ from clada.calibrate.measure import (LayerTable, collect_mlp_inputs, output_grad
 from clada.calibrate.methods import build_method  # noqa: E402
 from clada.calibrate.pipeline import point_artifact  # noqa: E402
 from clada.calibrate.search import SearchSettings, ThresholdSearch  # noqa: E402
-from clada.runtime.predictor import bytes_per_weight, quantised  # noqa: E402
+from clada.runtime.predictor import LowBitCopy  # noqa: E402
 from clada.runtime.rules import channel_scores, threshold_keep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,28 +60,23 @@ def copy_share(bytes_in: float, bytes_mid: float, weight_bytes: float, copy_byte
 
 
 class Predictor:
-    """The predictor rule on one model's gated MLPs: per layer the dequantised copies of gate and up, and the channel
-    weights of the MLP input (``weight_in``, the input mask's scores) and of down's input (``weight_mid``)."""
+    """The predictor rule on one model's gated MLPs: the runtime's low-bit copy of gate and up (``LowBitCopy``), and
+    the channel weights of the MLP input (``weight_in``, the input mask's scores) and of down's input
+    (``weight_mid``)."""
 
     def __init__(self, model, adapter, weight_in: torch.Tensor, weight_mid: torch.Tensor, bits: int, group: int):
-        if not adapter.gated:
-            raise ValueError("the predictor rule needs a gated MLP (gate and up)")
         self.parts = adapter.mlp_parts(model)
         self.adapter, self.weight_in, self.weight_mid = adapter, weight_in.float(), weight_mid.float()
-        self.copies = [[quantised(adapter.weight(getattr(part.owner, n)), bits, group) for n in part.in_names]
-                       for part in self.parts]
-        self.copy_bytes = bytes_per_weight(bits, group)
+        self.copy = LowBitCopy(adapter, self.parts, bits, group)  # ValueError: not gated, or a group that does not fit
+        self.copy_bytes = self.copy.bytes_per_weight
         bytes_in, bytes_mid = adapter.projection_bytes(self.parts[0])
         element = adapter.weight(getattr(self.parts[0].owner, self.parts[0].out_name)).element_size()
         self.share = {dtype: copy_share(bytes_in, bytes_mid, size, self.copy_bytes)
                       for dtype, size in (("model", element), ("bfloat16", BFLOAT16_BYTES))}
 
     def estimate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """h~ (..., I) float32 of MLP inputs x (..., D) from the low-bit copy."""
-        gate, up = self.copies[layer]
-        act = getattr(self.parts[layer].owner, self.adapter.act_name)
-        x = x.float()
-        return act(x @ gate.T) * (x @ up.T)
+        """h~ (..., I) float32 of MLP inputs x (..., D) from the low-bit copy, computed in float32."""
+        return self.copy.estimate(layer, x.float())
 
     def input_keep(self, layer: int, x: torch.Tensor, tau_in: float) -> torch.Tensor:
         """The input mask the copy is read under (rows of skipped input channels not read; tau_in < 0: none)."""
