@@ -12,7 +12,8 @@ What is measured (recipe recipes/smollm2-135m-threshold.yaml: prompt 64, scored 
 - CLADA: no new calibration. From the default calibration study (out/<name>/study.db) the default artifact's
   trial: its allocation shape (depth slope, mix) and adaptation, with the allocation's price moved so that the
   per-layer error tables (cached in the clada cache) skip each of CLADA_LEVELS of the MLP bytes
-  (ThresholdSearch.point_at_saved), plus the default artifact file itself. At each level the ablations: without
+  (ThresholdSearch.point_at_saved; under calibration.rule auto each level takes the rule whose point there has the
+  smaller KL on the search documents: level_rule), plus the default artifact file itself. At each level the ablations: without
   adaptation (lam = gam = 0: "clada-noadapt") and without compensation (allocated from the uncompensated rows
   at the same level: "clada-nocomp"). For the default artifact also the surprisal-only and entropy-only
   ablations, the threshold sensitivity (tau_s, tau_H +-0.2) and multiple choice (BIG-bench cause_and_effect and
@@ -49,9 +50,9 @@ from clada.calibrate.evaluate import (QUALITY_BACKEND, ProxyEvaluator, Sparsifie
 from clada.calibrate.models import load_model
 from clada.calibrate.multiple_choice import load_questions, multiple_choice_eval
 from clada.calibrate.pipeline import (ARTIFACT_NAME, MEASUREMENTS_NAME, Measurements, measure, measurement_key,
-                                     point_artifact, rule_of, study_name, token_splits)
+                                     point_artifact, study_name, token_splits)
 from clada.calibrate.recipe import RecipeError, load_recipe
-from clada.calibrate.search import SearchSettings, ThresholdSearch
+from clada.calibrate.search import RULE_PARAM, SearchSettings, ThresholdSearch, rules_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frontier_report import render  # noqa: E402  (benchmarks/ is not a package)
@@ -253,10 +254,11 @@ def study_search(bench: Bench, study_dir: Path, default: Artifact) -> tuple[Thre
     m = measurements(r, bench.model, bench.adapter, bench.splits.act, bench.data_sha256, study_dir)
     fingerprint = runtime.mlp_fingerprint(bench.model, bench.adapter)
     artifact_of = partial(point_artifact, weight_in=m.weight_in, weight_mid=m.weight_mid, fingerprint=fingerprint,
-                          centers=m.centers, rule=rule_of(r))
-    search = ThresholdSearch(m.tables, m.ratios, ProxyEvaluator(bench.model, bench.splits.search, bench.prompt,
-                                                               r.eval.batch_size),
-                             SearchSettings(layer_error=r.calibration.layer_error), artifact_of)
+                          centers=m.centers)
+    settings = SearchSettings(layer_error=r.calibration.layer_error, rules=rules_of(r.calibration.rule))
+    search = ThresholdSearch(m.rule_tables(settings.rules), m.ratios,
+                             ProxyEvaluator(bench.model, bench.splits.search, bench.prompt, r.eval.batch_size),
+                             settings, artifact_of)
     chosen = default.figures.get("calibration_proxy", {})
     match = [t for t in trials if abs(t.user_attrs["mlp_reads_saved"] - chosen.get("mlp_reads_saved", -1)) < 1e-9]
     if not match:
@@ -270,26 +272,45 @@ def study_search(bench: Bench, study_dir: Path, default: Artifact) -> tuple[Thre
     return search, {"trial": trial.number, "params": dict(trial.params), "proxy": proxy}, check
 
 
+def level_rule(search: ThresholdSearch, params: dict, level: float) -> tuple[dict, dict]:
+    """``params`` with the sparsity rule CLADA takes at ``level``, and what that choice saw: the rule of ``params``
+    where the search has one rule's tables; with several (``calibration.rule: auto``) the one whose point at
+    ``level`` has the smallest KL to dense on the calibration's search documents (``ThresholdSearch.evaluate``:
+    documents the held-out figures never see)."""
+    if len(search.settings.rules) == 1:
+        return params, {}
+    proxy = {}
+    for rule in search.settings.rules:
+        point = search.evaluate(search.point_at_saved({**params, RULE_PARAM: rule}, level))
+        proxy[rule] = {k: point.figures[k] for k in ("mlp_reads_saved", "ppl_increase", "kl")}
+    rule = min(proxy, key=lambda r: proxy[r]["kl"])
+    log(f"level {level}: rule {rule} (search documents: " + ", ".join(
+        f"{r} kl {p['kl']:.4f} reads {p['mlp_reads_saved']:.3f}" for r, p in proxy.items()) + ")")
+    return {**params, RULE_PARAM: rule}, {"rule": rule, "rule_proxy": proxy}
+
+
 def run_clada(bench: Bench, search: ThresholdSearch, default: Artifact, chosen: dict, levels: tuple[float, ...]
               ) -> list[dict]:
     """CLADA at each level of reads saved (``ThresholdSearch.point_at_saved``: the default trial's allocation shape
-    and adaptation, its price moved to skip ``level`` of the bytes in the error tables), with its ablations at the
+    and adaptation, its price moved to skip ``level`` of the bytes in the error tables; its rule from
+    ``level_rule``), with its ablations at the
     same level: "clada-noadapt" (the same thresholds, lam = gam = 0), "clada-noprefix" (the same thresholds without
     the prompt prior, where the default has one) and "clada-nocomp" (allocated from the
     uncompensated rows, at the same level); then the default artifact file itself (level "default")."""
     rows = []
-    compensated = any(bool(t.centred.any()) for t in search.tables)  # the tables offer compensation (not the predictor)
     for level in levels:
+        params, choice = level_rule(search, chosen["params"], level)
+        compensated = any(bool(t.centred.any()) for t in search.tables_of(params))  # not the predictor's tables
         for name, plain in (("clada", False), ("clada-nocomp", True))[:2 if compensated else 1]:
-            point = search.point_at_saved(chosen["params"], level, plain=plain)
+            point = search.point_at_saved(params, level, plain=plain)
             art = search.artifact_of(point)
-            extra = {"target": level, "compensated_layers": sum(point.centred)}
+            extra = {"target": level, "compensated_layers": sum(point.centred), **choice}
             rows.append(bench.evaluate_artifact(art, name, level, extra))
             if name == "clada":
                 for ablation in ("clada-noadapt", *(("clada-noprefix",) if art.has_prefix else ())):
                     rows.append(bench.evaluate_artifact(method_artifact(ablation, bench.model, artifact=art),
                                                         ablation, level, extra))
-    extra = {**chosen, "default": True}
+    extra = {**chosen, "default": True, "rule": default.rule.get("name", "threshold")}
     for name in ("clada", "clada-noadapt"):
         rows.append(bench.evaluate_artifact(method_artifact(name, bench.model, artifact=default), name, "default",
                                             extra))

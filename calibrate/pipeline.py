@@ -24,7 +24,7 @@ from .models import load_model
 from .recipe import Recipe
 from .report import HEADLINE_KEYS, write_reports
 from .search import (DERIVED_ATTR, POINT_ATTRS, SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch,
-                     feasible_trials, pareto_front, run_search, stored_validated_choice)
+                     feasible_trials, pareto_front, rules_of, run_search, stored_validated_choice)
 from .splits import token_splits
 from .storage import is_shared, open_storage, redact
 
@@ -76,21 +76,28 @@ def _log(msg: str) -> None:
 @dataclass
 class Measurements:
     """Channel score weights (L, D) and (L, I), per-layer error tables, residual ratios (L,) and, with compensation,
-    the input centers (L, D) the tables' centred rows use."""
+    the input centers (L, D) the tables' centred rows use. ``tables``: the recipe's rule's (``calibration.rule:
+    auto``: the threshold rule's); ``predictor_tables``: the predictor rule's beside them (auto only)."""
 
     weight_in: torch.Tensor
     weight_mid: torch.Tensor
     tables: list
     ratios: torch.Tensor
     centers: torch.Tensor | None = None
+    predictor_tables: list | None = None
+
+    def rule_tables(self, rules: tuple[str, ...]) -> dict[str, list]:
+        """The tables of each of ``rules`` (``search.rules_of`` of the recipe they were measured for)."""
+        return {rules[0]: self.tables, **({rules[1]: self.predictor_tables} if len(rules) > 1 else {})}
 
     def save(self, path: Path, key: str) -> None:
         """Write them (safetensors, atomically) with ``key``: what they were measured from."""
         tensors = {"weight_in": self.weight_in, "weight_mid": self.weight_mid, "ratios": self.ratios}
         if self.centers is not None:
             tensors["centers"] = self.centers
-        for layer, table in enumerate(self.tables):
-            tensors.update({f"table.{layer}.{f.name}": getattr(table, f.name) for f in dataclasses.fields(table)})
+        for prefix, tables in (("table", self.tables), ("predictor_table", self.predictor_tables or [])):
+            for layer, table in enumerate(tables):
+                tensors.update({f"{prefix}.{layer}.{f.name}": getattr(table, f.name) for f in dataclasses.fields(table)})
         write_atomic(path, save({k: v.detach().cpu().clone() for k, v in tensors.items()}, metadata={"key": key}))
 
     @classmethod
@@ -104,9 +111,13 @@ class Measurements:
         except (OSError, SafetensorError):
             return None
         layers = len(t["ratios"])
-        tables = [LayerTable(**{f.name: t[f"table.{l}.{f.name}"] for f in dataclasses.fields(LayerTable)
-                                if f"table.{l}.{f.name}" in t}) for l in range(layers)]
-        return cls(t["weight_in"], t["weight_mid"], tables, t["ratios"], t.get("centers"))
+
+        def tables(prefix: str) -> list[LayerTable]:
+            return [LayerTable(**{f.name: t[f"{prefix}.{l}.{f.name}"] for f in dataclasses.fields(LayerTable)
+                                  if f"{prefix}.{l}.{f.name}" in t}) for l in range(layers)]
+
+        return cls(t["weight_in"], t["weight_mid"], tables("table"), t["ratios"], t.get("centers"),
+                   tables("predictor_table") if "predictor_table.0.error" in t else None)
 
 
 def measurement_key(recipe: Recipe, identity: dict, fingerprint: torch.Tensor, data_sha256: str) -> str:
@@ -126,39 +137,42 @@ def measure(recipe: Recipe, model, adapter, act_tokens: torch.Tensor, progress: 
     weight_in, weight_mid = channel_weights(model, adapter, recipe.calibration.score)
     c = recipe.calibration
     inputs = collect_mlp_inputs(model, adapter, act_tokens, recipe.prompt_tokens, c.activation_tokens)
-    predictor = c.rule == "predictor"
-    centers = input_centers(inputs) if c.compensation and not predictor else None
+    rules = rules_of(c.rule)
+    centers = input_centers(inputs) if c.compensation and "threshold" in rules else None
     grads = None
     if c.layer_error == "kl":
         grads = output_gradients(model, adapter, act_tokens, recipe.prompt_tokens, c.activation_tokens,
                                  c.gradient_samples, seed=recipe.seed, progress=progress)
     grid = torch.tensor(c.q_in), torch.tensor(c.q_mid)
-    if predictor:
-        tables = predictor_tables(model, adapter, inputs, weight_in, weight_mid, *grid, progress=progress,
-                                  grads=grads)
-    else:
-        tables = build_tables(model, adapter, inputs, weight_in, weight_mid, *grid, progress=progress,
-                              centers=centers, grads=grads)
+    tables = {}
+    for rule in rules:
+        if rule == "predictor":
+            tables[rule] = predictor_tables(model, adapter, inputs, weight_in, weight_mid, *grid, progress=progress,
+                                            grads=grads)
+        else:
+            tables[rule] = build_tables(model, adapter, inputs, weight_in, weight_mid, *grid, progress=progress,
+                                        centers=centers, grads=grads)
     del inputs, grads
     ratios = residual_ratios(model, adapter, act_tokens[:8], recipe.prompt_tokens)
-    return Measurements(weight_in, weight_mid, tables, ratios, centers)
+    return Measurements(weight_in, weight_mid, tables[rules[0]], ratios, centers,
+                        tables[rules[1]] if len(rules) > 1 else None)
 
 
-def rule_of(recipe: Recipe) -> dict:
-    """The artifact's ``rule`` metadata of a recipe's ``calibration.rule``."""
-    if recipe.calibration.rule == "predictor":
+def rule_metadata(rule: str) -> dict:
+    """The artifact's ``rule`` metadata of a sparsity rule the calibration measures tables for (``Point.rule``)."""
+    if rule == "predictor":
         return {"name": "predictor", "bits": runtime.PREDICTOR_BITS, "group": runtime.PREDICTOR_GROUP}
     return {"name": "threshold"}
 
 
 def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tensor, fingerprint: torch.Tensor,
                    centers: torch.Tensor | None = None, attention: dict[str, torch.Tensor] | None = None,
-                   rule: dict | None = None, **metadata) -> Artifact:
+                   **metadata) -> Artifact:
     """The artifact of a search point (``metadata``: Artifact's model, recipe, data, signals dicts; the point's prompt
     prior exponent, if any, on both MLP sides of every layer); ``centers``
     (L, D): the input centers of the layers the point compensates (``point.centred``); ``attention``: the
-    attention tensors (``measure.attention_thresholds``), the same for every point, or None (attention dense);
-    ``rule``: the artifact's rule metadata (``rule_of``; default the threshold rule)."""
+    attention tensors (``measure.attention_thresholds``), the same for every point, or None (attention dense). Its
+    ``rule`` metadata is the point's (``rule_metadata``)."""
     centred = torch.tensor(point.centred, dtype=torch.bool) if point.centred else None
     L = len(point.tau_in)
     prefix = {f"prefix_{side}": torch.full((L,), float(point.prefix)) for side in ("in", "mid")} if point.prefix else {}
@@ -169,7 +183,7 @@ def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tens
         tau_base_in=torch.tensor(point.tau_in, dtype=torch.float32),
         tau_base_mid=torch.tensor(point.tau_mid, dtype=torch.float32),
         channel_weight_in=weight_in, channel_weight_mid=weight_mid, fingerprint=fingerprint,
-        rule=rule or {"name": "threshold"},
+        rule=rule_metadata(point.rule),
         lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H, **(attention or {}), **prefix, **metadata)
 
 
@@ -213,7 +227,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
         measured.save(out / MEASUREMENTS_NAME, key)
     else:
         _log(f"[2/6] dense MLP measurements of this model and recipe reused from {out / MEASUREMENTS_NAME}")
-    weight_in, weight_mid, tables, ratios = measured.weight_in, measured.weight_mid, measured.tables, measured.ratios
+    weight_in, weight_mid, ratios = measured.weight_in, measured.weight_mid, measured.ratios
     timings["measure"] = time.time() - t
 
     attention = None
@@ -224,14 +238,14 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
                                          recipe.calibration.activation_tokens, recipe.calibration.attention_sparsity,
                                          recipe.calibration.score)
     artifact_of = partial(point_artifact, weight_in=weight_in, weight_mid=weight_mid, fingerprint=fingerprint,
-                          centers=measured.centers, attention=attention, rule=rule_of(recipe))
+                          centers=measured.centers, attention=attention)
 
     t = time.time()
     _log(f"[3/6] dense reference on {search_tokens.shape[0]} search documents")
     evaluator = ProxyEvaluator(model, search_tokens, recipe.prompt_tokens, recipe.eval.batch_size)
     settings = SearchSettings.from_recipe(recipe, recipe.search.storage or f"sqlite:///{(out / 'study.db').resolve()}",
                                           study_name(recipe))
-    search = ThresholdSearch(tables, ratios, evaluator, settings, artifact_of)
+    search = ThresholdSearch(measured.rule_tables(settings.rules), ratios, evaluator, settings, artifact_of)
     _log(f"[4/6] Optuna search: {settings.trials} trials, maximise mlp_reads_saved s.t. "
          f"ppl_increase <= {settings.max_ppl_increase} (study {settings.study_name} in {redact(settings.storage)})")
     study = run_search(search, progress=progress)
@@ -303,7 +317,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
         "recipe": recipe.to_dict(),
         "residual_ratio": [round(v, 5) for v in ratios.tolist()],
         "chosen": {"trial": best.number, "derived_from": best.user_attrs.get(DERIVED_ATTR), "params": best.params,
-                   "lam": point.lam, "gam": point.gam,
+                   "rule": point.rule, "lam": point.lam, "gam": point.gam,
                    "tau_s": point.tau_s, "tau_H": point.tau_H, "tau_base_in": point.tau_in,
                    "tau_base_mid": point.tau_mid, "compensated_layers": [l for l, c in enumerate(point.centred) if c],
                    "prefix": point.prefix,

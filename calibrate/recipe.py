@@ -30,8 +30,9 @@ class CalibrationSection:
     layer_error: str = "kl"  # the tables' error: "kl" (second-order KL from output gradients) or "relative"
     gradient_samples: int = 4  # sampled-token gradients per activation token estimating the KL (layer_error kl)
     attention_sparsity: float = 0.0  # share of attention input/output channels skipped per layer (0: attention dense)
-    # the runtime rule the tables are measured for: "threshold" (|x|·w > tau on both MLP sides) or "predictor"
-    # (neurons chosen from a 4-bit copy of gate and up, runtime.predictor; gated MLPs, no compensation)
+    # the runtime rule the tables are measured for: "threshold" (|x|·w > tau on both MLP sides), "predictor"
+    # (neurons chosen from a 4-bit copy of gate and up, runtime.predictor; gated MLPs, no compensation) or "auto"
+    # (both rules' tables; each search trial picks one, and the artifact has the chosen trial's)
     rule: str = "threshold"
 
 
@@ -89,7 +90,7 @@ RANGES = {
 # The defaults (search_docs 16) are 1024 activation tokens, 48 validation and 32 held-out documents.
 PER_SEARCH_DOC = {"calibration.activation_tokens": 64, "search.validation_docs": 3, "eval.heldout_docs": 2}
 CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "calibration.score": ("wina", "magnitude"),
-           "calibration.layer_error": ("kl", "relative"), "calibration.rule": ("threshold", "predictor"),
+           "calibration.layer_error": ("kl", "relative"), "calibration.rule": ("threshold", "predictor", "auto"),
            "search.allocation": ("marginal", "budget", "both")}
 
 
@@ -167,12 +168,12 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         section, key = path.split(".")
         if key not in data.get(section, {}):
             setattr(getattr(recipe, section), key, per_doc * recipe.calibration.search_docs)
-    if recipe.calibration.rule == "predictor":  # what that rule does not have
+    if recipe.calibration.rule != "threshold":  # what the predictor rule does not have
         for path, value in (("calibration.attention_sparsity", recipe.calibration.attention_sparsity),
                             ("search.prefix", recipe.search.prefix)):
             if value:
-                raise RecipeError(f"recipe field '{path}': the predictor rule (calibration.rule) has none; "
-                                  "leave it off")
+                raise RecipeError(f"recipe field '{path}': the predictor rule (calibration.rule: "
+                                  f"{recipe.calibration.rule}) has none; leave it off")
     return recipe
 
 

@@ -10,7 +10,9 @@ per-layer thresholds. With ``allocation: budget`` the level is the layer's error
 whose per-layer budgets are where one more skipped byte would cost more error than the price.
 It also picks ``lam, gam`` in [-1, 0] and the quantiles ``q_s, q_H`` of the calibration surprisal and
 entropy that become ``tau_s, tau_H``, and (``prefix``) the exponent alpha in [0, 1] of each sequence's prompt prior
-(prefix-driven sparsity, ``clada.runtime.rules``; 0: none), the same on both MLP sides of every layer. The objective maximises ``mlp_reads_saved`` under the constraint
+(prefix-driven sparsity, ``clada.runtime.rules``; 0: none), the same on both MLP sides of every layer. Given error tables of several sparsity rules (recipe ``calibration.rule:
+auto``: the threshold and the predictor rule's), each trial also picks the rule (``sparsity_rule``) whose tables it
+allocates from and whose artifact it scores. The objective maximises ``mlp_reads_saved`` under the constraint
 ``ppl_increase <= max_ppl_increase`` (both from the fast proxy on calibration documents).
 """
 
@@ -39,6 +41,7 @@ from .storage import is_shared, open_storage, study_lock
 POINT_ATTRS = ("tau_in", "tau_mid", "tau_s", "tau_H", "centred")  # trial user attributes: the thresholds the trial chose
 READS_TOLERANCE = 0.002  # mlp_reads_saved a counterpart may differ by from the point it is compared with
 DERIVED_ATTR = "derived_from"  # user attribute of a trial the validation added (not sampled): the trial it came from
+RULE_PARAM = "sparsity_rule"  # trial parameter: the rule whose tables a trial allocates from (several rules' tables)
 FIGURE_KEYS = ("mlp_reads_saved", "mlp_sparsity", "input_sparsity", "ppl_increase", "kl", "relaxed_share")
 
 
@@ -55,6 +58,7 @@ class SearchSettings:
     seed: int = 0
     storage: str | None = None
     study_name: str = "clada"
+    rules: tuple[str, ...] = ("threshold",)  # sparsity rules whose tables the search has (the first: the default)
 
     @classmethod
     def from_recipe(cls, recipe, storage: str, study_name: str) -> SearchSettings:
@@ -63,7 +67,7 @@ class SearchSettings:
         section = dataclasses.asdict(recipe.search)
         shared = {f.name: section[f.name] for f in dataclasses.fields(cls) if f.name in section}
         return cls(**{**shared, "seed": recipe.seed, "storage": storage, "study_name": study_name,
-                      "layer_error": recipe.calibration.layer_error})
+                      "layer_error": recipe.calibration.layer_error, "rules": rules_of(recipe.calibration.rule)})
 
     @property
     def weighs_residual(self) -> bool:
@@ -86,17 +90,37 @@ class Point:
     number: int = -1
     centred: list[bool] = field(default_factory=list)  # per layer: input side compensated (empty: none)
     prefix: float = 0.0  # exponent of the prompt prior on both MLP sides (0: none)
+    rule: str = "threshold"  # the sparsity rule whose tables gave the thresholds (``SearchSettings.rules``)
+
+
+def rules_of(calibration_rule: str) -> tuple[str, ...]:
+    """The sparsity rules a recipe's ``calibration.rule`` measures tables for and searches ("auto": both)."""
+    return ("threshold", "predictor") if calibration_rule == "auto" else (calibration_rule,)
 
 
 class ThresholdSearch:
     """Turns trial parameters into thresholds, and scores the artifact of each point (``artifact_of``) with a
-    ProxyEvaluator."""
+    ProxyEvaluator. ``tables``: the per-layer error tables of the one rule ``settings.rules`` names, or a mapping
+    of each of its rules to theirs."""
 
-    def __init__(self, tables: list[LayerTable], residual_ratio: torch.Tensor, evaluator: ProxyEvaluator,
-                 settings: SearchSettings, artifact_of: Callable[[Point], Artifact]):
-        self.tables, self.residual_ratio, self.evaluator, self.settings = tables, residual_ratio, evaluator, settings
+    def __init__(self, tables: list[LayerTable] | dict[str, list[LayerTable]], residual_ratio: torch.Tensor,
+                 evaluator: ProxyEvaluator, settings: SearchSettings, artifact_of: Callable[[Point], Artifact]):
+        self.rule_tables = dict(tables) if isinstance(tables, dict) else {settings.rules[0]: tables}
+        if set(self.rule_tables) != set(settings.rules):
+            raise ValueError(f"tables of the rules {sorted(self.rule_tables)}; the settings name {settings.rules}")
+        self.tables = self.rule_tables[settings.rules[0]]
+        self.residual_ratio, self.evaluator, self.settings = residual_ratio, evaluator, settings
         self.artifact_of = artifact_of
         self.surprisal, self.entropy = evaluator.signals()
+
+    def rule_of(self, params: dict) -> str:
+        """The sparsity rule of trial parameters ``params`` (the settings' first where they name none)."""
+        return params.get(RULE_PARAM, self.settings.rules[0])
+
+    def tables_of(self, params: dict, plain: bool = False) -> list[LayerTable]:
+        """The error tables ``params`` allocate from (``plain``: their uncompensated rows only)."""
+        tables = self.rule_tables[self.rule_of(params)]
+        return [t.plain() for t in tables] if plain else tables
 
     def _budgets(self, params: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
         """Per-layer budgets (L,), error weights (L,) and allocation rule of ``params``."""
@@ -110,12 +134,12 @@ class ThresholdSearch:
     def point(self, params: dict, tables: list[LayerTable] | None = None) -> Point:
         """Thresholds and adaptation parameters for ``params`` (no evaluation); ``tables``: other error tables of
         the same layers to allocate from (default: the search's)."""
-        tau_in, tau_mid, centred = allocate(tables or self.tables, *self._budgets(params))
+        tau_in, tau_mid, centred = allocate(tables or self.tables_of(params), *self._budgets(params))
         q_s, q_H = params.get("q_s", 1.0), params.get("q_H", 1.0)
         return Point(
             params=dict(params), tau_in=tau_in.tolist(), tau_mid=tau_mid.tolist(), centred=centred.tolist(),
             lam=params.get("lam", 0.0), gam=params.get("gam", 0.0), prefix=params.get("prefix", 0.0),
-            tau_s=float(torch.quantile(self.surprisal, q_s)) if q_s < 1 else 1e6,
+            rule=self.rule_of(params), tau_s=float(torch.quantile(self.surprisal, q_s)) if q_s < 1 else 1e6,
             tau_H=float(torch.quantile(self.entropy, q_H)) if q_H < 1 else 1.0,
         )
 
@@ -124,7 +148,7 @@ class ThresholdSearch:
         the MLP bytes at the base thresholds (the nearest the tables allow; per-token relaxation then skips a
         little less): the search's allocation, shape and adaptation at another level. ``plain``: allocate from
         the tables' uncompensated rows only (the no-compensation ablation at the same level)."""
-        tables = [t.plain() for t in self.tables] if plain else self.tables
+        tables = self.tables_of(params, plain)
         shape = {k: v for k, v in params.items() if k not in ("price", "budget", "rule")}
 
         def saved(log_price: float) -> float:
@@ -138,9 +162,9 @@ class ThresholdSearch:
         return self.point({**shape, "price": price}, tables)
 
     def level_of(self, params: dict, tables: list[LayerTable] | None = None) -> float:
-        """The share of MLP bytes the error tables (default: the search's) skip at the base thresholds of ``params``
-        (point_at_saved's target)."""
-        tables = tables or self.tables
+        """The share of MLP bytes the error tables (default: those of ``params``' rule) skip at the base thresholds
+        of ``params`` (point_at_saved's target)."""
+        tables = tables or self.tables_of(params)
         return tables_saved(tables, allocation_cells(tables, *self._budgets(params)))
 
     def without_adaptation(self, point: Point, steps: int = 2) -> Point:
@@ -164,7 +188,7 @@ class ThresholdSearch:
             attrs = {key: trial.user_attrs[key] for key in POINT_ATTRS}
             point = Point(params=dict(trial.params), lam=trial.params.get("lam", 0.0),
                           gam=trial.params.get("gam", 0.0), prefix=trial.params.get("prefix", 0.0),
-                          number=trial.number, **attrs)
+                          rule=self.rule_of(trial.params), number=trial.number, **attrs)
         else:
             point = self.point(trial.params)
             point.number = trial.number
@@ -196,6 +220,8 @@ class ThresholdSearch:
                           q_s=trial.suggest_float("q_s", 0.5, 0.99), q_H=trial.suggest_float("q_H", 0.5, 0.99))
         if self.settings.prefix:
             params["prefix"] = trial.suggest_float("prefix", 0.0, 1.0)
+        if len(self.settings.rules) > 1:
+            params[RULE_PARAM] = trial.suggest_categorical(RULE_PARAM, list(self.settings.rules))
         return params
 
     def trial_attrs(self, point: Point) -> dict:
@@ -241,7 +267,8 @@ def _constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
 def warm_start_points(settings: SearchSettings) -> list[dict]:
     """The first trials of every study: no-adaptation points across budgets, then two with the
     'thresholds halved on the 30% most surprising tokens' adaptation at higher base budgets (all without a prompt
-    prior), then (``prefix``) two with the prompt prior at exponents 0.25 and 0.5."""
+    prior), then (``prefix``) two with the prompt prior at exponents 0.25 and 0.5; with several sparsity rules, each
+    of these once per rule."""
     marginal = settings.allocation != "budget"
     key, levels, adaptive = (("price", (1.5e-3, 3e-3, 5e-3, 1e-2), (5e-3, 7.5e-3)) if marginal else
                              ("budget", (1e-4, 3e-4, 1e-3, 3e-3), (6e-4, 1e-3)))
@@ -260,6 +287,8 @@ def warm_start_points(settings: SearchSettings) -> list[dict]:
         points = [{**p, "prefix": 0.0} for p in points]
         for level, alpha in zip(levels[1:3], (0.25, 0.5)):
             points.append({**points[levels.index(level)], "prefix": alpha})
+    if len(settings.rules) > 1:
+        points = [{**p, RULE_PARAM: rule} for p in points for rule in settings.rules]
     return points
 
 

@@ -144,7 +144,7 @@ def test_the_threshold_rule_keeps_the_identity_of_recipes_from_before_the_settin
     default = load_recipe(recipes / "smollm2-135m-threshold.yaml")
     assert pipeline.study_name(default) == "clada-2001cba6261c"  # the threshold study, stored before the setting
     predictor = dataclasses.replace(default, calibration=dataclasses.replace(default.calibration, rule="predictor"))
-    assert load_recipe(recipes / "smollm2-135m.yaml").calibration.rule == "predictor"  # the default recipe's rule
+    assert load_recipe(recipes / "smollm2-135m.yaml").calibration.rule == "auto"  # the default recipe's: both rules
     model = tiny_model("llama")
     identity, fingerprint = runtime.model_identity(model), runtime.mlp_fingerprint(model)
     assert pipeline.study_name(predictor) != pipeline.study_name(default)
