@@ -75,10 +75,10 @@ def points_table(by_method: dict[str, list[dict]]) -> list[str]:
 
 def clada_table(rows: list[dict]) -> list[str]:
     """One row per CLADA level: the full method and its two ablations at that level."""
-    out = ["| level (tables) | compensated layers | lee reads saved (all weights) | lee ppl_increase | enwiki reads saved | "
+    out = ["| level (tables) | rule | compensated layers | lee reads saved (all weights) | lee ppl_increase | enwiki reads saved | "
            "enwiki ppl_increase | no-adapt lee reads / ppl_increase | no-comp lee reads / ppl_increase | "
            "no-comp enwiki ppl_increase | greedy agreement |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(r["method"], str(r["level"])): r for r in rows}
     for r in rows:
         if r["method"] != "clada":
@@ -86,12 +86,22 @@ def clada_table(rows: list[dict]) -> list[str]:
         n, c = by.get(("clada-noadapt", str(r["level"]))), by.get(("clada-nocomp", str(r["level"])))
         pair = lambda x, d="lee": "—" if x is None else f"{x[d]['mlp_reads_saved']:.3f} / {x[d]['ppl_increase']:+.4f}"
         every = r["lee"].get("reads_saved")
-        out.append(f"| {r['level']} | {r.get('compensated_layers', '—')} | {r['lee']['mlp_reads_saved']:.3f} "
+        out.append(f"| {r['level']} | {_rule_cell(r)} | {r.get('compensated_layers', '—')} | {r['lee']['mlp_reads_saved']:.3f} "
                    f"({_f(every, '.3f')}) | "
                    f"{r['lee']['ppl_increase']:+.4f} | {r['enwiki']['mlp_reads_saved']:.3f} | "
                    f"{r['enwiki']['ppl_increase']:+.4f} | {pair(n)} | {pair(c)} | "
                    f"{_f(c and c['enwiki']['ppl_increase'], '+.4f')} | {r['greedy_agreement']:.3f} |")
     return out
+
+
+def _rule_cell(row: dict) -> str:
+    """A CLADA row's sparsity rule, with the search documents' KL of each rule it was chosen from (rule auto)."""
+    proxy = row.get("rule_proxy")
+    rule = row.get("rule", "threshold")  # rows from before the rule was recorded: the threshold rule
+    if not proxy:
+        return rule
+    kls = " / ".join(f"{name} {figures['kl']:.4f}" for name, figures in proxy.items())
+    return f"{rule} (kl {kls})"
 
 
 def against(by_method: dict[str, list[dict]], method: str, peer: str, data: str,
@@ -191,7 +201,10 @@ def render_markdown(result: dict) -> str:
            "moved so that the per-layer error tables skip each level's share of the MLP bytes at the base thresholds "
            "(per-token relaxation then skips a little less). `clada-nocomp` is allocated at the same level from the "
            "uncompensated rows, `clada-noadapt` has the same thresholds without adaptation, `clada-noprefix` (where the "
-           "default artifact has a prompt prior) the same thresholds without the prior.",
+           "default artifact has a prompt prior) the same thresholds without the prior."
+           + (" With `calibration.rule: auto` each level takes the sparsity rule whose point there has the smaller KL "
+              "on the calibration's search documents (in brackets: each rule's; held-out documents play no part)."
+              if any(row.get("rule_proxy") for row in result["rows"]) else ""),
            ""] + clada_table(result["rows"]) + [""]
     md += ["## Ablation of the default artifact", "",
            "| variant | lam | gam | lee reads saved | lee ppl_increase | lee kl | relaxed share | enwiki reads saved | "
