@@ -110,6 +110,7 @@ class _AdaptiveSearch(_Search):
     settings = SearchSettings(max_ppl_increase=0.02, adapt=True)
     add_derived = ThresholdSearch.add_derived
     trial_attrs = ThresholdSearch.trial_attrs
+    rule_of = ThresholdSearch.rule_of
 
     def __init__(self, ppl):
         self.ppl = ppl
