@@ -48,6 +48,7 @@ ATTENTION_KEYS = ("tau_base_attn_in", "tau_base_attn_out", "channel_weight_attn_
 PREFIX_KEYS = ("prefix_in", "prefix_mid")  # optional (format 6): per-layer exponents of the prompt prior
 FORMAT1_TENSOR_NAMES = {"channel_scale_in": "channel_weight_in", "channel_scale_mid": "channel_weight_mid"}
 DEFAULT_RULE = {"name": "threshold"}
+NEGATIVE_MID_RULES = ("predictor",)  # rules whose tau_base_mid < 0 has a meaning (the layer skips nothing)
 
 
 class ArtifactError(ValueError):
@@ -139,7 +140,8 @@ class Artifact:
             "fingerprint": (torch.float64, (L, None)),
         }
         for name, (dtype, shape) in expect.items():
-            _check_tensor(getattr(self, name), name, shape, source, dtype)
+            _check_tensor(getattr(self, name), name, shape, source, dtype,
+                          negative=name == "tau_base_mid" and self.rule.get("name") in NEGATIVE_MID_RULES)
         for name, weights in (("center_in", self.channel_weight_in), ("center_mid", self.channel_weight_mid)):
             t = getattr(self, name)
             if t is None:
@@ -182,14 +184,15 @@ class Artifact:
                                 f"{tuple(self.channel_weight_attn_in.shape)}, expected {tuple(self.channel_weight_in.shape)}")
 
 
-def _check_tensor(t: torch.Tensor, name: str, shape: tuple, source: str, dtype: torch.dtype = torch.float32) -> None:
-    """ArtifactError unless ``t`` is a finite, non-negative tensor of ``dtype`` and ``shape`` (None: any size; the
-    first dimension, the layers, at least 1)."""
+def _check_tensor(t: torch.Tensor, name: str, shape: tuple, source: str, dtype: torch.dtype = torch.float32,
+                  negative: bool = False) -> None:
+    """ArtifactError unless ``t`` is a finite tensor of ``dtype`` and ``shape`` (None: any size; the first dimension,
+    the layers, at least 1), non-negative unless ``negative``."""
     if t.dtype != dtype:
         raise ArtifactError(f"{source}: tensor {name} has dtype {t.dtype}, expected {dtype}")
     if shape[0] < 1 or t.dim() != len(shape) or any(s is not None and t.shape[i] != s for i, s in enumerate(shape)):
         raise ArtifactError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
-    if not torch.isfinite(t).all() or (t < 0).any():
+    if not torch.isfinite(t).all() or (not negative and (t < 0).any()):
         raise ArtifactError(f"{source}: tensor {name} holds NaN, inf or negative values")
 
 

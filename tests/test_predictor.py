@@ -292,3 +292,17 @@ def test_auto_without_a_kernel_decodes_dense_and_says_so(monkeypatch):
     assert torch.equal(out, dense)
     assert stats["mlp_reads_saved"] == 0 and stats["decode_steps"]["calls"] == 5
     assert stats["path_calls"]["masked"] == 0 and stats["path_calls"]["dense"] == 2 * 5
+
+
+def test_a_predictor_artifact_with_a_layer_that_skips_nothing_saves_and_loads(tmp_path):
+    from clada.artifacts import save_artifact
+
+    model = tiny_model("llama")
+    art = predictor_artifact(model)
+    art.tau_base_mid[0] = -1.0  # the predictor tables' first column: the layer skips nothing and reads no copy
+    save_artifact(art, tmp_path / "p.safetensors")
+    assert float(load_artifact(tmp_path / "p.safetensors").tau_base_mid[0]) == -1.0
+    threshold = dataclasses.replace(art, rule={"name": "threshold"})
+    with pytest.raises(ArtifactError, match="tau_base_mid holds NaN, inf or negative"):
+        save_artifact(threshold, tmp_path / "t.safetensors")
+    assert not (tmp_path / "t.safetensors").exists()
