@@ -110,7 +110,8 @@ class SparsityState:
         self.kept_counts = {side: torch.zeros(self.num_layers, dtype=torch.int64, device=device) for side in SIDES}
         self.kept_counters = {side: list(self.kept_counts[side].unbind(0)) for side in SIDES}
         self.counted = {side: [[0, 1] for _ in range(self.num_layers)] for side in SIDES}  # [rows, channels]
-        self.dense_layer_rows = {side: [0] * self.num_layers for side in SIDES}  # per layer: token rows it ran dense
+        self.dense_rows = dict.fromkeys(SIDES, 0)  # token rows every layer of a side ran in pass-through
+        self.dense_layer_rows = {side: [0] * self.num_layers for side in SIDES}  # per layer: rows a step ran dense
         self.relaxed = torch.zeros(2, dtype=torch.float64, device=device)  # [decode tokens, relaxed tokens]
         self.path_calls = dict.fromkeys(PATH_NAMES, 0)
         self.decode_steps = dict.fromkeys(DECODE_STEP_COUNTS, 0)
@@ -132,9 +133,7 @@ class SparsityState:
     def record_dense_step(self, rows: int) -> None:
         """Count ``rows`` token rows of a decode call on the sides in pass-through: every layer, nothing skipped."""
         for side in self.dense_sides:
-            counts = self.dense_layer_rows[side]
-            for layer in range(self.num_layers):
-                counts[layer] += rows
+            self.dense_rows[side] += rows
             self.path_calls[DENSE.name] += self.num_layers
 
     def record_dense_layer(self, layer: int, rows: int, sides: tuple[str, ...] = ("in", "mid")) -> None:
@@ -198,7 +197,7 @@ class SparsityState:
             acc[:, 0] += counted[:, 0]
             acc[:, 1] += counted[:, 0] - self.kept_counts[side].cpu().double() / counted[:, 1]
             ruled = acc[:, 0].clone()
-            acc[:, 0] += torch.tensor(self.dense_layer_rows[side], dtype=torch.float64)
+            acc[:, 0] += self.dense_rows[side] + torch.tensor(self.dense_layer_rows[side], dtype=torch.float64)
             share[side] = torch.where(acc[:, 0] > 0, acc[:, 1] / acc[:, 0].clamp_min(1), torch.zeros(()))
             ran[side] = torch.where(acc[:, 0] > 0, ruled / acc[:, 0].clamp_min(1), torch.zeros(()))
             tokens = max(tokens, float(acc[:, 0].max())) if self.num_layers else 0.0
