@@ -129,6 +129,7 @@ class SparsityRule:
         self.tau_version = 0  # bumped whenever tau changes (``set_tau``, ``to``): thresholds cached per step follow
         self.weight = {side: artifact.channel_weight(side).float().to(device) for side in known}
         self.centers = {side: self._layer_centers(artifact.center(side), device) for side in MLP_SIDES}
+        self._center_casts: dict = {}  # (side, layer, dtype) -> the center cast to an activation dtype
         # per MLP side and layer the prompt prior's exponent (0: none); only threshold-form rules follow it
         with_prefix = self.threshold_form and artifact.has_prefix
         self.prefix = {side: [float(a) for a in artifact.prefix(side)] if with_prefix else [] for side in MLP_SIDES}
@@ -164,7 +165,7 @@ class SparsityRule:
     def masked(self, layer: int, side: str, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """What ``layer``'s ``side`` projections compute with under the keep mask ``keep`` of ``x`` (..., C): ``x``
         with the skipped entries set to their compensation (0 without)."""
-        return compensated(x, keep, self.center(layer, side))
+        return compensated(x, keep, self.center(layer, side, x.dtype))
 
     def bind(self, adapter, parts: list) -> None:
         """Called by ``runtime.apply`` with the model's adapter and MLP parts before anything is wrapped (rules that
@@ -182,6 +183,7 @@ class SparsityRule:
         self.tau_version += 1
         self.weight = {k: v.to(device) for k, v in self.weight.items()}
         self.centers = {k: [None if c is None else c.to(device) for c in v] for k, v in self.centers.items()}
+        self._center_casts = {}
 
     def channel_weight(self, layer: int, side: str) -> torch.Tensor:
         """(C,) float32 base channel weights of ``layer``'s ``side``."""
@@ -209,7 +211,7 @@ class SparsityRule:
         alpha = self.prefix[side][layer] if self.prefix.get(side) else 0.0
         if alpha == 0.0:
             return
-        rows = centred(x, self.center(layer, side)).reshape(batch, -1, x.shape[-1])
+        rows = centred(x, self.center(layer, side, x.dtype)).reshape(batch, -1, x.shape[-1])
         norms = prompt_norms(rows, prompt_positions(valid, rows))
         known = self.sequences.get((layer, side))
         if known is not None and known[0].shape == norms.shape:
@@ -217,10 +219,18 @@ class SparsityRule:
         weight = prior_weight(self.weight[side][layer], norms, alpha)
         self.sequences[(layer, side)] = (norms, weight[0].contiguous() if batch == 1 else weight.contiguous())
 
-    def center(self, layer: int, side: str) -> torch.Tensor | None:
-        """(C,) float32 value a skipped channel of ``layer``'s ``side`` stands for, or None (0: no compensation)."""
+    def center(self, layer: int, side: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """(C,) value a skipped channel of ``layer``'s ``side`` stands for, in ``dtype`` (cast once, then kept), or
+        None (0: no compensation)."""
         centers = self.centers.get(side)
-        return centers[layer] if centers else None
+        center = centers[layer] if centers else None
+        if center is None or dtype == center.dtype:
+            return center
+        key = (side, layer, dtype)
+        cast = self._center_casts.get(key)
+        if cast is None:
+            cast = self._center_casts[key] = center.to(dtype)
+        return cast
 
     def step_tau(self, layer: int, side: str, multiplier: torch.Tensor) -> torch.Tensor:
         """Thresholds tau_base[layer] * m, float32, of the shape of ``multiplier`` (..., 1)."""
@@ -256,7 +266,7 @@ class ThresholdRule(SparsityRule):
 
     def keep(self, layer, side, x, multiplier):
         weight = self.keep_weight(layer, side, x)
-        x = centred(x, self.center(layer, side))
+        x = centred(x, self.center(layer, side, x.dtype))
         return threshold_keep(x, weight, self.step_tau(layer, side, multiplier))
 
     def observe_prefill(self, layer, side, x, batch, valid=None):

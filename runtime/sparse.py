@@ -170,7 +170,7 @@ class SparsityState:
     def observe_density(self, side: str, layer: int, x: torch.Tensor) -> None:
         """Add the share of channels the last ``DENSITY_ROWS`` token rows of a dense call's ``x`` (..., C) keep at
         the base thresholds (multiplier 1) to ``density`` (a float; on CUDA this synchronises, during prefill)."""
-        rows = centred(x.reshape(-1, x.shape[-1])[-DENSITY_ROWS:], self.rule.center(layer, side))
+        rows = centred(x.reshape(-1, x.shape[-1])[-DENSITY_ROWS:], self.rule.center(layer, side, x.dtype))
         keep = threshold_keep(rows, self.rule.channel_weight(layer, side), self.rule.step_tau(layer, side, torch.ones(
             (), device=rows.device)))
         acc = self.density[side]
@@ -285,7 +285,7 @@ class ChannelGate(nn.Module):
     def gather(self, backend, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(N, out) for ``x`` (N token rows of C, any leading shape) and weight ``rows`` (C, out) by ``backend``."""
         st, rule = self.state, self.state.rule
-        center = rule.center(self.layer, self.side)
+        center = rule.center(self.layer, self.side, x.dtype)
         flat = centred(x.reshape(-1, x.shape[-1]), center).contiguous()
         tau = st.step_thresholds(self.layer, self.side, flat)
         weight = rule.keep_weight(self.layer, self.side, flat)

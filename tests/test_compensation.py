@@ -147,3 +147,30 @@ def test_point_artifact_carries_centers_of_the_compensated_layers_only():
     plain = point_artifact(dataclasses.replace(point, centred=[False] * L), art.channel_weight_in,
                            art.channel_weight_mid, art.fingerprint, centers)
     assert plain.center_in is None
+
+
+def test_a_center_is_cast_once_per_activation_dtype_and_follows_the_device():
+    from clada.runtime.rules import build_rule
+    art = centred_artifact(tiny_model("llama"))
+    rule = build_rule(art)
+    assert rule.center(0, "in").dtype == torch.float32 and rule.center(1, "mid", torch.bfloat16) is None
+    half = rule.center(0, "in", torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and rule.center(0, "in", torch.bfloat16) is half  # kept, not cast per call
+    torch.testing.assert_close(half.float(), art.center_in[0], rtol=1e-2, atol=1e-3)
+    rule.to(torch.device("cpu"))
+    assert rule.center(0, "in", torch.bfloat16) is not half  # a move drops the casts of the old storage
+
+
+def test_bfloat16_activations_use_the_compensated_formula():
+    model = tiny_model("llama").to(torch.bfloat16)
+    art = centred_artifact(model)
+    runtime.apply(model, art, backend="masked")
+    x = torch.randn(2, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad(), runtime.fixed_multiplier(model, 1.0):
+        got = mlp(x)
+    bf16 = dataclasses.replace(art, center_in=art.center_in.bfloat16(), center_mid=art.center_mid.bfloat16())
+    with torch.no_grad():
+        want = formula(mlp, bf16, 0, x)
+    runtime.remove(model)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
