@@ -60,7 +60,7 @@ from script_io import command_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = {name: list(spec.levels) for name, spec in METHODS.items() if spec.levels}  # sparsity levels per baseline
-CLADA_LEVELS = (0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40)  # reads saved in the error tables (base thresholds)
+CLADA_LEVELS = (0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40)  # reads saved in the error tables (base thresholds)
 DATASETS = ("lee", "enwiki")
 KEYS = ("ppl_increase", "kl", "mlp_reads_saved", "reads_saved", "mlp_sparsity", "input_sparsity", "relaxed_share", "dense_ppl")
 MC_TASKS = ("bigbench:cause_and_effect", "bigbench:physical_intuition")

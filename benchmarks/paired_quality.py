@@ -6,7 +6,7 @@ The frontier (bench_quality.py) compares means. Two methods measured on the same
 difficulty, so their difference per document spreads far less than either figure does, and only that difference
 can say whether one is below the other. On the frontier's documents (32 held-out lee, 32 enwiki; 64-token dense
 prefill, 128 scored tokens, teacher forced where that is exact), CLADA at each level (bench_quality.run_clada's
-construction: the default trial's allocation shape, its price moved) and the peer (TEAL-greedy by default) at its
+construction: the default trial's allocation shape, its price moved, its rule from ``level_rule``) and the peer (TEAL-greedy by default) at its
 frontier levels are measured. The peer's per-document figures are interpolated linearly in reads saved to CLADA's
 reads saved, and the per-document difference (NLL increase in nats, whose mean is log(1 + ppl_increase); KL) gets
 a 95% bootstrap interval over documents (``clada.calibrate.evaluate.bootstrap_interval``). Negative: CLADA lower.
@@ -77,9 +77,9 @@ def render(result: dict) -> str:
           "is lower.", ""]
     for data in bq.DATASETS:
         md += [f"`{data}`:", "",
-               "| level | CLADA reads saved | CLADA ppl_increase | " + " | ".join(
+               "| level | rule | CLADA reads saved | CLADA ppl_increase | " + " | ".join(
                    f"{name}: CLADA / {peer} / difference (95%) / lower on" for name in FIGURES.values()) + " |",
-               "|---:|---:|---:|" + "---|" * len(FIGURES)]
+               "|---:|---|---:|---:|" + "---|" * len(FIGURES)]
         for row in result["clada"]:
             cells = []
             for figure in FIGURES:
@@ -87,7 +87,8 @@ def render(result: dict) -> str:
                 cells.append("outside the peer's points" if p is None else
                              f"{p['mine']:.5f} / {p['peer']:.5f} / **{p['difference']:+.5f}** ({p['interval'][0]:+.5f} "
                              f"to {p['interval'][1]:+.5f}) / {p['lower_on']} of {p['documents']}")
-            md.append(f"| {row['level']:.2f} | {row[data]['mlp_reads_saved']:.4f} | {row[data]['ppl_increase']:+.4f} | "
+            md.append(f"| {row['level']:.2f} | {row.get('rule', result.get('rule', 'threshold'))} | "
+                      f"{row[data]['mlp_reads_saved']:.4f} | {row[data]['ppl_increase']:+.4f} | "
                       + " | ".join(cells) + " |")
         md.append("")
     md += [f"{peer}'s points:", "", "| level | " + " | ".join(f"{d} reads saved / ppl_increase / kl" for d in bq.DATASETS)
@@ -101,7 +102,7 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default=str(bq.ROOT / "recipes" / "smollm2-135m-threshold.yaml"))
+    parser.add_argument("--recipe", default=str(bq.ROOT / "recipes" / "smollm2-135m.yaml"))
     parser.add_argument("--study-dir", default=None, help="Calibration output folder (default: the recipe's output).")
     parser.add_argument("--peer", default="teal-greedy", choices=sorted(bq.THRESHOLD_BASELINES))
     parser.add_argument("--levels", type=number_list, default=[0.10, 0.15, 0.20, 0.25, 0.30, 0.35],
@@ -119,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     bq.log(f"study {check['study']}: trial {check['trial']} reproduces the default artifact to {check['max_abs_diff']:.1e}")
     clada = []
     for level in args.levels:
-        artifact = search.artifact_of(search.point_at_saved(chosen["params"], level, plain=False))
-        clada.append(measure(bench, build_method("clada", bench.model, artifact=artifact), "clada", level))
+        params, choice = bq.level_rule(search, chosen["params"], level)
+        artifact = search.artifact_of(search.point_at_saved(params, level, plain=False))
+        clada.append({**measure(bench, build_method("clada", bench.model, artifact=artifact), "clada", level),
+                      **choice})
     peer_rows = [measure(bench, method, name, q)
                  for name, q, method in bq.baseline_methods(bench, {args.peer: bq.LEVELS[args.peer]})]
     for row in clada:
