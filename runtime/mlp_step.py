@@ -62,6 +62,10 @@ class MLPSteps:
             elif owner.__dict__.get("forward") is step:
                 del owner.__dict__["forward"]
 
+    def stats_entries(self) -> dict:
+        """What ``runtime.stats`` reports of these steps: nothing (their calls count in the state's path_calls)."""
+        return {}
+
     def restore(self) -> None:
         """Give every MLP its own forward back."""
         self.follow(frozenset({"in", "mid"}))

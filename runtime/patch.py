@@ -246,8 +246,8 @@ def stats(model: nn.Module, reset: bool = False) -> dict:
     patch = _patch_of(model)
     out = patch.state.summary()
     out["dense_products"] = patch.dense_products.summary() if patch.dense_products is not None else None
-    if isinstance(patch.mlp_steps, PredictorSteps):
-        out["predictor_path"] = patch.mlp_steps.summary()
+    if patch.mlp_steps is not None:
+        out.update(patch.mlp_steps.stats_entries())
     if reset:
         reset_stats(model)
     return out

@@ -92,6 +92,10 @@ class PredictorSteps:
         for owner in self.owners:
             owner.__dict__.pop("forward", None)
 
+    def stats_entries(self) -> dict:
+        """What ``runtime.stats`` reports of these steps: ``{"predictor_path": summary()}``."""
+        return {"predictor_path": self.summary()}
+
     def summary(self) -> dict:
         """auto's choice per dtype (``{"path": "native" | "dense", "step_ms", "dense_ms"}``), or, for a named
         backend, that name."""
