@@ -19,13 +19,18 @@ matrix product): a neuron within rounding of its threshold may go the other way.
 between this step and the MLPs' dense products, each decode step's MLP calls timed together (weights streaming from
 memory as decoding reads them, not a loop over one layer's cached weights), and after ``TRIAL_STEPS`` of each the
 step stays if its median beats the dense one by ``MARGIN``, else dense (``summary``; kept for the process, so that
-applying the same artifact again does not time again). Calls the step cannot take run dense, and so does everything
+applying the same artifact again does not time again). The medians are cached per machine beside the threshold
+rule's timings (``runtime.selection``'s cache, keyed by processor, torch version, thread count, dtype, kernel build
+and thresholds): a later process takes the cached decision at once, unless it was a close call (``CLOSE_CALL`` of the
+edge), which is timed again at later processes up to ``SITTINGS`` sittings, each path's fastest median kept (a
+neighbour's load only ever slows a sitting down). Calls the step cannot take run dense, and so does everything
 where no kernel exists (a GPU, no C compiler: a warning at ``apply``). Dense calls count as nothing skipped and nothing of
 the copy read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 import warnings
@@ -38,6 +43,7 @@ from .adapters import MLPAdapter, MLPParts
 from .layout import store_rows_contiguous
 from .native import gather_kernel
 from .mlp_step import step_modules
+from .selection import CLOSE_CALL, SITTINGS, load_cache, store_cache
 from .sparse import SparsityState, row_multipliers
 
 TRIAL_STEPS = 4  # decode steps of each path auto times before it decides (after one untimed step)
@@ -59,6 +65,7 @@ class PredictorSteps:
         # dtype -> {"path", "step_ms", "dense_ms", "steps"}: shared by every apply in this process of an artifact
         # with the same thresholds on a model of the same shape, at the same thread count (what the timing depends on)
         self.decisions = DECISIONS.setdefault(decision_key(self.rule, torch.get_num_threads()), {})
+        self.cached: dict[torch.dtype, dict] = {}  # dtype -> the machine cache's entry for it (close calls: re-timed)
         self.trials: dict[torch.dtype, dict] = {}  # dtype -> {"steps": n, path: [seconds of each timed step]}
         self.owners = [part.owner for part in parts]
         self.activation = activation_kind(getattr(parts[0].owner, adapter.act_name)) if parts else None
@@ -72,11 +79,43 @@ class PredictorSteps:
         # unpatched model runs), which the decision then keeps (dense) or drops (native)
         self.downs = [getattr(part.owner, part.out_name).inner for part in parts]
         self.down_copies: list[torch.Tensor | None] = [None] * len(parts)
+        if usable and backend == "auto" and dtype not in self.decisions:
+            self._cached_decision(dtype)
         relay = usable and (backend != "auto" or self.decisions.get(dtype, {}).get("path") != "dense")
         for layer, part in enumerate(parts):
             if relay:
                 store_rows_contiguous(adapter, self.downs[layer])
             part.owner.forward = self._forward_of(layer, part)
+
+    def _cache_key(self, dtype: torch.dtype) -> str:
+        """The machine cache's key of this model's decision for ``dtype`` (selection's file: processor, torch and
+        threads are in its name)."""
+        digest = hashlib.sha256(repr(decision_key(self.rule, torch.get_num_threads())).encode()).hexdigest()[:16]
+        return f"predictor|{self.kernel.path.stem}|{str(dtype).removeprefix('torch.')}|{digest}"
+
+    def _cached_decision(self, dtype: torch.dtype) -> None:
+        """Take the machine cache's decision for ``dtype`` where it has one that is no close call (or was timed
+        ``SITTINGS`` times); keep a close call's entry to combine with this process's trial."""
+        entry = load_cache(torch.device("cpu")).get(self._cache_key(dtype))
+        if not isinstance(entry, dict) or not {"step_ms", "dense_ms", "sittings"} <= entry.keys():
+            return
+        if entry["sittings"] >= SITTINGS or abs(step_margin(entry) - 1.0) > CLOSE_CALL:
+            self.decisions[dtype] = {**decided(entry["step_ms"], entry["dense_ms"], entry["sittings"]), "cached": True}
+        else:
+            self.cached[dtype] = entry
+
+    def _decide(self, dtype: torch.dtype, ms: dict[str, float]) -> dict:
+        """auto's decision for ``dtype`` from this process's medians ``ms`` (path -> ms) and a close call's cached
+        sittings (each path's fastest), stored in the machine cache."""
+        entry = self.cached.pop(dtype, None)
+        step_ms, dense_ms, sittings = ms[NATIVE], ms["dense"], 1
+        if entry is not None:
+            step_ms, dense_ms = min(step_ms, entry["step_ms"]), min(dense_ms, entry["dense_ms"])
+            sittings += entry["sittings"]
+        decision = self.decisions[dtype] = decided(step_ms, dense_ms, sittings)
+        store_cache(torch.device("cpu"), {self._cache_key(dtype): {
+            "step_ms": decision["step_ms"], "dense_ms": decision["dense_ms"], "sittings": sittings}})
+        return decision
 
     def _settle(self, path: str) -> None:
         """After auto's decision: down back in its original layout (the trial's copies) if dense, the copies dropped
@@ -97,8 +136,9 @@ class PredictorSteps:
         return {"predictor_path": self.summary()}
 
     def summary(self) -> dict:
-        """auto's choice per dtype (``{"path": "native" | "dense", "step_ms", "dense_ms"}``), or, for a named
-        backend, that name."""
+        """auto's choice per dtype (``{"path": "native" | "dense", "step_ms", "dense_ms", "steps", "sittings"}``,
+        and ``"cached": True`` where this process took it from the machine cache), or, for a named backend, that
+        name."""
         if self.backend != "auto":
             return {"backend": self.backend}
         return {str(dtype).replace("torch.", ""): dict(d) for dtype, d in self.decisions.items()}
@@ -168,6 +208,11 @@ class PredictorSteps:
         or the untimed first step). Until decided, decode steps alternate between the two paths, each timed over all
         its MLP calls; after ``TRIAL_STEPS`` of each the step stays if its median beats dense by ``MARGIN``."""
         decision = self.decisions.get(dtype)
+        if decision is None and dtype not in self.trials:  # a dtype other than the weights' at apply
+            self._cached_decision(dtype)
+            decision = self.decisions.get(dtype)
+            if decision is not None:
+                self._settle(decision["path"])
         if decision is not None:
             return decision["path"], None
         trial = self.trials.setdefault(dtype, {"steps": 0, NATIVE: [], "dense": []})
@@ -175,11 +220,8 @@ class PredictorSteps:
             trial["steps"] += 1
             n = trial["steps"]
             if len(trial[NATIVE]) >= TRIAL_STEPS + 1 and len(trial["dense"]) >= TRIAL_STEPS:
-                ms = {p: 1e3 * statistics.median(trial[p][-TRIAL_STEPS:]) for p in (NATIVE, "dense")}
-                wins = ms[NATIVE] < ms["dense"] * (1 - MARGIN)
-                decision = self.decisions[dtype] = {
-                    "path": NATIVE if wins else "dense", "step_ms": round(ms[NATIVE], 3),
-                    "dense_ms": round(ms["dense"], 3), "steps": TRIAL_STEPS}
+                decision = self._decide(dtype, {p: 1e3 * statistics.median(trial[p][-TRIAL_STEPS:])
+                                                for p in (NATIVE, "dense")})
                 self._settle(decision["path"])
                 return decision["path"], None
             trial[NATIVE if n % 2 else "dense"].append(0.0)
@@ -188,6 +230,18 @@ class PredictorSteps:
 
 
 DECISIONS: dict[tuple, dict[torch.dtype, dict]] = {}  # decision_key -> dtype -> auto's decision
+
+
+def step_margin(timing: dict) -> float:
+    """The step's ms over what it must beat (dense ms less ``MARGIN``): below 1 the step stays; 1 is the edge."""
+    return timing["step_ms"] / (timing["dense_ms"] * (1 - MARGIN))
+
+
+def decided(step_ms: float, dense_ms: float, sittings: int) -> dict:
+    """auto's decision (``summary``'s entry) from the two paths' median ms over a decode step's MLP calls."""
+    timing = {"step_ms": round(step_ms, 3), "dense_ms": round(dense_ms, 3)}
+    return {"path": NATIVE if step_margin(timing) < 1.0 else "dense", **timing, "steps": TRIAL_STEPS,
+            "sittings": sittings}
 
 
 def decision_key(rule, threads: int) -> tuple:

@@ -242,7 +242,7 @@ def test_native_decode_steps_compute_the_rule_and_count_what_the_masked_referenc
 
 
 def test_auto_times_its_first_decode_steps_and_keeps_the_faster_path(monkeypatch):
-    from clada.runtime import predictor_step
+    from clada.runtime import predictor_step, selection
 
     kernel_or_skip()
     model, artifact = predictor_model()
@@ -250,6 +250,7 @@ def test_auto_times_its_first_decode_steps_and_keeps_the_faster_path(monkeypatch
     reference, masked = generate(model, artifact, "masked", ids, new_tokens=16)
     trial = 1 + 2 * predictor_step.TRIAL_STEPS  # decode steps before the decision (the first untimed)
     for step_ms, path in ((0.5, "native"), (2.0, "dense"), (0.95, "dense")):  # 0.95: within MARGIN, dense
+        selection._cache_file(torch.device("cpu")).unlink(missing_ok=True)  # a machine that has timed nothing
         monkeypatch.setattr(predictor_step, "DECISIONS", {})
         monkeypatch.setattr(predictor_step, "timed",
                             lambda p, run, ms=step_ms: (run(), 1e-3 * (ms if p == "native" else 1.0)))
@@ -261,7 +262,7 @@ def test_auto_times_its_first_decode_steps_and_keeps_the_faster_path(monkeypatch
         scores, stats = generate(model, artifact, "auto", ids, new_tokens=16, check=layout)
         # two layers per decode step, each timed
         assert stats["predictor_path"] == {"float32": {"path": path, "step_ms": 2 * step_ms, "dense_ms": 2.0,
-                                                       "steps": predictor_step.TRIAL_STEPS}}
+                                                       "steps": predictor_step.TRIAL_STEPS, "sittings": 1}}
         native_steps = (trial + 1) // 2 + (15 - trial if path == "native" else 0)  # 15 decode steps
         assert stats["path_calls"]["native"] == 2 * native_steps
         assert stats["path_calls"]["dense"] == 2 * (15 - native_steps)
@@ -273,6 +274,37 @@ def test_auto_times_its_first_decode_steps_and_keeps_the_faster_path(monkeypatch
         # applied again, the same artifact keeps the decision: every decode step takes the path at once
         _, again = generate(model, artifact, "auto", ids, new_tokens=16, check=layout)
         assert again["path_calls"]["native" if path == "native" else "dense"] == 2 * 15
+
+
+def test_auto_decisions_are_cached_per_machine_and_close_calls_timed_again(monkeypatch):
+    from clada.runtime import predictor_step, selection
+
+    kernel_or_skip()
+    model, artifact = predictor_model()
+    ids = torch.randint(3, 100, (1, 12))  # (the machine's timing cache: conftest's, this test's own)
+
+    def new_process(step_ms: float) -> dict:
+        """A decode of 15 steps in a process that has decided nothing, the step timing ``step_ms`` per layer."""
+        monkeypatch.setattr(predictor_step, "DECISIONS", {})
+        monkeypatch.setattr(predictor_step, "timed",
+                            lambda p, run: (run(), 1e-3 * (step_ms if p == "native" else 1.0)))
+        return generate(model, artifact, "auto", ids, new_tokens=16)[1]
+
+    first = new_process(0.5)  # a clear win: timed once, then taken from the cache at once
+    assert first["predictor_path"]["float32"]["sittings"] == 1 and first["path_calls"]["dense"] > 0
+    again = new_process(5.0)  # would lose now, but the cached clear decision is not timed again
+    assert again["predictor_path"]["float32"] == {**first["predictor_path"]["float32"], "cached": True}
+    assert again["path_calls"]["native"] == 2 * 15 and again["path_calls"]["dense"] == 0
+
+    cache = selection._cache_file(torch.device("cpu"))
+    cache.unlink()
+    close = [new_process(ms) for ms in (0.95, 0.9, 0.5, 0.5)]  # 0.95 ms: 1.03 of the edge, a close call
+    sittings = [s["predictor_path"]["float32"] for s in close]
+    assert [s["sittings"] for s in sittings[:3]] == [1, 2, 3] and sittings[3].get("cached")
+    assert [s["path"] for s in sittings] == ["dense", "native", "native", "native"]  # 1.8 ms: 0.98 of the edge
+    assert sittings[2]["step_ms"] == 2 * 0.5 and sittings[3]["step_ms"] == 2 * 0.5  # each path's fastest kept
+    assert all(s["path_calls"]["dense"] >= 2 * predictor_step.TRIAL_STEPS for s in close[:3])  # timed each time
+    assert close[3]["path_calls"]["dense"] == 0  # three sittings: settled
 
 
 def test_auto_without_a_kernel_decodes_dense_and_says_so(monkeypatch):
