@@ -243,6 +243,14 @@ def missing_levels(rows: list[dict], levels: dict[str, list[float]]) -> dict[str
     return {name: qs for name, qs in missing.items() if qs}
 
 
+def repo_path(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it (results name no machine's folders), else as given."""
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def study_search(bench: Bench, study_dir: Path, default: Artifact) -> tuple[ThresholdSearch, dict, dict]:
     """The calibration study's search (its error tables, cached), the default artifact's trial (number, params,
     proxy figures) and a check that the study reproduces the default artifact."""
@@ -415,11 +423,11 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + command_line("bench_quality.py", argv),
         "quick": args.quick, "minutes": round((time.time() - t0) / 60, 1), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "recipe": recipe.to_dict(), "study_dir": str(study_dir),
+        "torch": torch.__version__, "recipe": recipe.to_dict(), "study_dir": repo_path(study_dir),
         "data": {k: int(v.shape[0]) for k, v in bench.tokens.items()}, "dense_ppl": bench.dense_ppl,
         "prompt_tokens": recipe.prompt_tokens, "scored_tokens": recipe.scored_tokens,
         "greedy": {"prompts": int(bench.prompts.shape[0]), "tokens": args.greedy_tokens},
-        "reconstruction": check, "default_artifact": str(study_dir / ARTIFACT_NAME), "baselines_from": reused,
+        "reconstruction": check, "default_artifact": repo_path(study_dir / ARTIFACT_NAME), "baselines_from": reused,
         "default_attention_dropped": attention_dropped,
         "default_calibration_figures": default.figures,
         "rows": rows, **default_figures,

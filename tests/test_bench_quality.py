@@ -77,3 +77,8 @@ def test_baselines_measured_again_are_not_reused(bq, tmp_path):
     rows, origin = bq.reused_rows(path, bench, ["teal-greedy"])
     assert rows == [row("teal", 0.1)]  # no teal-greedy row; the earlier run's greedy flag is not this run's
     assert origin["greedy_remeasured"] is False and origin["greedy_from"] == earlier["command"]
+
+
+def test_results_name_paths_inside_the_repository_relative_to_it(bq, tmp_path):
+    assert bq.repo_path(bq.ROOT / "out" / "smollm2-135m" / "clada.safetensors") == "out/smollm2-135m/clada.safetensors"
+    assert bq.repo_path(tmp_path / "study") == str(tmp_path / "study")  # outside: as given
