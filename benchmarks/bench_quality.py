@@ -211,7 +211,7 @@ BASELINES = ("dense", *LEVELS)
 def reused_rows(path: Path, bench: Bench, measure_again: list[str]) -> tuple[list[dict], dict]:
     """Baseline rows of an earlier run (checked to share recipe, data and greedy settings) but those of the methods
     in ``measure_again``, plus its CLADA rows renamed 'clada-earlier' if that run's study differs from this
-    recipe's; and where they came from."""
+    recipe's (else its own 'clada-earlier' rows, each naming its study); and where they came from."""
     earlier = json.loads(path.read_text())
     r = bench.recipe
     same = {"recipe model/data/lengths/split": all(earlier["recipe"][k] == r.to_dict()[k] for k in
@@ -228,6 +228,8 @@ def reused_rows(path: Path, bench: Bench, measure_again: list[str]) -> tuple[lis
     if earlier["reconstruction"].get("study") != study_name(r):
         rows += [{**row, "method": "clada-earlier", "study": earlier["reconstruction"].get("study")}
                  for row in earlier["rows"] if row["method"] == "clada"]
+    else:  # the same study: its CLADA rows are this run's to measure, the earlier study's curve it kept stays
+        rows += [row for row in earlier["rows"] if row["method"] == "clada-earlier"]
     origin = earlier.get("baselines_from") or {}  # rows the earlier run reused themselves: where they were measured
     greedy_there = any(row.get("greedy_remeasured") for row in earlier["rows"] if row["method"] in BASELINES)
     return rows, {"file": str(path), "command": origin.get("command", earlier["command"]),

@@ -148,8 +148,8 @@ def render_markdown(result: dict) -> str:
     ]
     if result.get("baselines_from"):
         src = result["baselines_from"]
-        earlier = any(row["method"] == "clada-earlier" for row in result["rows"])
-        md += [f"Baseline rows" + (f" (and `clada-earlier`: the CLADA points of study `{src['study']}`, whose greedy agreement is "
+        earlier = [row.get("study", src["study"]) for row in result["rows"] if row["method"] == "clada-earlier"]
+        md += [f"Baseline rows" + (f" (and `clada-earlier`: the CLADA points of study `{earlier[0]}`, whose greedy agreement is "
                                    "the earlier run's)" if earlier else "")
                + f" reused from `{src['file']}`, measured by `{src['command']}` on the same model, documents and "
                "settings" + _greedy_origin(src)

@@ -77,6 +77,14 @@ def test_baselines_measured_again_are_not_reused(bq, tmp_path):
     rows, origin = bq.reused_rows(path, bench, ["teal-greedy"])
     assert rows == [row("teal", 0.1)]  # no teal-greedy row; the earlier run's greedy flag is not this run's
     assert origin["greedy_remeasured"] is False and origin["greedy_from"] == earlier["command"]
+    # an earlier run of the same study keeps the curve of the study before it; one of another study becomes that curve
+    earlier["rows"].append(row("clada-earlier", 0.1, study="clada-older"))
+    path.write_text(json.dumps(earlier))
+    assert bq.reused_rows(path, bench, [])[0][-1] == row("clada-earlier", 0.1, study="clada-older")
+    earlier["reconstruction"]["study"] = "clada-other"
+    path.write_text(json.dumps(earlier))
+    rows = bq.reused_rows(path, bench, [])[0]
+    assert [r for r in rows if r["method"] == "clada-earlier"] == [row("clada-earlier", 0.1, study="clada-other")]
 
 
 def test_results_name_paths_inside_the_repository_relative_to_it(bq, tmp_path):
