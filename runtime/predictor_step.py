@@ -62,8 +62,9 @@ class PredictorSteps:
         self.state, self.rule, self.backend = state, state.rule, backend
         self.act_name, self.weight_of = adapter.act_name, adapter.weight_of
         self.kernel = gather_kernel() if device.type == "cpu" else None
-        # dtype -> {"path", "step_ms", "dense_ms", "steps"}: shared by every apply in this process of an artifact
-        # with the same thresholds on a model of the same shape, at the same thread count (what the timing depends on)
+        # dtype -> {"path", "step_ms", "dense_ms", "steps", "sittings"}: shared by every apply in this process of an
+        # artifact with the same thresholds on a model of the same shape, at the same thread count (what the timing
+        # depends on)
         self.decisions = DECISIONS.setdefault(decision_key(self.rule, torch.get_num_threads()), {})
         self.cached: dict[torch.dtype, dict] = {}  # dtype -> the machine cache's entry for it (close calls: re-timed)
         self.trials: dict[torch.dtype, dict] = {}  # dtype -> {"steps": n, path: [seconds of each timed step]}
