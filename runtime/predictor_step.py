@@ -65,9 +65,12 @@ class PredictorSteps:
         # dtype -> {"path", "step_ms", "dense_ms", "steps", "sittings"}: shared by every apply in this process of an
         # artifact with the same thresholds on a model of the same shape, at the same thread count (what the timing
         # depends on)
-        self.decisions = DECISIONS.setdefault(decision_key(self.rule, torch.get_num_threads()), {})
+        key = decision_key(self.rule, torch.get_num_threads())
+        self.decisions = DECISIONS.setdefault(key, {})
+        self.cache_digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]  # the key in the machine cache
         self.cached: dict[torch.dtype, dict] = {}  # dtype -> the machine cache's entry for it (close calls: re-timed)
-        self.trials: dict[torch.dtype, dict] = {}  # dtype -> {"steps": n, path: [seconds of each timed step]}
+        # dtype -> {"steps": n, path: [seconds of each timed step]}; made once the machine cache was looked up
+        self.trials: dict[torch.dtype, dict] = {}
         self.owners = [part.owner for part in parts]
         self.activation = activation_kind(getattr(parts[0].owner, adapter.act_name)) if parts else None
         usable = self.kernel is not None and self.kernel.predictor_accepts(dtype) and self.activation is not None
@@ -91,19 +94,23 @@ class PredictorSteps:
     def _cache_key(self, dtype: torch.dtype) -> str:
         """The machine cache's key of this model's decision for ``dtype`` (selection's file: processor, torch and
         threads are in its name)."""
-        digest = hashlib.sha256(repr(decision_key(self.rule, torch.get_num_threads())).encode()).hexdigest()[:16]
-        return f"predictor|{self.kernel.path.stem}|{str(dtype).removeprefix('torch.')}|{digest}"
+        return f"predictor|{self.kernel.path.stem}|{str(dtype).removeprefix('torch.')}|{self.cache_digest}"
 
-    def _cached_decision(self, dtype: torch.dtype) -> None:
-        """Take the machine cache's decision for ``dtype`` where it has one that is no close call (or was timed
-        ``SITTINGS`` times); keep a close call's entry to combine with this process's trial."""
+    def _cached_decision(self, dtype: torch.dtype) -> dict | None:
+        """The machine cache's decision for ``dtype`` where it has one that is no close call (or was timed
+        ``SITTINGS`` times), now this process's too; else None and ``dtype``'s trial starts (a close call's entry
+        kept to combine with it). Called once per dtype: the cache file is read once."""
         entry = load_cache(torch.device("cpu")).get(self._cache_key(dtype))
         if not isinstance(entry, dict) or not {"step_ms", "dense_ms", "sittings"} <= entry.keys():
-            return
-        if entry["sittings"] >= SITTINGS or abs(step_margin(entry) - 1.0) > CLOSE_CALL:
-            self.decisions[dtype] = {**decided(entry["step_ms"], entry["dense_ms"], entry["sittings"]), "cached": True}
-        else:
+            entry = None
+        if entry is not None and (entry["sittings"] >= SITTINGS or abs(step_margin(entry) - 1.0) > CLOSE_CALL):
+            decision = self.decisions[dtype] = {**decided(entry["step_ms"], entry["dense_ms"], entry["sittings"]),
+                                                "cached": True}
+            return decision
+        if entry is not None:
             self.cached[dtype] = entry
+        self.trials[dtype] = {"steps": 0, NATIVE: [], "dense": []}
+        return None
 
     def _decide(self, dtype: torch.dtype, ms: dict[str, float]) -> dict:
         """auto's decision for ``dtype`` from this process's medians ``ms`` (path -> ms) and a close call's cached
@@ -209,14 +216,13 @@ class PredictorSteps:
         or the untimed first step). Until decided, decode steps alternate between the two paths, each timed over all
         its MLP calls; after ``TRIAL_STEPS`` of each the step stays if its median beats dense by ``MARGIN``."""
         decision = self.decisions.get(dtype)
-        if decision is None and dtype not in self.trials:  # a dtype other than the weights' at apply
-            self._cached_decision(dtype)
-            decision = self.decisions.get(dtype)
+        if decision is None and dtype not in self.trials:  # not looked up yet: a dtype other than the weights' at apply
+            decision = self._cached_decision(dtype)
             if decision is not None:
                 self._settle(decision["path"])
         if decision is not None:
             return decision["path"], None
-        trial = self.trials.setdefault(dtype, {"steps": 0, NATIVE: [], "dense": []})
+        trial = self.trials[dtype]
         if layer == 0:  # a new decode step
             trial["steps"] += 1
             n = trial["steps"]

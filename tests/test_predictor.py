@@ -288,7 +288,11 @@ def test_auto_decisions_are_cached_per_machine_and_close_calls_timed_again(monke
         monkeypatch.setattr(predictor_step, "DECISIONS", {})
         monkeypatch.setattr(predictor_step, "timed",
                             lambda p, run: (run(), 1e-3 * (step_ms if p == "native" else 1.0)))
-        return generate(model, artifact, "auto", ids, new_tokens=16)[1]
+        reads = []
+        monkeypatch.setattr(predictor_step, "load_cache", lambda device: reads.append(1) or selection.load_cache(device))
+        stats = generate(model, artifact, "auto", ids, new_tokens=16)[1]
+        assert len(reads) == 1  # the cache file is read once, at apply, not again at the first decode call
+        return stats
 
     first = new_process(0.5)  # a clear win: timed once, then taken from the cache at once
     assert first["predictor_path"]["float32"]["sittings"] == 1 and first["path_calls"]["dense"] > 0
