@@ -87,7 +87,7 @@ def render(result: dict) -> str:
                 cells.append("outside the peer's points" if p is None else
                              f"{p['mine']:.5f} / {p['peer']:.5f} / **{p['difference']:+.5f}** ({p['interval'][0]:+.5f} "
                              f"to {p['interval'][1]:+.5f}) / {p['lower_on']} of {p['documents']}")
-            md.append(f"| {row['level']:.2f} | {row.get('rule', result.get('rule', 'threshold'))} | "
+            md.append(f"| {row['level']:.2f} | {row['rule']} | "
                       f"{row[data]['mlp_reads_saved']:.4f} | {row[data]['ppl_increase']:+.4f} | "
                       + " | ".join(cells) + " |")
         md.append("")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         params, choice = bq.level_rule(search, chosen["params"], level)
         artifact = search.artifact_of(search.point_at_saved(params, level, plain=False))
         clada.append({**measure(bench, build_method("clada", bench.model, artifact=artifact), "clada", level),
-                      **choice})
+                      "rule": artifact.rule.get("name", "threshold"), **choice})
     peer_rows = [measure(bench, method, name, q)
                  for name, q, method in bq.baseline_methods(bench, {args.peer: bq.LEVELS[args.peer]})]
     for row in clada:
