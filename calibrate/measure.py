@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..runtime.adapters import MLPAdapter, MLPParts
-from ..runtime.predictor import BITS, GROUP, LowBitCopy
+from ..runtime.predictor import BITS, GROUP, SCALES, LowBitCopy
 from ..runtime.rules import centred, channel_scores, compensated
 
 SCORE_RULES = ("magnitude", "wina")
@@ -387,10 +387,11 @@ class PredictorErrorModel(LayerErrorModel):
 
 def predictor_tables(model: nn.Module, adapter: MLPAdapter, inputs: list[torch.Tensor], weight_in: torch.Tensor,
                      weight_mid: torch.Tensor, q_in: torch.Tensor, q_mid: torch.Tensor, progress: bool = True,
-                     grads: list[torch.Tensor] | None = None, bits: int = BITS, group: int = GROUP) -> list[LayerTable]:
+                     grads: list[torch.Tensor] | None = None, bits: int = BITS, group: int = GROUP,
+                     scales: str = SCALES) -> list[LayerTable]:
     """``PredictorErrorModel.table`` of every layer, with the low-bit copy the runtime's predictor rule makes."""
     parts = adapter.mlp_parts(model)
-    copy = LowBitCopy(adapter, parts, bits, group)
+    copy = LowBitCopy(adapter, parts, bits, group, scales)
     return [PredictorErrorModel(adapter, part, l, copy, inputs[l], weight_in[l], weight_mid[l],
                                 grads=None if grads is None else grads[l]).table(q_in, q_mid)
             for l, part in enumerate(tqdm(parts, desc="per-layer predictor tables", unit="layer",

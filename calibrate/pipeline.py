@@ -62,11 +62,16 @@ def _format_identity() -> dict:
 def _error_identity(calibration: dict) -> dict:
     """The calibration settings without the keys a recipe from before they existed did not have: the layer-error
     keys when the error is relative, the rule when it is the threshold rule (the identity of studies and
-    measurements made before)."""
-    left = ("rule",) if calibration.get("rule", "threshold") == "threshold" else ()
+    measurements made before); with the predictor rule (or auto) the copy's scale choice where it is not absmax, the
+    one of the studies made before it existed."""
+    threshold = calibration.get("rule", "threshold") == "threshold"
+    left = ("rule",) if threshold else ()
     if calibration["layer_error"] == "relative":
         left += ("layer_error", "gradient_samples")
-    return {k: v for k, v in calibration.items() if k not in left}
+    kept = {k: v for k, v in calibration.items() if k not in left}
+    if not threshold and runtime.PREDICTOR_SCALES != "absmax":  # the predictor's tables depend on its copy's scales
+        kept["predictor_scales"] = runtime.PREDICTOR_SCALES
+    return kept
 
 
 def _log(msg: str) -> None:
@@ -161,7 +166,8 @@ def measure(recipe: Recipe, model, adapter, act_tokens: torch.Tensor, progress: 
 def rule_metadata(rule: str) -> dict:
     """The artifact's ``rule`` metadata of a sparsity rule the calibration measures tables for (``Point.rule``)."""
     if rule == "predictor":
-        return {"name": "predictor", "bits": runtime.PREDICTOR_BITS, "group": runtime.PREDICTOR_GROUP}
+        return {"name": "predictor", "bits": runtime.PREDICTOR_BITS, "group": runtime.PREDICTOR_GROUP,
+                "scales": runtime.PREDICTOR_SCALES}
     return {"name": "threshold"}
 
 

@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import torch
 
-from .predictor import BITS, GROUP, LowBitCopy
+from .predictor import BITS, GROUP, SCALE_CHOICES, LowBitCopy
 
 MLP_SIDES = ("in", "mid")
 ATTENTION_SIDES = ("attn_in", "attn_out")  # the attention input (columns of q/k/v) and output (columns of o)
@@ -331,7 +331,8 @@ class GriffinRule(SparsityRule):
 
 
 class PredictorRule(SparsityRule):
-    """Neurons chosen from a low-bit copy of gate and up (``runtime.predictor``; params: bits, group): neuron j of
+    """Neurons chosen from a low-bit copy of gate and up (``runtime.predictor``; params: bits, group, scales, the last
+    absmax where the artifact names none, as the copies of artifacts from before the key had it): neuron j of
     layer l is kept iff |h~_j|·c_j > tau_base_mid[l]·m, h~ estimated from the copy on the MLP input whose channels
     |x_i|·w_i <= tau_base_in[l]·m are skipped (the copy's rows the step does not read). The ``in`` side's mask is
     therefore the copy's: gate and up see the whole input, for the kept neurons only. A layer with tau_base_mid < 0
@@ -343,15 +344,18 @@ class PredictorRule(SparsityRule):
     def __init__(self, artifact, device="cpu"):
         super().__init__(artifact, device)
         self.bits, self.group = int(self.params.get("bits", BITS)), int(self.params.get("group", GROUP))
+        self.scales = str(self.params.get("scales", "absmax"))
         if not 2 <= self.bits <= 8 or self.group < 1:
             raise ValueError(f"predictor rule: bits {self.bits} (2..8) or group {self.group} (>= 1) out of range")
+        if self.scales not in SCALE_CHOICES:
+            raise ValueError(f"predictor rule: scales {self.scales!r} is not one of {', '.join(SCALE_CHOICES)}")
         self.copy = None  # runtime.predictor.LowBitCopy, made by bind
         self.copy_share = 0.0  # the copy's bytes over those of gate and up (bind: the model's weight size)
         self._reads_copy: tuple[int, list[bool]] = (-1, [])  # (tau_version, per layer: tau_mid >= 0)
         self._masks = threading.local()  # the calling thread's intermediate masks, by layer
 
     def bind(self, adapter, parts):
-        self.copy = LowBitCopy(adapter, parts, self.bits, self.group)
+        self.copy = LowBitCopy(adapter, parts, self.bits, self.group, self.scales)
         element = adapter.weight(getattr(parts[0].owner, parts[0].in_names[0])).element_size()
         self.copy_share = self.copy.share_of_input_bytes(element)
 

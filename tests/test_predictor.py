@@ -15,7 +15,7 @@ from clada.artifacts import ArtifactError, load_artifact
 from clada.calibrate.measure import PredictorErrorModel, channel_weights, predictor_tables
 from clada.calibrate.recipe import RecipeError, parse_recipe
 from clada.runtime import native
-from clada.runtime.predictor import LowBitCopy, bytes_per_weight, quantised
+from clada.runtime.predictor import LowBitCopy, bytes_per_weight, packed, quantise, quantised, unpacked
 
 from .conftest import make_artifact, run_recipe, tiny_job, tiny_model
 
@@ -39,6 +39,46 @@ def test_quantised_copy_is_within_half_a_step_and_counts_its_scales():
             quantised(w, 4, group)
     with pytest.raises(ValueError, match="bits 1"):
         quantised(w, 1, 32)
+
+
+def test_mse_scales_lower_each_group_s_error_in_the_same_codes_and_bytes():
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1))
+    absmax, mse = quantised(w, 4, 32, "absmax"), quantised(w, 4, 32, "mse")
+    group_error = lambda q: ((q - w) ** 2).reshape(128, 8, 32).sum(-1)  # noqa: E731
+    assert (group_error(mse) <= group_error(absmax) * (1 + 1e-6)).all()  # absmax's scale is one of the candidates
+    assert group_error(mse).sum() < 0.9 * group_error(absmax).sum()  # ~19% less on Gaussian weights
+    codes, scales = quantise(w, 4, 32, "mse")
+    assert codes.dtype == torch.int8 and codes.min() >= -8 and codes.max() <= 7 and scales.dtype == torch.float16
+    assert (codes == -8).any()  # the search uses the code the absmax scale leaves unused
+    with pytest.raises(ValueError, match="scales 'best' is not one of absmax, mse"):
+        quantise(w, 4, 32, "best")
+
+
+def test_the_packed_copy_unpacks_to_its_codes_and_scales():
+    pairs = [quantise(torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)), 4, 32, "mse")
+             for rows in (128, 64)]
+    codes, scales = unpacked(*packed(pairs, 4, 32), 32)
+    assert torch.equal(codes, torch.cat([c for c, _ in pairs]))
+    assert torch.equal(scales, torch.cat([s for _, s in pairs]))
+
+
+def test_the_rule_s_scales_come_from_the_artifact_and_default_to_absmax():
+    from clada.runtime.rules import build_rule
+
+    model = tiny_model("llama")
+    adapter = runtime.adapter_for(model)
+    parts = adapter.mlp_parts(model)
+    x = torch.randn(3, adapter.weight(getattr(parts[0].owner, parts[0].in_names[0])).shape[1])
+    estimates = {}
+    for rule, scales in (({}, "absmax"), ({"scales": "mse"}, "mse"), ({"scales": "absmax"}, "absmax")):
+        built = build_rule(predictor_artifact(model, **rule))
+        built.bind(adapter, parts)
+        assert built.copy.scales == scales  # an artifact naming no scales was calibrated with absmax copies
+        estimates[scales] = built.copy.estimate(0, x)
+        torch.testing.assert_close(estimates[scales], LowBitCopy(adapter, parts, 4, 32, scales).estimate(0, x))
+    assert not torch.equal(estimates["absmax"], estimates["mse"])
+    with pytest.raises(ValueError, match="scales 'round' is not one of absmax, mse"):
+        build_rule(predictor_artifact(model, scales="round"))
 
 
 def test_predictor_keeps_the_neurons_its_estimate_scores_above_tau_and_gate_and_up_see_the_whole_input():
@@ -152,6 +192,29 @@ def test_the_threshold_rule_keeps_the_identity_of_recipes_from_before_the_settin
             != pipeline.measurement_key(default, identity, fingerprint, "abc"))
 
 
+def test_the_copy_s_scales_are_in_the_identity_of_predictor_studies_only(monkeypatch):
+    from pathlib import Path
+
+    from clada.calibrate import pipeline
+    from clada.calibrate.recipe import load_recipe
+
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    auto, threshold = (load_recipe(recipes / name) for name in ("smollm2-135m.yaml", "smollm2-135m-threshold.yaml"))
+    model = tiny_model("llama")
+    identity, fingerprint = runtime.model_identity(model), runtime.mlp_fingerprint(model)
+
+    def identities():
+        return [(pipeline.study_name(r), pipeline.measurement_key(r, identity, fingerprint, "abc"))
+                for r in (auto, threshold)]
+
+    mse = identities()
+    monkeypatch.setattr(runtime, "PREDICTOR_SCALES", "absmax")
+    absmax = identities()
+    assert mse[1] == absmax[1]  # the threshold rule's studies and tables do not read the copy
+    assert mse[0][0] != absmax[0][0] and mse[0][1] != absmax[0][1]  # tables of absmax copies are not reused
+    assert absmax[0][0] == "clada-10e1ae7a2f29"  # with absmax: the auto study stored before the setting
+
+
 def test_calibrating_with_the_predictor_rule_writes_a_predictor_artifact(tmp_path):
     recipe = tiny_job(tmp_path, trials=4)
     recipe["calibration"]["rule"] = "predictor"
@@ -159,7 +222,7 @@ def test_calibrating_with_the_predictor_rule_writes_a_predictor_artifact(tmp_pat
     run_recipe(tmp_path, recipe)
     artifact = load_artifact(tmp_path / "out" / "clada.safetensors")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert artifact.rule == PREDICTOR
+    assert artifact.rule == {**PREDICTOR, "scales": runtime.PREDICTOR_SCALES}
     assert report["heldout"]["rule"] == "predictor"
     assert report["mlp_reads_saved"] > 0  # the tiny search budget allows skipping
 
