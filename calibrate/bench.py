@@ -15,7 +15,8 @@ Method (all figures come from one run):
   weights, ~0.1-0.2 s for SmolLM2) is what a user pays once per ``apply``, not per token, and timing it in every
   repetition charged it to CLADA's throughput (3% of a 64-token bfloat16 run on an AMD EPYC). It is reported
   beside: ``first_step_ms``, per mode, the median of that settling step's decode time (the steady step's is
-  ``step_ms``).
+  ``step_ms``), and ``apply_ms``, per mode, the median wall time of setting it (``runtime.apply``: the predictor
+  rule builds its low-bit copy there).
 - A step is timed with ``model.generate`` (greedy, exactly ``new_tokens`` tokens). Prefill is the first
   forward call; decode time is the rest of the generate wall time, so it includes generate's own overhead.
   tok/s = batch * (new_tokens - 1) / decode seconds. Medians over repetitions; ``spread`` per mode is
@@ -290,15 +291,19 @@ def _run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: 
     prefill: dict[str, list[float]] = {m: [] for m in modes}
     mlp: dict[str, list[float]] = {m: [] for m in modes}
     first_step: dict[str, list[float]] = {m: [] for m in modes}
+    apply_s: dict[str, list[float]] = {m: [] for m in modes}
     stats: list[dict] = []
     for rep in range(config.warmup + config.reps):
         for mode in modes:
+            start = time.perf_counter()
             _set_mode(model, mode, artifacts, config)
+            set_seconds = time.perf_counter() - start
             _, settle = timed_generate(model, ids, 2, cache=config.cache)  # one decode step: the one-time work
             if runtime.is_patched(model):
                 runtime.reset_stats(model)  # the realised figures are the timed run's
             if rep >= config.warmup:
                 first_step[mode].append(settle)
+                apply_s[mode].append(set_seconds)
             watch = _Stopwatch(ids.device) if config.mlp_time else None
             hooks = _mlp_watch(model, watch) if watch is not None else []
             try:
@@ -383,4 +388,5 @@ def _run_bench(model: nn.Module, artifact: Artifact, ids: torch.Tensor, config: 
         "step_ms": {m: statistics.median(times[m]) / (config.new_tokens - 1) * 1e3 for m in modes},
         "mlp_step_ms": {m: statistics.median(v) / (config.new_tokens - 1) * 1e3 for m, v in mlp.items() if v},
         "first_step_ms": {m: statistics.median(first_step[m]) * 1e3 for m in modes},
+        "apply_ms": {m: statistics.median(apply_s[m]) * 1e3 for m in modes},
     }

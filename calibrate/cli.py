@@ -311,6 +311,8 @@ def _print_bench(r: dict) -> None:
     click.echo("  step ms          " + ", ".join(f"{mode} {ms:.1f}" for mode, ms in r["step_ms"].items())
                + " (first after apply: " + ", ".join(f"{mode} {ms:.1f}" for mode, ms in r["first_step_ms"].items())
                + ")")
+    click.echo("  apply ms         " + ", ".join(f"{mode} {ms:.1f}" for mode, ms in r["apply_ms"].items()
+                                             if mode != "dense"))
     for decision in r["selection"]:
         click.echo(f"  selection        {decision['dtype']} {decision['shape']}: {decision['reason']}")
     for dtype, decision in (r.get("predictor_path") or {}).items():

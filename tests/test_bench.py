@@ -18,7 +18,7 @@ from clada.calibrate.methods import METHODS
 from tests.conftest import make_artifact, synthetic_documents, tiny_checkpoint, tiny_model, word_tokenizer
 
 KEYS = {"dense_tok_s", "clada_tok_s", "ratio", "mlp_sparsity", "mlp_reads_saved", "bound", "gain_of_bound",
-        "signal_overhead", "mlp_share", "layout_tok_s", "prefill_overhead", "first_step_ms"}
+        "signal_overhead", "mlp_share", "layout_tok_s", "prefill_overhead", "first_step_ms", "apply_ms"}
 
 
 def test_text_prompts_are_consecutive_windows():
@@ -47,6 +47,7 @@ def test_run_bench_reports_consistent_figures_and_restores_the_model(family):
     assert r["gain_of_bound"] == pytest.approx((r["ratio"] - 1) / (r["bound"] - 1))
     assert all(len(v) == 2 for v in r["decode_s"].values())
     assert set(r["first_step_ms"]) == set(r["decode_s"]) and all(ms > 0 for ms in r["first_step_ms"].values())
+    assert set(r["apply_ms"]) == set(r["decode_s"]) and all(ms >= 0 for ms in r["apply_ms"].values())
     fastest = {mode: min(seconds) for mode, seconds in r["decode_s"].items()}
     assert r["best_ratio"] == pytest.approx(fastest["dense"] / fastest["clada"])
     assert r["best_sparsity_ratio"] == pytest.approx(fastest["layout"] / fastest["clada"])
