@@ -54,26 +54,27 @@ def quantise(weight: torch.Tensor, bits: int = BITS, group: int = GROUP,
 def _quantised_groups(w: torch.Tensor, top: int, scales: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (R, G, group) float32 and float16 scales (R, G, 1) of the groups ``w`` (R, G, group)."""
     amax = w.abs().amax(-1, keepdim=True)
-    tiny = torch.finfo(torch.float32).tiny
-
-    def codes_of(scale: torch.Tensor) -> torch.Tensor:
-        return (w / scale.float().clamp_min(tiny)).round().clamp(-top - 1, top)
-
     best_scale = (amax / top).half()
-    best_codes = codes_of(best_scale)
-    if scales == "absmax":
-        return best_codes, best_scale
-    best_error = ((best_codes * best_scale.float() - w) ** 2).sum(-1, keepdim=True)
-    low, high, steps = SCALE_SEARCH
-    for t in torch.linspace(top + low, top + high, steps).tolist():
-        scale = (amax / t).half()
-        codes = codes_of(scale)
-        error = ((codes * scale.float() - w) ** 2).sum(-1, keepdim=True)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_scale = torch.where(better, scale, best_scale)
-        best_codes = torch.where(better, codes, best_codes)
-    return best_codes, best_scale
+    if scales == "mse":
+        best_error = _squared_error(w, best_scale, top)
+        low, high, steps = SCALE_SEARCH
+        for t in torch.linspace(top + low, top + high, steps).tolist():
+            scale = (amax / t).half()
+            error = _squared_error(w, scale, top)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_scale = torch.where(better, scale, best_scale)
+    return _codes(w, best_scale, top), best_scale
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, top: int) -> torch.Tensor:
+    """Codes (R, G, group) float32 of the groups ``w`` over their float16 ``scale`` (R, G, 1), rounded and clamped."""
+    return (w / scale.float().clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(-top - 1, top)
+
+
+def _squared_error(w: torch.Tensor, scale: torch.Tensor, top: int) -> torch.Tensor:
+    """(R, G, 1) squared error of the groups ``w`` (R, G, group) quantised with ``scale`` (R, G, 1)."""
+    return _codes(w, scale, top).mul_(scale.float()).sub_(w).square_().sum(-1, keepdim=True)
 
 
 def dequantised(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
