@@ -28,8 +28,8 @@ from .predictor import SCALES as PREDICTOR_SCALES
 from .rules import RULES, SPARSITY_FIGURES, observes_prefill
 
 __all__ = [
-    "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "PREDICTOR_BITS", "PREDICTOR_GROUP", "PREDICTOR_SCALES",
-    "RULES", "SPARSITY_FIGURES", "UnsupportedModelError",
+    "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "PREDICTOR_BITS", "PREDICTOR_GROUP",
+    "PREDICTOR_SCALES", "RULES", "SPARSITY_FIGURES", "UnsupportedModelError",
     "adapter_for",
     "applied_artifact", "apply", "declare_in_checkpoint", "dense", "first_gathering", "fixed_multiplier",
     "from_pretrained",

@@ -6,10 +6,11 @@ The predictor rule (``rules.PredictorRule``) keeps neuron j of layer l iff |h~_j
     h~ = act(Q(W_gate) x') * Q(W_up) x'
 
 comes from a copy of gate and up quantised to ``bits`` per weight (symmetric, one float16 scale per ``group``
-consecutive input channels of a neuron's row, chosen by ``scales``: :func:`quantised`), and x' is the MLP input with the channels
-|x_i|·w_i <= tau_in[l]·m set to 0 (the copy's rows of those input channels are not read). A kept neuron's gate row,
-up row and down column are read in full precision against the whole input; a skipped neuron's not at all. Per step
-a layer reads the copy's rows of its kept input channels: ``bytes_per_weight`` per weight of gate and up.
+consecutive input channels of a neuron's row, chosen by ``scales``: :func:`quantised`), and x' is the MLP input with
+the channels |x_i|·w_i <= tau_in[l]·m set to 0 (the copy's rows of those input channels are not read). A kept
+neuron's gate row, up row and down column are read in full precision against the whole input; a skipped neuron's not
+at all. Per step a layer reads the copy's rows of its kept input channels: ``bytes_per_weight`` per weight of gate
+and up.
 """
 
 from __future__ import annotations
