@@ -237,13 +237,16 @@ def kernel_or_skip():
     return kernel
 
 
-def test_the_4_bit_estimate_reads_the_packed_copy_of_the_kept_input_channels():
+@pytest.mark.parametrize("scales_rule", ["absmax", "mse"])
+def test_the_4_bit_estimate_reads_the_packed_copy_of_the_kept_input_channels(scales_rule):
     from clada.runtime.predictor import dequantised, packed, quantise
 
     kernel = kernel_or_skip()
     torch.manual_seed(0)
     gate, up = torch.randn(128, 64), torch.randn(128, 64)
-    pairs = [quantise(gate), quantise(up)]
+    pairs = [quantise(gate, scales=scales_rule), quantise(up, scales=scales_rule)]
+    if scales_rule == "mse":
+        assert any((c == -8).any() for c, _ in pairs)  # the kernel reads the code absmax leaves unused
     codes, scales = packed(pairs, 4, 32)
     assert codes.shape == (4, 64, 32) and codes.dtype == torch.uint8 and scales.shape == (4, 2, 64)
     x, weight = torch.randn(64), torch.rand(64)
@@ -256,11 +259,12 @@ def test_the_4_bit_estimate_reads_the_packed_copy_of_the_kept_input_channels():
     assert packed(pairs, 3, 32) is None and packed([quantise(gate[:32])], 4, 32) is None
 
 
-def predictor_model(intermediate: int = 128):
-    """A tiny llama whose predictor artifact skips ~20% of the copy's input rows and ~40% of the neurons."""
+def predictor_model(intermediate: int = 128, scales: str = "absmax"):
+    """A tiny llama whose predictor artifact (copy ``scales``) skips ~20% of the copy's input rows and ~40% of the
+    neurons."""
     model = tiny_model("llama", intermediate_size=intermediate)
     adapter = runtime.adapter_for(model)
-    copy = LowBitCopy(adapter, adapter.mlp_parts(model))
+    copy = LowBitCopy(adapter, adapter.mlp_parts(model), scales=scales)
     seen = {}
     hooks = [p.owner.register_forward_pre_hook(lambda m, a, l=l: seen.__setitem__(l, a[0]))
              for l, p in enumerate(adapter.mlp_parts(model))]
@@ -271,7 +275,7 @@ def predictor_model(intermediate: int = 128):
     weight_in, weight_mid = channel_weights(model, adapter, "wina")
     tau_in = torch.stack([(seen[l].abs() * weight_in[l]).quantile(0.2) for l in range(2)])
     tau_mid = torch.stack([(copy.estimate(l, seen[l]).abs() * weight_mid[l]).quantile(0.4) for l in range(2)])
-    return model, predictor_artifact(model, tau_in, tau_mid)
+    return model, predictor_artifact(model, tau_in, tau_mid, scales=scales)
 
 
 def generate(model, artifact, backend, ids, new_tokens=8, check=None):
@@ -287,11 +291,12 @@ def generate(model, artifact, backend, ids, new_tokens=8, check=None):
         runtime.remove(model)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_decode_steps_compute_the_rule_and_count_what_the_masked_reference_counts(dtype):
+@pytest.mark.parametrize("dtype,scales", [(torch.float32, "absmax"), (torch.bfloat16, "absmax"),
+                                          (torch.float32, "mse")])
+def test_native_decode_steps_compute_the_rule_and_count_what_the_masked_reference_counts(dtype, scales):
     if not kernel_or_skip().predictor_accepts(dtype):
         pytest.skip(f"no native predictor step for {dtype} on this machine")
-    model, artifact = predictor_model()
+    model, artifact = predictor_model(scales=scales)
     model.to(dtype)
     ids = torch.randint(3, 100, (1, 12))
     reference, masked = generate(model, artifact, "masked", ids)
