@@ -69,8 +69,8 @@ def _error_identity(calibration: dict) -> dict:
     if calibration["layer_error"] == "relative":
         left += ("layer_error", "gradient_samples")
     kept = {k: v for k, v in calibration.items() if k not in left}
-    if not threshold and runtime.PREDICTOR_SCALES != "absmax":  # the predictor's tables depend on its copy's scales
-        kept["predictor_scales"] = runtime.PREDICTOR_SCALES
+    if not threshold and runtime.PREDICTOR_SCALES != runtime.PREDICTOR_UNNAMED_SCALES:
+        kept["predictor_scales"] = runtime.PREDICTOR_SCALES  # the predictor's tables depend on its copy's scales
     return kept
 
 

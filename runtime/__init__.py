@@ -25,11 +25,12 @@ from .patch import (applied_artifact, apply, dense, fixed_multiplier, is_patched
 from .predictor import BITS as PREDICTOR_BITS
 from .predictor import GROUP as PREDICTOR_GROUP
 from .predictor import SCALES as PREDICTOR_SCALES
+from .predictor import UNNAMED_SCALES as PREDICTOR_UNNAMED_SCALES
 from .rules import RULES, SPARSITY_FIGURES, observes_prefill
 
 __all__ = [
     "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "PREDICTOR_BITS", "PREDICTOR_GROUP",
-    "PREDICTOR_SCALES", "RULES", "SPARSITY_FIGURES", "UnsupportedModelError",
+    "PREDICTOR_SCALES", "PREDICTOR_UNNAMED_SCALES", "RULES", "SPARSITY_FIGURES", "UnsupportedModelError",
     "adapter_for",
     "applied_artifact", "apply", "declare_in_checkpoint", "dense", "first_gathering", "fixed_multiplier",
     "from_pretrained",

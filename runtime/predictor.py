@@ -27,12 +27,13 @@ GROUP = 32  # weights of a row per float16 scale
 # 19% on Gaussian weights): the same bytes and layout, a closer estimate h~.
 SCALE_CHOICES = ("absmax", "mse")
 SCALES = "mse"  # what the calibration writes into new predictor artifacts
+UNNAMED_SCALES = "absmax"  # the copies of artifacts whose rule names no scales (made before the key), and the default
 SCALE_SEARCH = (-1.5, 1.0, 26)  # t from top - 1.5 to top + 1 in 26 steps of 0.1 (top = 2**(bits-1) - 1 among them)
 SEARCH_ROWS = 256  # rows of a weight searched at once (bounds the search's memory)
 
 
 def quantise(weight: torch.Tensor, bits: int = BITS, group: int = GROUP,
-             scales: str = "absmax") -> tuple[torch.Tensor, torch.Tensor]:
+             scales: str = UNNAMED_SCALES) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight`` (O, I) quantised symmetrically to ``bits`` per weight: int8 codes (O, I) in [-2**(bits-1),
     2**(bits-1) - 1] and float16 scales (O, I / group), one per ``group`` consecutive weights of a row, chosen by
     ``scales`` (``SCALE_CHOICES``: absmax / (2**(bits-1) - 1), or the squared-error-optimal one of ``SCALE_SEARCH``);
@@ -84,7 +85,8 @@ def dequantised(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (codes.float().reshape(*scales.shape, group) * scales.float()[..., None]).reshape(codes.shape)
 
 
-def quantised(weight: torch.Tensor, bits: int = BITS, group: int = GROUP, scales: str = "absmax") -> torch.Tensor:
+def quantised(weight: torch.Tensor, bits: int = BITS, group: int = GROUP,
+              scales: str = UNNAMED_SCALES) -> torch.Tensor:
     """``weight`` (O, I) through ``quantise`` and back: the copy's values, float32 (O, I)."""
     return dequantised(*quantise(weight, bits, group, scales))
 
@@ -135,7 +137,7 @@ class LowBitCopy:
     model decoding on the native step keeps only the packed copy)."""
 
     def __init__(self, adapter: MLPAdapter, parts: list[MLPParts], bits: int = BITS, group: int = GROUP,
-                 scales: str = "absmax"):
+                 scales: str = UNNAMED_SCALES):
         if not adapter.gated or any(len(p.in_names) != 2 for p in parts):
             raise ValueError("the predictor rule needs a gated MLP with separate gate and up projections "
                              f"({type(adapter).__name__} has none)")

@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import torch
 
-from .predictor import BITS, GROUP, SCALE_CHOICES, LowBitCopy
+from .predictor import BITS, GROUP, SCALE_CHOICES, UNNAMED_SCALES, LowBitCopy
 
 MLP_SIDES = ("in", "mid")
 ATTENTION_SIDES = ("attn_in", "attn_out")  # the attention input (columns of q/k/v) and output (columns of o)
@@ -344,7 +344,7 @@ class PredictorRule(SparsityRule):
     def __init__(self, artifact, device="cpu"):
         super().__init__(artifact, device)
         self.bits, self.group = int(self.params.get("bits", BITS)), int(self.params.get("group", GROUP))
-        self.scales = str(self.params.get("scales", "absmax"))
+        self.scales = str(self.params.get("scales", UNNAMED_SCALES))
         if not 2 <= self.bits <= 8 or self.group < 1:
             raise ValueError(f"predictor rule: bits {self.bits} (2..8) or group {self.group} (>= 1) out of range")
         if self.scales not in SCALE_CHOICES:
