@@ -346,9 +346,11 @@ class PredictorRule(SparsityRule):
         self.bits, self.group = int(self.params.get("bits", BITS)), int(self.params.get("group", GROUP))
         self.scales = str(self.params.get("scales", UNNAMED_SCALES))
         if not 2 <= self.bits <= 8 or self.group < 1:
-            raise ValueError(f"predictor rule: bits {self.bits} (2..8) or group {self.group} (>= 1) out of range")
+            raise ValueError(f"{artifact.source}: predictor rule: bits {self.bits} (2..8) or group {self.group} (>= 1) "
+                             "out of range")
         if self.scales not in SCALE_CHOICES:
-            raise ValueError(f"predictor rule: scales {self.scales!r} is not one of {', '.join(SCALE_CHOICES)}")
+            raise ValueError(f"{artifact.source}: predictor rule: scales {self.scales!r} is not one of "
+                             f"{', '.join(SCALE_CHOICES)}")
         self.copy = None  # runtime.predictor.LowBitCopy, made by bind
         self.copy_share = 0.0  # the copy's bytes over those of gate and up (bind: the model's weight size)
         self._reads_copy: tuple[int, list[bool]] = (-1, [])  # (tau_version, per layer: tau_mid >= 0)

@@ -77,8 +77,8 @@ def test_the_rule_s_scales_come_from_the_artifact_and_default_to_absmax():
         estimates[scales] = built.copy.estimate(0, x)
         torch.testing.assert_close(estimates[scales], LowBitCopy(adapter, parts, 4, 32, scales).estimate(0, x))
     assert not torch.equal(estimates["absmax"], estimates["mse"])
-    with pytest.raises(ValueError, match="scales 'round' is not one of absmax, mse"):
-        build_rule(predictor_artifact(model, scales="round"))
+    with pytest.raises(ValueError, match="^artifact: predictor rule: scales 'round' is not one of absmax, mse"):
+        build_rule(predictor_artifact(model, scales="round"))  # names where the artifact came from
 
 
 def test_predictor_keeps_the_neurons_its_estimate_scores_above_tau_and_gate_and_up_see_the_whole_input():
