@@ -48,7 +48,7 @@ ATTENTION_KEYS = ("tau_base_attn_in", "tau_base_attn_out", "channel_weight_attn_
 PREFIX_KEYS = ("prefix_in", "prefix_mid")  # optional (format 6): per-layer exponents of the prompt prior
 FORMAT1_TENSOR_NAMES = {"channel_scale_in": "channel_weight_in", "channel_scale_mid": "channel_weight_mid"}
 DEFAULT_RULE = {"name": "threshold"}
-NEGATIVE_MID_RULES = ("predictor",)  # rules whose tau_base_mid < 0 has a meaning (the layer skips nothing)
+NEGATIVE_MID_RULES = ("predictor", "mixed")  # rules whose tau_base_mid < 0 has a meaning (the layer skips nothing)
 
 
 class ArtifactError(ValueError):

@@ -36,9 +36,10 @@ def can_share_rows(adapter: MLPAdapter, projs: list[nn.Module]) -> bool:
     return all(q.shape[1] == first.shape[1] and q.dtype == first.dtype and q.device == first.device for q in params)
 
 
-def store_rows_shared(projs: list[nn.Module]) -> None:
+def store_rows_shared(projs: list[nn.Module]) -> torch.Tensor:
     """Lay the (in, out) rows of input projections that ``can_share_rows`` side by side in one buffer
-    (in_features, sum of out_features): each parameter becomes a transposed view of its column block."""
+    (in_features, sum of out_features): each parameter becomes a transposed view of its column block. Returns the
+    buffer."""
     params = [p.weight for p in projs]
     first = params[0]
     buffer = torch.empty(first.shape[1], sum(q.shape[0] for q in params), dtype=first.dtype, device=first.device)
@@ -48,6 +49,7 @@ def store_rows_shared(projs: list[nn.Module]) -> None:
         block.copy_(q.data.t())
         q.data = block.t()
         start += q.shape[0]
+    return buffer
 
 
 def store_rows(adapter: MLPAdapter, projs: list[nn.Module]) -> None:

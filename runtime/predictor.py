@@ -134,19 +134,21 @@ class LowBitCopy:
     native kernel (``packed``: per layer (codes, scales), or None where the kernel cannot read them; such a layer's
     codes are kept as they are, ``unpackable``), and dequantised where the masked reference computes the estimate h~
     (``estimate``; made then from the packed copy, per layer, in the dtype and on the device of the call, so that a
-    model decoding on the native step keeps only the packed copy)."""
+    model decoding on the native step keeps only the packed copy). ``layers``: the layers copied (default: all; the
+    others have neither packed nor unpackable codes)."""
 
     def __init__(self, adapter: MLPAdapter, parts: list[MLPParts], bits: int = BITS, group: int = GROUP,
-                 scales: str = UNNAMED_SCALES):
+                 scales: str = UNNAMED_SCALES, layers: list[int] | None = None):
         if not adapter.gated or any(len(p.in_names) != 2 for p in parts):
             raise ValueError("the predictor rule needs a gated MLP with separate gate and up projections "
                              f"({type(adapter).__name__} has none)")
         self.adapter, self.parts, self.bits, self.group, self.scales = adapter, parts, bits, group, scales
         self.bytes_per_weight = bytes_per_weight(bits, group)
         self.packed, self.unpackable = [], []  # per layer: the packed copy, or (codes, scales) of gate and up
+        copied = set(range(len(parts)) if layers is None else layers)
         for layer in range(len(parts)):
-            pairs = [quantise(w, bits, group, scales) for w in self._weights(layer)]
-            self.packed.append(packed(pairs, bits, group))
+            pairs = [quantise(w, bits, group, scales) for w in self._weights(layer)] if layer in copied else None
+            self.packed.append(None if pairs is None else packed(pairs, bits, group))
             self.unpackable.append(pairs if self.packed[-1] is None else None)
         self.copies: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(parts)  # made by ``estimate``
 

@@ -10,6 +10,11 @@ whose native kernel (``runtime.native``) has the predictor's step runs as one ca
 3. the kept neurons' gate and up rows (the weights as the model holds them), h = act(gate) * up;
 4. the gather kernel over down's rows of the kept neurons (down stored as input-channel rows, ``runtime.layout``).
 
+Under the mixed rule (``rules.MixedRule``) the layers the threshold rule decides run its gathered step instead: gate
+and up laid as one buffer of input-channel rows (``runtime.layout.store_rows_shared``), the native gather over the
+rows of the kept input channels (``ChannelGate.gather``: compensation included), act(gate) * up, and the gather over
+down's rows of the kept neurons, as the threshold rule's ``runtime.mlp_step`` does.
+
 Only the copy's rows of kept input channels and the kept neurons' rows are read. The keep decisions are the
 rule's up to the float32 summation order of the estimate (the masked reference sums the dequantised copy with a
 matrix product): a neuron within rounding of its threshold may go the other way.
@@ -40,7 +45,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .adapters import MLPAdapter, MLPParts
-from .layout import store_rows_contiguous
+from .backends import BACKENDS
+from .layout import can_share_rows, restore_layout, store_rows_contiguous, store_rows_shared
 from .native import gather_kernel
 from .mlp_step import step_modules
 from .selection import CLOSE_CALL, SITTINGS, load_cache, store_cache
@@ -83,12 +89,17 @@ class PredictorSteps:
         # unpatched model runs), which the decision then keeps (dense) or drops (native)
         self.downs = [getattr(part.owner, part.out_name).inner for part in parts]
         self.down_copies: list[torch.Tensor | None] = [None] * len(parts)
+        # the threshold rule's layers (MixedRule): gate and up as one buffer of input-channel rows, or None
+        self.inputs = [[getattr(part.owner, name).inner for name in part.in_names] for part in parts]
+        self.input_rows: list[torch.Tensor | None] = [None] * len(parts)
         if usable and backend == "auto" and dtype not in self.decisions:
             self._cached_decision(dtype)
         relay = usable and (backend != "auto" or self.decisions.get(dtype, {}).get("path") != "dense")
         for layer, part in enumerate(parts):
             if relay:
                 store_rows_contiguous(adapter, self.downs[layer])
+                if not self.rule.predicted[layer] and can_share_rows(adapter, self.inputs[layer]):
+                    self.input_rows[layer] = store_rows_shared(self.inputs[layer])
             part.owner.forward = self._forward_of(layer, part)
 
     def _cache_key(self, dtype: torch.dtype) -> str:
@@ -132,6 +143,10 @@ class PredictorSteps:
             if path == "dense":
                 param = self.downs[layer].weight
                 param.data = copy if copy is not None and copy.shape == param.shape else param.data.contiguous()
+                if self.input_rows[layer] is not None:
+                    for proj in self.inputs[layer]:
+                        restore_layout(proj)
+                    self.input_rows[layer] = None
             self.down_copies[layer] = None
 
     def restore(self) -> None:
@@ -153,8 +168,12 @@ class PredictorSteps:
 
     def _usable(self, layer: int, x: torch.Tensor, rows: int) -> bool:
         kernel = self.kernel
-        return (kernel is not None and rows == 1 and x.device.type == "cpu" and kernel.predictor_accepts(x.dtype)
-                and self.activation is not None and self.rule.copy.packed[layer] is not None)
+        if kernel is None or rows != 1 or x.device.type != "cpu" or not kernel.predictor_accepts(x.dtype):
+            return False
+        if not self.rule.predicted[layer]:
+            full = self.input_rows[layer]
+            return full is not None and kernel.accepts(x.reshape(1, -1), full)
+        return self.activation is not None and self.rule.copy.packed[layer] is not None
 
     def _forward_of(self, layer: int, part: MLPParts):
         owner, state, rule, act_name = part.owner, self.state, self.rule, self.act_name
@@ -172,7 +191,16 @@ class PredictorSteps:
                 copy = self.down_copies[layer] = weight.contiguous()
             return F.linear(h, copy, inner.bias)
 
+        def threshold_step(x, gate, act, down):
+            both = gate.gate.gather(GATHER, x.reshape(1, -1), self.input_rows[layer])
+            width = self.weight_of(gate.inner).shape[0]
+            h = act(both[:, :width]) * both[:, width:]
+            out = down.gate.gather(GATHER, h, self.weight_of(down.inner).t())
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+
         def step(x, gate, up, act, down):
+            if not rule.predicted[layer]:
+                return threshold_step(x, gate, act, down)
             rows_x = x.reshape(1, -1)
             m = row_multipliers(state.multiplier, rows_x)
             neurons = rule.weight["mid"][layer].numel()
@@ -237,6 +265,7 @@ class PredictorSteps:
 
 
 DECISIONS: dict[tuple, dict[torch.dtype, dict]] = {}  # decision_key -> dtype -> auto's decision
+GATHER = BACKENDS["native"]  # the threshold rule's layers' gathers (MixedRule)
 
 
 def step_margin(timing: dict) -> float:
@@ -252,10 +281,11 @@ def decided(step_ms: float, dense_ms: float, sittings: int) -> dict:
 
 
 def decision_key(rule, threads: int) -> tuple:
-    """What auto's decision depends on besides the dtype: the thresholds (the densities), the layers' sizes and the
-    thread count."""
+    """What auto's decision depends on besides the dtype: the thresholds (the densities), the layers' sizes, the
+    thread count and (mixed rule) which layers the copy decides."""
+    mixed = () if all(rule.predicted) else (tuple(rule.predicted),)  # (the predictor rule's keys as before)
     return (tuple(rule.tau["in"].tolist()), tuple(rule.tau["mid"].tolist()), tuple(rule.weight["in"].shape),
-            tuple(rule.weight["mid"].shape), threads)
+            tuple(rule.weight["mid"].shape), threads, *mixed)
 
 
 def timed(path: str, run) -> tuple[torch.Tensor, float]:

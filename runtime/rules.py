@@ -337,7 +337,8 @@ class PredictorRule(SparsityRule):
     |x_i|·w_i <= tau_base_in[l]·m are skipped (the copy's rows the step does not read). The ``in`` side's mask is
     therefore the copy's: gate and up see the whole input, for the kept neurons only. A layer with tau_base_mid < 0
     skips nothing and reads no copy. Bytes saved: a skipped neuron's gate row, up row and down column, less the
-    copy's rows read."""
+    copy's rows read. ``predicted`` (per layer): whether the copy decides the layer; ``MixedRule`` leaves some layers
+    to the threshold rule."""
 
     name = "predictor"
 
@@ -351,13 +352,19 @@ class PredictorRule(SparsityRule):
         if self.scales not in SCALE_CHOICES:
             raise ValueError(f"{artifact.source}: predictor rule: scales {self.scales!r} is not one of "
                              f"{', '.join(SCALE_CHOICES)}")
+        self.predicted = self._predicted_layers(artifact)
         self.copy = None  # runtime.predictor.LowBitCopy, made by bind
         self.copy_share = 0.0  # the copy's bytes over those of gate and up (bind: the model's weight size)
         self._reads_copy: tuple[int, list[bool]] = (-1, [])  # (tau_version, per layer: tau_mid >= 0)
         self._masks = threading.local()  # the calling thread's intermediate masks, by layer
 
+    def _predicted_layers(self, artifact) -> list[bool]:
+        """Per layer whether the copy decides it (here: every layer)."""
+        return [True] * len(self.tau["mid"])
+
     def bind(self, adapter, parts):
-        self.copy = LowBitCopy(adapter, parts, self.bits, self.group, self.scales)
+        layers = [layer for layer, predicted in enumerate(self.predicted) if predicted]
+        self.copy = LowBitCopy(adapter, parts, self.bits, self.group, self.scales, layers)
         element = adapter.weight(getattr(parts[0].owner, parts[0].in_names[0])).element_size()
         self.copy_share = self.copy.share_of_input_bytes(element)
 
@@ -365,19 +372,25 @@ class PredictorRule(SparsityRule):
         """Per layer whether a decode step reads the copy (tau_base_mid >= 0)."""
         version, reads = self._reads_copy
         if version != self.tau_version:
-            reads = [t >= 0 for t in self.tau["mid"].tolist()]
+            reads = [p and t >= 0 for p, t in zip(self.predicted, self.tau["mid"].tolist())]
             self._reads_copy = (self.tau_version, reads)
         return reads
 
     def masked(self, layer, side, x, keep):
         # the in side's mask is of the copy's rows: gate and up see the whole input (for the kept neurons only)
-        return x if side == "in" else super().masked(layer, side, x, keep)
+        return x if side == "in" and self.predicted[layer] else super().masked(layer, side, x, keep)
 
     def mlp_bytes_saved(self, share_in, share_mid, ran_in, bytes_in, bytes_mid, gated):
         reads = torch.tensor(self.reads_copy(), dtype=share_in.dtype, device=share_in.device)
-        return share_mid * (bytes_mid + bytes_in) - reads * self.copy_share * (ran_in - share_in) * bytes_in
+        predicted = torch.tensor(self.predicted, device=share_in.device)
+        by_copy = share_mid * (bytes_mid + bytes_in) - reads * self.copy_share * (ran_in - share_in) * bytes_in
+        return torch.where(predicted, by_copy, super().mlp_bytes_saved(share_in, share_mid, ran_in, bytes_in,
+                                                                       bytes_mid, gated))
 
     def keep(self, layer, side, x, multiplier):
+        if not self.predicted[layer]:  # the threshold rule's layer (MixedRule)
+            x = centred(x, self.center(layer, side, x.dtype))
+            return threshold_keep(x, self.weight[side][layer], self.step_tau(layer, side, multiplier))
         masks = self._masks.__dict__
         if side == "mid":
             keep = masks.get(layer)
@@ -397,8 +410,25 @@ class PredictorRule(SparsityRule):
         return keep_in
 
 
+class MixedRule(PredictorRule):
+    """The predictor rule on the layers the artifact names (params: those of ``predictor`` and ``predicted``, one
+    boolean per layer), the threshold rule on the others (``|x - c|·w > tau_base[l]·m`` on both MLP sides,
+    compensation included, no copy made or read): the calibration picks each layer's rule where its error per byte
+    skipped is lower."""
+
+    name = "mixed"
+
+    def _predicted_layers(self, artifact):
+        predicted, layers = self.params.get("predicted"), len(self.tau["mid"])
+        if (not isinstance(predicted, list) or len(predicted) != layers
+                or not all(isinstance(p, bool) for p in predicted)):
+            raise ValueError(f"{artifact.source}: mixed rule: 'predicted' must list {layers} booleans (one per "
+                             f"layer), not {predicted!r}")
+        return predicted
+
+
 RULES: dict[str, type[SparsityRule]] = {cls.name: cls for cls in (ThresholdRule, DenseRule, CatsRule, GriffinRule,
-                                                                  PredictorRule)}
+                                                                  PredictorRule, MixedRule)}
 
 
 def observes_prefill(artifact) -> bool:
