@@ -287,10 +287,10 @@ def level_rule(search: ThresholdSearch, params: dict, level: float) -> tuple[dic
     where the search has one rule's tables; with several (``calibration.rule: auto``) the one whose point at
     ``level`` has the smallest KL to dense on the calibration's search documents (``ThresholdSearch.evaluate``:
     documents the held-out figures never see)."""
-    if len(search.settings.rules) == 1:
+    if len(search.rules) == 1:
         return params, {}
     proxy = {}
-    for rule in search.settings.rules:
+    for rule in search.rules:
         point = search.evaluate(search.point_at_saved({**params, RULE_PARAM: rule}, level))
         proxy[rule] = {k: point.figures[k] for k in ("mlp_reads_saved", "ppl_increase", "kl")}
     rule = min(proxy, key=lambda r: proxy[r]["kl"])

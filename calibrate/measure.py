@@ -11,6 +11,7 @@ within that layer's error budget.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -221,10 +222,12 @@ def score_quantiles(scores: torch.Tensor, qs: torch.Tensor | list[float], method
 
 @dataclass
 class LayerTable:
-    """Grid results for one layer; every tensor is (Qi, Qm) except ``tau_in`` and ``centred`` (Qi,).
+    """Grid results for one layer; every tensor is (Qi, Qm) except ``tau_in``, ``centred`` and ``predicted`` (Qi,).
 
     ``centred[i]``: row i was measured with compensation on the input side (scores |x - c|, skipped channels
     standing for c; c the calibration mean of x); a table may hold both kinds of rows (``LayerTable.stack``).
+    ``predicted[i]``: row i is the predictor rule's (``PredictorErrorModel``), in a table that also holds the
+    threshold rule's rows (``mixed_tables``).
     """
 
     tau_in: torch.Tensor
@@ -232,10 +235,13 @@ class LayerTable:
     error: torch.Tensor
     saved: torch.Tensor
     centred: torch.Tensor | None = None
+    predicted: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.centred is None:
             self.centred = torch.zeros(len(self.tau_in), dtype=torch.bool)
+        if self.predicted is None:
+            self.predicted = torch.zeros(len(self.tau_in), dtype=torch.bool)
 
     def plain(self) -> LayerTable:
         """The table's rows without compensation (all of them for a table without centred rows)."""
@@ -247,7 +253,17 @@ class LayerTable:
         return cls(*(torch.cat([getattr(t, f) for t in tables]) for f in _TABLE_FIELDS))
 
 
-_TABLE_FIELDS = ("tau_in", "tau_mid", "error", "saved", "centred")  # LayerTable's tensors, in constructor order
+_TABLE_FIELDS = ("tau_in", "tau_mid", "error", "saved", "centred", "predicted")  # LayerTable's, in constructor order
+
+
+def mixed_tables(threshold: list[LayerTable], predictor: list[LayerTable]) -> list[LayerTable]:
+    """Per layer one table of the threshold rule's rows and the predictor rule's (``predicted``; same intermediate
+    quantiles): the allocation then takes each layer's cell from whichever rule skips its bytes for less error (the
+    mixed rule, ``runtime.rules.MixedRule``). Both tables' errors and saved shares are in the same units."""
+    def tagged(table: LayerTable, predicted: bool) -> LayerTable:
+        return dataclasses.replace(table, predicted=torch.full((len(table.tau_in),), predicted))
+
+    return [LayerTable.stack([tagged(t, False), tagged(p, True)]) for t, p in zip(threshold, predictor)]
 
 
 def second_order_kl(grads: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
@@ -436,10 +452,17 @@ def allocate(tables: list[LayerTable], budgets: torch.Tensor, error_weights: tor
     smallest possible for the bytes skipped, among the table's cells; each layer's error budget is then the
     error of the cell it lands on.
     """
-    cells = allocation_cells(tables, budgets, error_weights, rule)
-    return (torch.tensor([float(t.tau_in[i]) for t, (i, _) in zip(tables, cells)], dtype=torch.float32),
+    return cell_values(tables, allocation_cells(tables, budgets, error_weights, rule))[:3]
+
+
+def cell_values(tables: list[LayerTable], cells: list[tuple[int, int]]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tau_in, tau_mid) (L,) float32, ``centred`` and ``predicted`` (L,) bool of each layer's ``cells``."""
+    rows = [(t, i) for t, (i, _) in zip(tables, cells)]
+    return (torch.tensor([float(t.tau_in[i]) for t, i in rows], dtype=torch.float32),
             torch.tensor([float(t.tau_mid[i, j]) for t, (i, j) in zip(tables, cells)], dtype=torch.float32),
-            torch.tensor([bool(t.centred[i]) for t, (i, _) in zip(tables, cells)], dtype=torch.bool))
+            torch.tensor([bool(t.centred[i]) for t, i in rows], dtype=torch.bool),
+            torch.tensor([bool(t.predicted[i]) for t, i in rows], dtype=torch.bool))
 
 
 def allocation_cells(tables: list[LayerTable], budgets: torch.Tensor, error_weights: torch.Tensor | None = None,

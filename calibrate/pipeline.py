@@ -23,8 +23,9 @@ from .measure import (LayerTable, attention_thresholds, build_tables, channel_we
 from .models import load_model
 from .recipe import Recipe
 from .report import HEADLINE_KEYS, write_reports
-from .search import (DERIVED_ATTR, POINT_ATTRS, SLOT_ATTR, WORKER_ATTR, Point, SearchSettings, ThresholdSearch,
-                     feasible_trials, pareto_front, rules_of, run_search, stored_validated_choice)
+from .search import (DERIVED_ATTR, MIXED, POINT_ATTRS, PREDICTED_ATTR, SLOT_ATTR, WORKER_ATTR, Point,
+                     SearchSettings, ThresholdSearch,
+                     feasible_trials, pareto_front, rules_of, run_search, searched_rules, stored_validated_choice)
 from .splits import token_splits
 from .storage import is_shared, open_storage, redact
 
@@ -46,7 +47,10 @@ def study_name(recipe: Recipe) -> str:
         d["calibration"].pop("attention_sparsity")
     if not d["search"]["prefix"]:  # no prompt prior: likewise
         d["search"].pop("prefix")
+    rules = searched_rules(rules_of(d["calibration"]["rule"]))
     d["calibration"] = _error_identity(d["calibration"])
+    if MIXED in rules:  # trials pick among more rules than the studies from before the mixed rule
+        d["search"]["rules"] = list(rules)
     d["search"] = {k: v for k, v in d["search"].items() if k not in ("storage", "trials", "validation_docs", "candidates",
                                                                         "fill_steps")}
     d.pop("eval")
@@ -163,11 +167,12 @@ def measure(recipe: Recipe, model, adapter, act_tokens: torch.Tensor, progress: 
                         tables[rules[1]] if len(rules) > 1 else None)
 
 
-def rule_metadata(rule: str) -> dict:
-    """The artifact's ``rule`` metadata of a sparsity rule the calibration measures tables for (``Point.rule``)."""
-    if rule == "predictor":
-        return {"name": "predictor", "bits": runtime.PREDICTOR_BITS, "group": runtime.PREDICTOR_GROUP,
-                "scales": runtime.PREDICTOR_SCALES}
+def rule_metadata(rule: str, predicted: list[bool] | None = None) -> dict:
+    """The artifact's ``rule`` metadata of a sparsity rule the search picks from (``Point.rule``; ``predicted``: the
+    mixed rule's layers the predictor decides, ``Point.predicted``)."""
+    if rule in ("predictor", MIXED):
+        copy = {"bits": runtime.PREDICTOR_BITS, "group": runtime.PREDICTOR_GROUP, "scales": runtime.PREDICTOR_SCALES}
+        return {"name": rule, **copy, **({"predicted": list(predicted or [])} if rule == MIXED else {})}
     return {"name": "threshold"}
 
 
@@ -189,7 +194,7 @@ def point_artifact(point: Point, weight_in: torch.Tensor, weight_mid: torch.Tens
         tau_base_in=torch.tensor(point.tau_in, dtype=torch.float32),
         tau_base_mid=torch.tensor(point.tau_mid, dtype=torch.float32),
         channel_weight_in=weight_in, channel_weight_mid=weight_mid, fingerprint=fingerprint,
-        rule=rule_metadata(point.rule),
+        rule=rule_metadata(point.rule, point.predicted),
         lam=point.lam, gam=point.gam, tau_s=point.tau_s, tau_H=point.tau_H, **(attention or {}), **prefix, **metadata)
 
 
@@ -305,7 +310,7 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
     runtime.remove(model)
 
     proxy = {k: v for k, v in best.user_attrs.items()
-             if k not in (SLOT_ATTR, WORKER_ATTR, DERIVED_ATTR, *POINT_ATTRS)}  # figures only
+             if k not in (SLOT_ATTR, WORKER_ATTR, DERIVED_ATTR, PREDICTED_ATTR, *POINT_ATTRS)}  # figures only
     artifact.figures = {"heldout": {k: heldout[k] for k in HEADLINE_KEYS}, "calibration_proxy": proxy}
     _log(f"[6/6] writing {out / ARTIFACT_NAME} and reports")
     save_artifact(artifact, out / ARTIFACT_NAME)
@@ -327,6 +332,8 @@ def run_calibration(recipe: Recipe, progress: bool = True) -> dict:
                    "tau_s": point.tau_s, "tau_H": point.tau_H, "tau_base_in": point.tau_in,
                    "tau_base_mid": point.tau_mid, "compensated_layers": [l for l, c in enumerate(point.centred) if c],
                    "prefix": point.prefix,
+                   **({"predicted_layers": [l for l, p in enumerate(point.predicted) if p]} if point.rule == MIXED
+                      else {}),
                    "proxy": {k: best.user_attrs[k] for k in ("mlp_reads_saved", "ppl_increase", "kl", "relaxed_share")}},
         "search": {"study": settings.study_name, "storage": redact(settings.storage),
                    "trials": sum(r["derived_from"] is None for r in trials),

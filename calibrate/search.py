@@ -12,7 +12,8 @@ It also picks ``lam, gam`` in [-1, 0] and the quantiles ``q_s, q_H`` of the cali
 entropy that become ``tau_s, tau_H``, and (``prefix``) the exponent alpha in [0, 1] of each sequence's prompt prior
 (prefix-driven sparsity, ``clada.runtime.rules``; 0: none), the same on both MLP sides of every layer. Given error tables of several sparsity rules (recipe ``calibration.rule:
 auto``: the threshold and the predictor rule's), each trial also picks the rule (``sparsity_rule``) whose tables it
-allocates from and whose artifact it scores. The objective maximises ``mlp_reads_saved`` under the constraint
+allocates from and whose artifact it scores: one of them, or ``mixed``, whose tables hold both rules' rows, so that
+each layer takes the rule that skips its bytes for less error (``measure.mixed_tables``). The objective maximises ``mlp_reads_saved`` under the constraint
 ``ppl_increase <= max_ppl_increase`` (both from the fast proxy on calibration documents).
 """
 
@@ -35,13 +36,15 @@ from tqdm.auto import tqdm
 
 from ..artifacts import Artifact
 from .evaluate import ProxyEvaluator
-from .measure import LayerTable, allocate, allocation_cells, tables_saved
+from .measure import LayerTable, allocation_cells, cell_values, mixed_tables, tables_saved
 from .storage import is_shared, open_storage, study_lock
 
 POINT_ATTRS = ("tau_in", "tau_mid", "tau_s", "tau_H", "centred")  # trial user attributes: the thresholds the trial chose
 READS_TOLERANCE = 0.002  # mlp_reads_saved a counterpart may differ by from the point it is compared with
 DERIVED_ATTR = "derived_from"  # user attribute of a trial the validation added (not sampled): the trial it came from
 RULE_PARAM = "sparsity_rule"  # trial parameter: the rule whose tables a trial allocates from (several rules' tables)
+MIXED = "mixed"  # the rule of the threshold and predictor rules' tables together: each layer takes either's cells
+PREDICTED_ATTR = "predicted"  # trial user attribute of a mixed point: per layer whether the predictor decides it
 FIGURE_KEYS = ("mlp_reads_saved", "mlp_sparsity", "input_sparsity", "ppl_increase", "kl", "relaxed_share")
 
 
@@ -90,18 +93,26 @@ class Point:
     number: int = -1
     centred: list[bool] = field(default_factory=list)  # per layer: input side compensated (empty: none)
     prefix: float = 0.0  # exponent of the prompt prior on both MLP sides (0: none)
-    rule: str = "threshold"  # the sparsity rule whose tables gave the thresholds (``SearchSettings.rules``)
+    rule: str = "threshold"  # the sparsity rule whose tables gave the thresholds (``searched_rules``)
+    predicted: list[bool] = field(default_factory=list)  # mixed rule: per layer whether the predictor decides it
 
 
 def rules_of(calibration_rule: str) -> tuple[str, ...]:
-    """The sparsity rules a recipe's ``calibration.rule`` measures tables for and searches ("auto": both)."""
+    """The sparsity rules a recipe's ``calibration.rule`` measures tables for ("auto": both)."""
     return ("threshold", "predictor") if calibration_rule == "auto" else (calibration_rule,)
+
+
+def searched_rules(measured: tuple[str, ...]) -> tuple[str, ...]:
+    """The rules a search over the tables of the ``measured`` rules picks from: those, and, where the threshold and
+    the predictor rule's tables are both there, the mixed rule (``MIXED``)."""
+    return measured + ((MIXED,) if {"threshold", "predictor"} <= set(measured) else ())
 
 
 class ThresholdSearch:
     """Turns trial parameters into thresholds, and scores the artifact of each point (``artifact_of``) with a
     ProxyEvaluator. ``tables``: the per-layer error tables of the one rule ``settings.rules`` names, or a mapping
-    of each of its rules to theirs."""
+    of each of its rules to theirs; ``rules``: what trials pick from (``searched_rules``), their tables
+    ``rule_tables``."""
 
     def __init__(self, tables: list[LayerTable] | dict[str, list[LayerTable]], residual_ratio: torch.Tensor,
                  evaluator: ProxyEvaluator, settings: SearchSettings, artifact_of: Callable[[Point], Artifact]):
@@ -109,6 +120,9 @@ class ThresholdSearch:
         if set(self.rule_tables) != set(settings.rules):
             raise ValueError(f"tables of the rules {sorted(self.rule_tables)}; the settings name {settings.rules}")
         self.tables = self.rule_tables[settings.rules[0]]
+        self.rules = searched_rules(settings.rules)
+        if MIXED in self.rules:
+            self.rule_tables[MIXED] = mixed_tables(self.rule_tables["threshold"], self.rule_tables["predictor"])
         self.residual_ratio, self.evaluator, self.settings = residual_ratio, evaluator, settings
         self.artifact_of = artifact_of
         self.surprisal, self.entropy = evaluator.signals()
@@ -134,10 +148,12 @@ class ThresholdSearch:
     def point(self, params: dict, tables: list[LayerTable] | None = None) -> Point:
         """Thresholds and adaptation parameters for ``params`` (no evaluation); ``tables``: other error tables of
         the same layers to allocate from (default: the search's)."""
-        tau_in, tau_mid, centred = allocate(tables or self.tables_of(params), *self._budgets(params))
+        tables = tables or self.tables_of(params)
+        tau_in, tau_mid, centred, predicted = cell_values(tables, allocation_cells(tables, *self._budgets(params)))
         q_s, q_H = params.get("q_s", 1.0), params.get("q_H", 1.0)
         return Point(
             params=dict(params), tau_in=tau_in.tolist(), tau_mid=tau_mid.tolist(), centred=centred.tolist(),
+            predicted=predicted.tolist() if self.rule_of(params) == MIXED else [],
             lam=params.get("lam", 0.0), gam=params.get("gam", 0.0), prefix=params.get("prefix", 0.0),
             rule=self.rule_of(params), tau_s=float(torch.quantile(self.surprisal, q_s)) if q_s < 1 else 1e6,
             tau_H=float(torch.quantile(self.entropy, q_H)) if q_H < 1 else 1.0,
@@ -188,7 +204,8 @@ class ThresholdSearch:
             attrs = {key: trial.user_attrs[key] for key in POINT_ATTRS}
             point = Point(params=dict(trial.params), lam=trial.params.get("lam", 0.0),
                           gam=trial.params.get("gam", 0.0), prefix=trial.params.get("prefix", 0.0),
-                          rule=self.rule_of(trial.params), number=trial.number, **attrs)
+                          rule=self.rule_of(trial.params), number=trial.number,
+                          predicted=list(trial.user_attrs.get(PREDICTED_ATTR, [])), **attrs)
         else:
             point = self.point(trial.params)
             point.number = trial.number
@@ -220,14 +237,15 @@ class ThresholdSearch:
                           q_s=trial.suggest_float("q_s", 0.5, 0.99), q_H=trial.suggest_float("q_H", 0.5, 0.99))
         if self.settings.prefix:
             params["prefix"] = trial.suggest_float("prefix", 0.0, 1.0)
-        if len(self.settings.rules) > 1:
-            params[RULE_PARAM] = trial.suggest_categorical(RULE_PARAM, list(self.settings.rules))
+        if len(self.rules) > 1:
+            params[RULE_PARAM] = trial.suggest_categorical(RULE_PARAM, list(self.rules))
         return params
 
     def trial_attrs(self, point: Point) -> dict:
         """The user attributes a trial of the evaluated ``point`` stores: its proxy figures, its thresholds (so that a
         report or benchmark rebuilds it without the error tables) and its constraint violation."""
         return {**point.figures, **{key: getattr(point, key) for key in POINT_ATTRS},
+                **({PREDICTED_ATTR: point.predicted} if point.predicted else {}),
                 "constraint": point.figures["ppl_increase"] - self.settings.max_ppl_increase}
 
     def objective(self, trial: optuna.Trial) -> float:
@@ -268,7 +286,7 @@ def warm_start_points(settings: SearchSettings) -> list[dict]:
     """The first trials of every study: no-adaptation points across budgets, then two with the
     'thresholds halved on the 30% most surprising tokens' adaptation at higher base budgets (all without a prompt
     prior), then (``prefix``) two with the prompt prior at exponents 0.25 and 0.5; with several sparsity rules, each
-    of these once per rule."""
+    of these once per rule (``searched_rules``)."""
     marginal = settings.allocation != "budget"
     key, levels, adaptive = (("price", (1.5e-3, 3e-3, 5e-3, 1e-2), (5e-3, 7.5e-3)) if marginal else
                              ("budget", (1e-4, 3e-4, 1e-3, 3e-3), (6e-4, 1e-3)))
@@ -287,8 +305,9 @@ def warm_start_points(settings: SearchSettings) -> list[dict]:
         points = [{**p, "prefix": 0.0} for p in points]
         for level, alpha in zip(levels[1:3], (0.25, 0.5)):
             points.append({**points[levels.index(level)], "prefix": alpha})
-    if len(settings.rules) > 1:
-        points = [{**p, RULE_PARAM: rule} for p in points for rule in settings.rules]
+    rules = searched_rules(settings.rules)
+    if len(rules) > 1:
+        points = [{**p, RULE_PARAM: rule} for p in points for rule in rules]
     return points
 
 

@@ -208,6 +208,7 @@ def test_the_copy_s_scales_are_in_the_identity_of_predictor_studies_only(monkeyp
         return [(pipeline.study_name(r), pipeline.measurement_key(r, identity, fingerprint, "abc"))
                 for r in (auto, threshold)]
 
+    monkeypatch.setattr(pipeline, "searched_rules", lambda measured: measured)  # studies from before the mixed rule
     mse = identities()
     monkeypatch.setattr(runtime, "PREDICTOR_SCALES", "absmax")
     absmax = identities()

@@ -1,8 +1,10 @@
-"""calibration.rule: auto -- both rules' error tables, each search trial picks one (``sparsity_rule``), the artifact
-has the chosen trial's rule; the frontier's per-level choice (bench_quality.level_rule)."""
+"""calibration.rule: auto -- both rules' error tables, each search trial picks one of them or the mixed rule (both
+tables' rows per layer; ``sparsity_rule``), the artifact has the chosen trial's rule; the frontier's per-level choice
+(bench_quality.level_rule)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,9 +16,10 @@ from safetensors import safe_open
 
 from clada.artifacts import load_artifact
 from clada.calibrate import pipeline
-from clada.calibrate.measure import LayerTable
+from clada.calibrate.measure import LayerTable, mixed_tables
 from clada.calibrate.recipe import RecipeError, parse_recipe
-from clada.calibrate.search import RULE_PARAM, Point, SearchSettings, ThresholdSearch, rules_of, warm_start_points
+from clada.calibrate.search import (MIXED, PREDICTED_ATTR, RULE_PARAM, Point, SearchSettings, ThresholdSearch,
+                                    rules_of, searched_rules, warm_start_points)
 
 from .conftest import run_recipe, tiny_job
 
@@ -51,9 +54,37 @@ def test_auto_measures_both_rules_and_refuses_what_the_predictor_has_not():
 def test_warm_start_points_are_made_once_per_rule():
     one = warm_start_points(SearchSettings())
     both = warm_start_points(SearchSettings(rules=RULES))
-    assert len(both) == 2 * len(one) and all(RULE_PARAM not in p for p in one)
-    assert [{k: v for k, v in p.items() if k != RULE_PARAM} for p in both[::2]] == one
-    assert [p[RULE_PARAM] for p in both[:4]] == ["threshold", "predictor", "threshold", "predictor"]
+    assert searched_rules(RULES) == (*RULES, MIXED) and searched_rules(("predictor",)) == ("predictor",)
+    assert len(both) == 3 * len(one) and all(RULE_PARAM not in p for p in one)
+    assert [{k: v for k, v in p.items() if k != RULE_PARAM} for p in both[::3]] == one
+    assert [p[RULE_PARAM] for p in both[:6]] == [*RULES, MIXED] * 2
+
+
+def test_mixed_tables_hold_both_rules_rows_and_each_layer_takes_the_cheaper_rule():
+    # layer 0: the threshold rule skips bytes for less error; layer 1: the predictor
+    threshold = [_table(0.1, 0.001), _table(0.1, 0.004)]
+    predictor = [_table(0.1, 0.004), _table(0.1, 0.001)]
+    tables = mixed_tables(threshold, predictor)
+    assert tables[0].predicted.tolist() == [False, True] and tables[0].error.shape == (2, 5)
+    search = _search(threshold=threshold, predictor=predictor)
+    assert search.rules == (*RULES, MIXED)
+    params = {"price": 0.02, "depth_slope": 0.0}
+    mixed = search.point({**params, RULE_PARAM: MIXED})
+    assert mixed.rule == MIXED and mixed.predicted == [False, True]
+    assert search.point({**params, RULE_PARAM: "predictor"}).predicted == []
+    # at the same price the mixed point skips more than either rule alone (each layer at its cheaper rule's cells)
+    levels = {r: search.level_of({**params, RULE_PARAM: r}) for r in search.rules}
+    assert levels[MIXED] > max(levels["threshold"], levels["predictor"])
+    at = search.point_at_saved({**params, RULE_PARAM: MIXED}, 0.3)
+    assert at.predicted == [False, True]
+    # a trial stores the layers, and its point comes back with them
+    attrs = search.trial_attrs(dataclasses.replace(mixed, figures={"ppl_increase": 0.0}))
+    assert attrs[PREDICTED_ATTR] == [False, True]
+    trial = optuna.trial.create_trial(params={"price": 0.02, RULE_PARAM: MIXED}, value=0.1, user_attrs=attrs,
+                                      distributions={"price": optuna.distributions.FloatDistribution(1e-4, 1, log=True),
+                                                     RULE_PARAM: optuna.distributions.CategoricalDistribution(
+                                                         list(search.rules))})
+    assert search.point_of(trial).predicted == [False, True]
 
 
 def test_a_point_allocates_from_the_tables_of_its_rule():
@@ -77,6 +108,20 @@ def test_the_artifact_names_the_rule_of_its_point():
     point.rule = "predictor"
     assert pipeline.point_artifact(point, *args).rule == pipeline.rule_metadata("predictor")
     assert pipeline.rule_metadata("predictor")["name"] == "predictor"
+    point.rule, point.predicted = MIXED, [True, False]
+    rule = pipeline.point_artifact(point, *args).rule
+    assert rule == {**pipeline.rule_metadata("predictor"), "name": MIXED, "predicted": [True, False]}
+
+
+def test_auto_studies_name_the_rules_they_pick_from(monkeypatch):
+    auto = parse_recipe({"calibration": {"rule": "auto"}})
+    threshold = parse_recipe({})
+    names = pipeline.study_name(auto), pipeline.study_name(threshold)
+    monkeypatch.setattr(pipeline, "searched_rules", lambda measured: measured)  # as before the mixed rule
+    assert pipeline.study_name(auto) != names[0]  # a new study: its trials pick among three rules
+    assert pipeline.study_name(threshold) == names[1]
+    # the measurements do not name it: the tables of auto recipes from before the mixed rule stay valid
+    assert "rules" not in pipeline._error_identity(dataclasses.asdict(auto.calibration))
 
 
 def test_measurements_keep_both_rules_tables(tmp_path):
@@ -97,7 +142,7 @@ def test_level_rule_takes_the_rule_with_the_smaller_kl_on_the_search_documents()
     from bench_quality import level_rule
 
     search = _search(threshold=[_table(0.1, 0.001)] * 2, predictor=[_table(0.1, 0.002)] * 2)
-    kl = {"threshold": 0.03, "predictor": 0.01}
+    kl = {"threshold": 0.03, "predictor": 0.01, MIXED: 0.02}
 
     def evaluate(point):
         point.figures = {"mlp_reads_saved": 0.2, "ppl_increase": kl[point.rule], "kl": kl[point.rule]}
@@ -122,6 +167,8 @@ def test_calibrating_with_auto_searches_both_rules_and_writes_the_chosen_ones_ar
     assert artifact.rule["name"] == report["chosen"]["rule"] == report["heldout"]["rule"]
     assert report["chosen"]["params"].get(RULE_PARAM, "threshold") == report["chosen"]["rule"]
     study = optuna.load_study(study_name=report["search"]["study"], storage=f"sqlite:///{out / 'study.db'}")
-    assert {t.params[RULE_PARAM] for t in study.trials} == set(RULES)
+    assert {t.params[RULE_PARAM] for t in study.trials} == {*RULES, MIXED}
+    if artifact.rule["name"] == MIXED:
+        assert report["chosen"]["predicted_layers"] == [l for l, p in enumerate(artifact.rule["predicted"]) if p]
     with safe_open(str(out / pipeline.MEASUREMENTS_NAME), "pt") as fh:  # both rules' tables, reused by a rerun
         assert {"table.0.error", "predictor_table.0.error"} <= set(fh.keys())
