@@ -314,7 +314,8 @@ def run_clada(bench: Bench, search: ThresholdSearch, default: Artifact, chosen: 
         for name, plain in (("clada", False), ("clada-nocomp", True))[:2 if compensated else 1]:
             point = search.point_at_saved(params, level, plain=plain)
             art = search.artifact_of(point)
-            extra = {"target": level, "compensated_layers": sum(point.centred), **choice}
+            extra = {"target": level, "compensated_layers": sum(point.centred), **choice,
+                     **({"predicted_layers": sum(point.predicted)} if point.predicted else {})}
             rows.append(bench.evaluate_artifact(art, name, level, extra))
             if name == "clada":
                 for ablation in ("clada-noadapt", *(("clada-noprefix",) if art.has_prefix else ())):

@@ -95,9 +95,12 @@ def clada_table(rows: list[dict]) -> list[str]:
 
 
 def _rule_cell(row: dict) -> str:
-    """A CLADA row's sparsity rule, with the search documents' KL of each rule it was chosen from (rule auto)."""
+    """A CLADA row's sparsity rule (mixed: with the number of layers the predictor decides), with the search
+    documents' KL of each rule it was chosen from (rule auto)."""
     proxy = row.get("rule_proxy")
     rule = row.get("rule", "threshold")  # rows from before the rule was recorded: the threshold rule
+    if "predicted_layers" in row:
+        rule = f"{rule} ({row['predicted_layers']} layers predicted)"
     if not proxy:
         return rule
     kls = " / ".join(f"{name} {figures['kl']:.4f}" for name, figures in proxy.items())

@@ -42,6 +42,18 @@ def _require(model_spec: str, data_spec: str | None, *modules: str) -> None:
                     *(data.required_modules(data_spec) if data_spec else [])])
 
 
+def _artifact(path: str | None):
+    """The artifact at ``path`` (None: none), its rule built once to check it (``runtime.check_rule``): a bad file,
+    an unknown rule or a bad rule parameter fails here, before the model loads."""
+    from .. import runtime
+
+    if not path:
+        return None
+    art = runtime.load_artifact(path)
+    runtime.check_rule(art)
+    return art
+
+
 def _fail(exc: BaseException) -> None:
     click.echo(f"clada: error: {exc}", err=True)
     sys.exit(2)
@@ -164,7 +176,7 @@ def eval_cmd(model_spec, artifact, method, sparsity, mc_specs, greedy_prompts, d
     try:
         _require(model_spec, None if mc_specs else data)
         check_method(name, sparsity, artifact is not None)
-        art = runtime.load_artifact(artifact) if artifact else None
+        art = _artifact(artifact)
         calibrated = recipe_of(art)
         prompt = prompt_tokens or calibrated.prompt_tokens
         scored = scored_tokens or calibrated.scored_tokens
@@ -257,7 +269,7 @@ def lm_eval_cmd(model_spec, artifact, method, sparsity, tasks_spec, include_path
 
         check_method(method, sparsity, artifact is not None)
         tasks = parse_tasks(tasks_spec)
-        art = runtime.load_artifact(artifact) if artifact else None
+        art = _artifact(artifact)
         folder = tempfile.TemporaryDirectory(prefix="clada-lm-eval-")
         prepared = prepare_tasks(tasks, list(include_paths), Path(folder.name))
         manager = task_manager(prepared.names, prepared.include_paths)
@@ -370,7 +382,7 @@ def bench_cmd(model_spec, artifact, method, sparsity, backend, batch, prompt_tok
         _require(model_spec, data)
         lengths = _prompt_lengths(sweep)
         check_method(method, sparsity, artifact is not None)
-        given = runtime.load_artifact(artifact) if artifact else None
+        given = _artifact(artifact)
         texts = bench_texts(data, given)
         model, tokenizer, _ = load_model(model_spec, dtype, device)
         art = calibrated_method_artifact(method, model, tokenizer, given, sparsity)

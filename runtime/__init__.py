@@ -26,13 +26,13 @@ from .predictor import BITS as PREDICTOR_BITS
 from .predictor import GROUP as PREDICTOR_GROUP
 from .predictor import SCALES as PREDICTOR_SCALES
 from .predictor import UNNAMED_SCALES as PREDICTOR_UNNAMED_SCALES
-from .rules import RULES, SPARSITY_FIGURES, observes_prefill
+from .rules import RULES, SPARSITY_FIGURES, check_rule, observes_prefill
 
 __all__ = [
     "Artifact", "ArtifactError", "BACKEND_NAMES", "BackendError", "PREDICTOR_BITS", "PREDICTOR_GROUP",
     "PREDICTOR_SCALES", "PREDICTOR_UNNAMED_SCALES", "RULES", "SPARSITY_FIGURES", "UnsupportedModelError",
     "adapter_for",
-    "applied_artifact", "apply", "declare_in_checkpoint", "dense", "first_gathering", "fixed_multiplier",
+    "applied_artifact", "apply", "check_rule", "declare_in_checkpoint", "dense", "first_gathering", "fixed_multiplier",
     "from_pretrained",
     "is_patched", "load_artifact", "mlp_fingerprint", "model_identity", "multiplier", "observes_prefill", "remove", "reset_stats",
     "set_thresholds", "stats", "supported_model_types",

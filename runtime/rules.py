@@ -438,6 +438,21 @@ def observes_prefill(artifact) -> bool:
     return rule is not None and rule.watches_prefill(artifact)
 
 
+def check_rule(artifact) -> None:
+    """Build the rule ``artifact`` names on the CPU without a model: an unknown rule or a bad rule parameter is one
+    ``ArtifactError`` naming the file, before any model loads (``apply`` builds it again)."""
+    from ..artifacts import ArtifactError
+
+    try:
+        build_rule(artifact)
+    except ArtifactError:
+        raise
+    except ValueError as exc:
+        message = str(exc)
+        raise ArtifactError(message if message.startswith(str(artifact.source)) else f"{artifact.source}: {message}"
+                            ) from None
+
+
 def build_rule(artifact, device: torch.device | str = "cpu") -> SparsityRule:
     """The rule the artifact names (metadata ``rule.name``; format-1 artifacts: ``threshold``)."""
     name = artifact.rule.get("name", "threshold")

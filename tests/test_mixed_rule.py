@@ -116,3 +116,25 @@ def test_a_mixed_artifact_saves_and_loads_its_layers_and_negative_thresholds(tmp
     with pytest.raises(Exception, match="tau_base_mid"):  # a negative threshold means something to these rules only
         save_artifact(threshold, tmp_path / "t.safetensors")
     assert make_artifact(model).rule == {"name": "threshold"}
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_the_cli_refuses_a_bad_rule_parameter_in_one_line_before_the_model_loads(command, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from clada.calibrate import models
+    from clada.calibrate.cli import main
+
+    _, artifact = predictor_model()
+    path = tmp_path / "bad.safetensors"
+    save_artifact(dataclasses.replace(artifact, rule={**artifact.rule, "name": "mixed", "predicted": [True]}), path)
+    (tmp_path / "docs.txt").write_text("one two three four five six seven eight nine ten\n\n" * 4)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    result = CliRunner().invoke(main, [command, "--model", "smollm2-135m", "--artifact", str(path), "--data",
+                                       str(tmp_path / "docs.txt")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"{path}: mixed rule: 'predicted' must list 2 booleans" in result.output

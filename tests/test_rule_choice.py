@@ -172,3 +172,12 @@ def test_calibrating_with_auto_searches_both_rules_and_writes_the_chosen_ones_ar
         assert report["chosen"]["predicted_layers"] == [l for l, p in enumerate(artifact.rule["predicted"]) if p]
     with safe_open(str(out / pipeline.MEASUREMENTS_NAME), "pt") as fh:  # both rules' tables, reused by a rerun
         assert {"table.0.error", "predictor_table.0.error"} <= set(fh.keys())
+
+
+def test_the_frontier_names_a_mixed_level_s_predicted_layers():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from frontier_report import _rule_cell
+
+    row = {"rule": MIXED, "predicted_layers": 17, "rule_proxy": {"threshold": {"kl": 0.01}, MIXED: {"kl": 0.005}}}
+    assert _rule_cell(row) == "mixed (17 layers predicted) (kl threshold 0.0100 / mixed 0.0050)"
+    assert _rule_cell({"rule": "predictor"}) == "predictor"
