@@ -138,3 +138,28 @@ def test_the_cli_refuses_a_bad_rule_parameter_in_one_line_before_the_model_loads
                                        str(tmp_path / "docs.txt")])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert f"{path}: mixed rule: 'predicted' must list 2 booleans" in result.output
+
+
+@pytest.mark.parametrize("path", ["native", "dense"])
+def test_auto_lays_the_threshold_layers_rows_for_the_step_and_back_when_dense_stays(path, monkeypatch):
+    from clada.runtime import predictor_step, selection
+
+    kernel_or_skip()
+    model, artifact = predictor_model()
+    mixed = with_rule(artifact, [False, True])
+    selection._cache_file(torch.device("cpu")).unlink(missing_ok=True)
+    monkeypatch.setattr(predictor_step, "DECISIONS", {})
+    step_ms = 0.5 if path == "native" else 2.0
+    monkeypatch.setattr(predictor_step, "timed", lambda p, run: (run(), 1e-3 * (step_ms if p == "native" else 1.0)))
+
+    def layout(model):
+        steps = model._clada_patch.mlp_steps
+        gate, up = steps.inputs[0]
+        assert (steps.input_rows[0] is not None) == (path == "native")
+        assert gate.weight.is_contiguous() == up.weight.is_contiguous() == (path == "dense")
+        assert steps.input_rows[1] is None  # the predicted layer keeps gate and up as the model holds them
+
+    ids = torch.randint(3, 100, (1, 12))
+    _, stats = generate(model, mixed, "auto", ids, new_tokens=16, check=layout)
+    assert stats["predictor_path"]["float32"]["path"] == path
+    assert stats["path_calls"]["masked"] == 0 and stats["mlp_reads_saved"] > 0  # (the trial's native steps skip)
