@@ -250,6 +250,12 @@ class SparsityRule:
         """(..., C) bool keep mask of ``x`` (..., C); ``multiplier`` (..., 1) float32, one per token row."""
         raise NotImplementedError
 
+    def threshold_form_keep(self, layer: int, side: str, x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+        """The threshold rule's keep mask: |x - c|·w > tau_base[layer]·m (``keep_weight``, ``center``)."""
+        weight = self.keep_weight(layer, side, x)
+        x = centred(x, self.center(layer, side, x.dtype))
+        return threshold_keep(x, weight, self.step_tau(layer, side, multiplier))
+
     def observe_prefill(self, layer: int, side: str, x: torch.Tensor, batch: int,
                         valid: torch.Tensor | None = None) -> None:
         """See the dense prefill's activations ``x`` ((B, T, C), or flattened (B*T, C)) of a batch of ``batch``;
@@ -265,9 +271,7 @@ class ThresholdRule(SparsityRule):
     threshold_form = True
 
     def keep(self, layer, side, x, multiplier):
-        weight = self.keep_weight(layer, side, x)
-        x = centred(x, self.center(layer, side, x.dtype))
-        return threshold_keep(x, weight, self.step_tau(layer, side, multiplier))
+        return self.threshold_form_keep(layer, side, x, multiplier)
 
     def observe_prefill(self, layer, side, x, batch, valid=None):
         if side in MLP_SIDES:
@@ -389,8 +393,7 @@ class PredictorRule(SparsityRule):
 
     def keep(self, layer, side, x, multiplier):
         if not self.predicted[layer]:  # the threshold rule's layer (MixedRule)
-            x = centred(x, self.center(layer, side, x.dtype))
-            return threshold_keep(x, self.weight[side][layer], self.step_tau(layer, side, multiplier))
+            return self.threshold_form_keep(layer, side, x, multiplier)
         masks = self._masks.__dict__
         if side == "mid":
             keep = masks.get(layer)
